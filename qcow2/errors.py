@@ -41,3 +41,15 @@ class QemuImgError(Qcow2Error):
         self.returncode = returncode
         self.stderr = stderr
         super().__init__(f"{' '.join(argv)} failed ({returncode}): {stderr.strip()}")
+
+
+class ImageExists(Qcow2Error):
+    """A file that must be created exclusively already exists (never overwritten)."""
+
+
+class SnapshotNotFound(Qcow2Error):
+    """The ledger has no entry for the snapshot (Cinder treats this as already deleted)."""
+
+
+class SnapshotExists(Qcow2Error):
+    """The ledger already maps the snapshot id to a file other than a finished create."""
