@@ -1,0 +1,252 @@
+"""The guest image: module ordering and cpio format (fast), and a real boot without libvirt.
+
+The boot test proves what the libvirt fixtures rely on: the agent answers on
+org.qemu.guest_agent.0, every disk is mounted, writers produce a clean record log that can be
+read back through the agent, fsinfo maps mounts to disk serials, and guest-shutdown powers off.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.bed import guestimage
+from tests.bed.disks import create_volume
+from tests.bed.records import parse_records
+
+TEST_ROOT = Path("/var/lib/qsnap-test")
+
+MODULES_DEP = """\
+kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_pci_modern_dev.ko \
+kernel/drivers/virtio/virtio_pci_legacy_dev.ko kernel/drivers/virtio/virtio_ring.ko \
+kernel/drivers/virtio/virtio.ko
+kernel/drivers/virtio/virtio_pci_modern_dev.ko:
+kernel/drivers/virtio/virtio_pci_legacy_dev.ko:
+kernel/drivers/virtio/virtio_ring.ko:
+kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/block/virtio_blk.ko.zst: kernel/drivers/virtio/virtio.ko \
+kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio.ko \
+kernel/drivers/virtio/virtio_ring.ko
+"""
+
+
+def test_module_order_puts_every_dependency_first() -> None:
+    order = guestimage.module_load_order(MODULES_DEP, guestimage.MODULES)
+    names = [guestimage._modname(p) for p in order]
+    assert len(names) == len(set(names)) == 7
+    assert names.index("virtio_ring") < names.index("virtio") < names.index("virtio_pci")
+    assert names.index("virtio_pci_modern_dev") < names.index("virtio_pci")
+    assert names[-2:] == ["virtio_blk", "virtio_console"]
+    assert "kernel/drivers/block/virtio_blk.ko.zst" in order
+
+
+def test_module_missing_from_modules_dep_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="virtio_net"):
+        guestimage.module_load_order(MODULES_DEP, ("virtio_net",))
+
+
+def test_cpio_is_readable_by_cpio_tool(tmp_path: Path) -> None:
+    c = guestimage.Cpio()
+    c.file("usr/bin/x", b"hello", 0o755)
+    c.symlink("bin/y", "/usr/bin/x")
+    c.chardev("dev/console", 5, 1)
+    c.file("usr/bin/x", b"ignored duplicate")
+    (tmp_path / "a.cpio").write_bytes(c.finish())
+    listing = subprocess.run(
+        ["cpio", "-itv", "-F", str(tmp_path / "a.cpio")], capture_output=True, text=True, check=True
+    ).stdout
+    lines = listing.splitlines()
+    assert [ln.split()[-1] for ln in lines if "->" not in ln] == [
+        "usr",
+        "usr/bin",
+        "usr/bin/x",
+        "bin",
+        "dev",
+        "dev/console",
+    ]
+    assert any(ln.startswith("l") and ln.endswith("bin/y -> /usr/bin/x") for ln in lines)
+    assert any(ln.startswith("c") and "5,   1" in ln for ln in lines)
+    subprocess.run(["cpio", "-id", "-F", str(tmp_path / "a.cpio")], cwd=tmp_path, check=True)
+    assert (tmp_path / "usr/bin/x").read_bytes() == b"hello"
+
+
+# --- a real boot ----------------------------------------------------------------------------
+
+
+class Agent:
+    """Just enough of the qemu-ga wire protocol (JSON lines over the chardev socket)."""
+
+    def __init__(self, path: Path, deadline_s: float) -> None:
+        end = time.monotonic() + deadline_s
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
+        self.buf = b""
+
+    def sync(self, deadline_s: float) -> None:
+        """guest-sync-delimited until the agent answers; skip anything before its 0xFF."""
+        end = time.monotonic() + deadline_s
+        sync_id = 0
+        while True:
+            sync_id += 1
+            msg = {"execute": "guest-sync-delimited", "arguments": {"id": sync_id}}
+            self.sock.sendall(b"\xff" + json.dumps(msg).encode())
+            self.sock.settimeout(0.5)
+            try:
+                while True:
+                    chunk = self.sock.recv(65536)
+                    if not chunk:
+                        raise EOFError("agent socket closed")
+                    self.buf += chunk
+                    i = self.buf.rfind(b"\xff")
+                    if i >= 0 and b"\n" in self.buf[i:]:
+                        line, self.buf = self.buf[i + 1 :].split(b"\n", 1)
+                        if json.loads(line).get("return") == sync_id:
+                            self.sock.settimeout(60)
+                            return
+            except TimeoutError:
+                if time.monotonic() > end:
+                    raise
+
+    def send(self, name: str, **args: Any) -> None:
+        msg: dict[str, Any] = {"execute": name}
+        if args:
+            msg["arguments"] = args
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+
+    def call(self, name: str, **args: Any) -> Any:
+        self.send(name, **args)
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("agent socket closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"{name}: {reply['error']}")
+        return reply["return"]
+
+    def run(self, *argv: str, deadline_s: float = 30) -> tuple[int, str]:
+        pid = self.call("guest-exec", path=argv[0], arg=list(argv[1:]), **{"capture-output": True})
+        end = time.monotonic() + deadline_s
+        while True:
+            st = self.call("guest-exec-status", pid=pid["pid"])
+            if st["exited"]:
+                return st["exitcode"], base64.b64decode(st.get("out-data", "")).decode()
+            assert time.monotonic() < end, f"{argv} still running"
+            time.sleep(0.05)
+
+    def read_file(self, path: str) -> bytes:
+        handle = self.call("guest-file-open", path=path, mode="r")
+        data = b""
+        try:
+            while True:
+                r = self.call("guest-file-read", handle=handle, count=1 << 20)
+                data += base64.b64decode(r["buf-b64"])
+                if r["eof"]:
+                    return data
+        finally:
+            self.call("guest-file-close", handle=handle)
+
+
+@pytest.fixture
+def booted() -> Iterator[tuple[Agent, subprocess.Popen[bytes], list[str], Path]]:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.fail("qemu-system-x86_64 missing: run the host setup")
+    img = guestimage.build_guest_image()
+    work = TEST_ROOT / f"guestimage-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    work.mkdir(parents=True, mode=0o755)
+    vols = [str(uuid.uuid4()) for _ in range(2)]
+    argv = [
+        "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-m", "256", "-display", "none",
+        "-no-reboot", "-serial", f"file:{work / 'console.log'}",
+        "-kernel", str(img.kernel), "-initrd", str(img.initrd), "-append", img.cmdline,
+        "-device", "virtio-serial",
+        "-chardev", f"socket,path={work / 'qga.sock'},server=on,wait=off,id=qga0",
+        "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+    ]  # fmt: skip
+    for i, vol in enumerate(vols):
+        path = create_volume(work, vol, size_mib=64)
+        argv += ["-drive", f"file={path},if=none,id=d{i},format=qcow2"]
+        argv += ["-device", f"virtio-blk-pci,drive=d{i},serial={vol}"]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv)
+    try:
+        agent = Agent(work / "qga.sock", deadline_s=30)
+        agent.sync(deadline_s=120)
+        print(f"boot-to-agent {time.monotonic() - t0:.2f} s", file=sys.stderr)
+        yield agent, proc, vols, work
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.functional
+def test_guest_boots_writes_records_and_powers_off(
+    booted: tuple[Agent, subprocess.Popen[bytes], list[str], Path],
+) -> None:
+    agent, proc, vols, work = booted
+    assert agent.call("guest-ping") == {}
+    rc, mounts = agent.run("cat", "/proc/mounts")
+    assert rc == 0
+    assert "/dev/vda /data ext4" in mounts and "/dev/vdb /data2 ext4" in mounts
+
+    # virtio-blk carries at most 20 bytes of serial (VIRTIO_BLK_ID_BYTES): the guest sees a
+    # prefix of the volume uuid Nova sets as <serial>.
+    fsinfo = {fs["mountpoint"]: fs for fs in agent.call("guest-get-fsinfo")}
+    assert [d["serial"] for d in fsinfo["/data"]["disk"]] == [vols[0][:20]]
+    assert [d["serial"] for d in fsinfo["/data2"]["disk"]] == [vols[1][:20]]
+    assert fsinfo["/data"]["disk"][0]["pci-controller"]["slot"] > 0
+
+    rc, out = agent.run("qsnap-writers-start", "10", "1")
+    assert rc == 0 and out.count("started writer") == 2, out
+    time.sleep(1.5)
+    assert agent.call("guest-fsfreeze-freeze") == 2
+    try:
+        time.sleep(0.5)
+    finally:
+        assert agent.call("guest-fsfreeze-thaw") == 2
+    time.sleep(0.5)
+    rc, out = agent.run("qsnap-writers-stop")
+    assert rc == 0 and out.count("stopped writer") == 2, out
+
+    for mnt in ("/data", "/data2"):
+        log = parse_records(agent.read_file(f"{mnt}/records"))
+        assert log.clean, log.problems
+        assert log.count > 10
+        # The writer blocked for the whole freeze: one gap near 0.5 s, the rest short.
+        assert log.max_gap_ns() >= 400_000_000
+        assert len(log.gaps_over(300_000_000)) == 1
+
+    rc, ps = agent.run("ps", "-o", "stat,comm")
+    assert rc == 0 and "qsnap-writer" not in ps
+    assert not [ln for ln in ps.splitlines() if ln.lstrip().startswith("Z")], ps
+
+    agent.send("guest-shutdown")  # no reply: the guest powers off
+    assert proc.wait(timeout=60) == 0
+    console = (work / "console.log").read_text(errors="replace")
+    assert "QSNAP-GUEST-READY" in console
+    assert "qsnap-shutdown: poweroff" in console
