@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,13 +110,22 @@ def _ldd_paths(binary: Path) -> list[Path]:
     return paths
 
 
+def _guest_sources() -> list[Path]:
+    """The files of tools/guest that go into the image (editor droppings excluded)."""
+    return [
+        f
+        for f in sorted(GUEST_SRC.iterdir())
+        if f.is_file() and not f.name.startswith(".") and not f.name.endswith("~")
+    ]
+
+
 def _input_key(cache_root: Path) -> tuple[str, tuple[str, str]]:
     h = hashlib.sha256()
     kpkg = _kernel_package(cache_root)
     h.update(repr(kpkg).encode())
     h.update(_run(["dpkg-query", "-W", "-f", "${Package} ${Version}\n", *PACKAGES]).encode())
     h.update(Path(__file__).read_bytes())
-    for f in sorted(GUEST_SRC.iterdir()):
+    for f in _guest_sources():
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     for lib in _ldd_paths(QEMU_GA):
         h.update(str(lib).encode() + lib.read_bytes())
@@ -242,7 +252,7 @@ def _kernel_deb(cache_root: Path, name: str, version: str) -> Path:
 
 def _add_guest_tools(cpio: Cpio, work: Path) -> None:
     """tools/guest: init -> /init, shutdown -> /sbin/shutdown, X.c -> static /usr/bin/X."""
-    for src in sorted(GUEST_SRC.iterdir()):
+    for src in _guest_sources():
         if src.name == "init":
             cpio.file("init", src.read_bytes(), 0o755)
         elif src.name == "shutdown":
@@ -251,7 +261,7 @@ def _add_guest_tools(cpio: Cpio, work: Path) -> None:
             exe = work / src.stem
             _run(["gcc", "-static", "-O2", "-Wall", "-o", str(exe), str(src)])
             cpio.file(f"usr/bin/{src.stem}", exe.read_bytes(), 0o755)
-        elif src.is_file():
+        else:
             cpio.file(f"usr/bin/{src.name}", src.read_bytes(), 0o755)
 
 
@@ -287,6 +297,8 @@ def _build(cache_root: Path, key: str, kpkg: tuple[str, str], final: Path) -> No
     name, version = kpkg
     kver = name.removeprefix("linux-image-")
     deb = _kernel_deb(cache_root, name, version)
+    for stale in cache_root.glob(".build-*"):  # left by a killed builder; we hold the lock
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=".build-"))
     try:
         kroot = tmp / "kroot"
@@ -311,6 +323,18 @@ def _build(cache_root: Path, key: str, kpkg: tuple[str, str], final: Path) -> No
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _prune(cache_root: Path, keep: Path, max_age_s: float = 86400) -> None:
+    """Drop images of old inputs; a day's grace so a test run holding an older key still boots."""
+    now = time.time()
+    for entry in cache_root.iterdir():
+        if (
+            entry != keep
+            and re.fullmatch(r"[0-9a-f]{20}", entry.name)
+            and now - entry.stat().st_mtime > max_age_s
+        ):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     with open(path, "a") as f:
@@ -331,6 +355,7 @@ def build_guest_image(cache_root: Path = DEFAULT_CACHE) -> GuestImage:
         with _locked(cache_root / ".build.lock"):
             if not (final / "initrd.img").exists():
                 _build(cache_root, key, kpkg, final)
+                _prune(cache_root, keep=final)
     return GuestImage(final / "vmlinuz", final / "initrd.img", CMDLINE, key)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.bed import guestimage
-from tests.bed.disks import create_volume
+from tests.bed.disks import create_volume, fsck_clean, image_sha256, read_guest_file
 from tests.bed.records import parse_records
 
 TEST_ROOT = Path("/var/lib/qsnap-test")
@@ -81,6 +81,18 @@ def test_cpio_is_readable_by_cpio_tool(tmp_path: Path) -> None:
     assert any(ln.startswith("c") and "5,   1" in ln for ln in lines)
     subprocess.run(["cpio", "-id", "-F", str(tmp_path / "a.cpio")], cwd=tmp_path, check=True)
     assert (tmp_path / "usr/bin/x").read_bytes() == b"hello"
+
+
+def test_key_follows_guest_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "guest"
+    shutil.copytree(guestimage.GUEST_SRC, src)
+    monkeypatch.setattr(guestimage, "GUEST_SRC", src)
+    key1, kpkg = guestimage._input_key(guestimage.DEFAULT_CACHE)
+    assert kpkg[0].startswith("linux-image-") and kpkg[0].endswith("-cloud-amd64")
+    (src / ".init.swp").write_bytes(b"editor state")
+    assert guestimage._input_key(guestimage.DEFAULT_CACHE)[0] == key1
+    (src / "init").write_bytes((src / "init").read_bytes() + b"# changed\n")
+    assert guestimage._input_key(guestimage.DEFAULT_CACHE)[0] != key1
 
 
 # --- a real boot ----------------------------------------------------------------------------
@@ -224,11 +236,17 @@ def test_guest_boots_writes_records_and_powers_off(
     rc, out = agent.run("qsnap-writers-start", "10", "1")
     assert rc == 0 and out.count("started writer") == 2, out
     time.sleep(1.5)
+    vol0 = work / f"volume-{vols[0]}"
     assert agent.call("guest-fsfreeze-freeze") == 2
     try:
+        # Frozen ext4 has flushed its journal: the image is a clean point in time.
+        frozen_fsck = fsck_clean(vol0, "qcow2")
+        frozen_log = parse_records(read_guest_file(vol0, "qcow2", "/records"))
         time.sleep(0.5)
     finally:
         assert agent.call("guest-fsfreeze-thaw") == 2
+    assert frozen_fsck.ok and not frozen_fsck.needs_recovery, frozen_fsck.output
+    assert frozen_log.clean and frozen_log.count > 0, frozen_log.problems
     time.sleep(0.5)
     rc, out = agent.run("qsnap-writers-stop")
     assert rc == 0 and out.count("stopped writer") == 2, out
@@ -240,6 +258,9 @@ def test_guest_boots_writes_records_and_powers_off(
         # The writer blocked for the whole freeze: one gap near 0.5 s, the rest short.
         assert log.max_gap_ns() >= 400_000_000
         assert len(log.gaps_over(300_000_000)) == 1
+        if mnt == "/data":
+            assert frozen_log.is_prefix_of(log) and frozen_log.count < log.count
+            final_log = log
 
     rc, ps = agent.run("ps", "-o", "stat,comm")
     assert rc == 0 and "qsnap-writer" not in ps
@@ -250,3 +271,41 @@ def test_guest_boots_writes_records_and_powers_off(
     console = (work / "console.log").read_text(errors="replace")
     assert "QSNAP-GUEST-READY" in console
     assert "qsnap-shutdown: poweroff" in console
+
+    # The shutdown wrapper unmounted: journal clean, same records from the host side.
+    after = fsck_clean(vol0, "qcow2")
+    assert after.ok and not after.needs_recovery, after.output
+    assert parse_records(read_guest_file(vol0, "qcow2", "/records")) == final_log
+    assert image_sha256(vol0, "qcow2") == image_sha256(vol0, "qcow2")
+    assert image_sha256(vol0, "qcow2") != image_sha256(work / f"volume-{vols[1]}", "qcow2")
+
+
+def test_disk_helpers_roundtrip(tmp_path: Path) -> None:
+    vol = str(uuid.uuid4())
+    raw = create_volume(tmp_path, vol, size_mib=16, fmt="raw")
+    assert raw.name == f"volume-{vol}" and raw.stat().st_mode & 0o777 == 0o644
+    (tmp_path / "src").write_bytes(b"guest data\n" * 1000)
+    subprocess.run(
+        ["debugfs", "-w", "-R", f"write {tmp_path / 'src'} f", str(raw)],
+        check=True,
+        capture_output=True,
+    )
+    qcow = tmp_path / "copy.qcow2"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow)], check=True
+    )
+    assert read_guest_file(qcow, "qcow2", "/f") == b"guest data\n" * 1000
+    assert image_sha256(qcow, "qcow2") == image_sha256(raw, "raw")
+    res = fsck_clean(qcow, "qcow2")
+    assert res.ok and not res.needs_recovery
+    with pytest.raises(FileNotFoundError):
+        read_guest_file(qcow, "qcow2", "/missing")
+    # A crash-consistent (unquiesced) copy shows up as a journal that needs recovery.
+    for req in ("feature needs_recovery", "feature -needs_recovery", "freei /f"):
+        subprocess.run(["debugfs", "-w", "-R", req, str(raw)], check=True, capture_output=True)
+        if req == "feature needs_recovery":
+            assert fsck_clean(raw, "raw").needs_recovery
+    bad = fsck_clean(raw, "raw")
+    assert not bad.ok and not bad.needs_recovery and "bitmap differences" in bad.output.lower()
+    with pytest.raises(ValueError):
+        create_volume(tmp_path, "../etc")
