@@ -33,6 +33,8 @@ FORMATS = ("qcow2", "raw")
 _OSLO_KNOWN_INCOMPAT = 0x0F
 #: ``backing_file`` fails for every overlay: our own backing policy below replaces it.
 _REPLACED_CHECKS = frozenset({"backing_file"})
+#: Checks judged after our own header parse (see :func:`_oslo_verdict`).
+_DEFERRED_CHECKS = frozenset({"unknown_features", "data_file"})
 _L1_RESERVED = ~L1_OFFSET_MASK & ~(1 << 63) & 0xFFFFFFFFFFFFFFFF
 
 
@@ -177,12 +179,20 @@ def _oslo_failures(path: str, fmt: str, head: bytes) -> dict[str, str]:
 
 def _oslo_check(path: str, failures: dict[str, str]) -> None:
     for name, msg in failures.items():
-        if name not in _REPLACED_CHECKS and name != "unknown_features":
+        if name not in _REPLACED_CHECKS and name not in _DEFERRED_CHECKS:
             raise UnsafeImage(path, name.replace("_", "-"), f"format inspector: {msg}")
 
 
 def _oslo_verdict(path: str, failures: dict[str, str], header: Header) -> None:
-    """oslo's ``unknown_features`` stands unless the only bit it does not know is ext-L2."""
+    """Overrule two known false positives of oslo.utils 10.x, nothing else.
+
+    ``unknown_features`` stands unless the only bit oslo does not know is extended L2.
+    ``data_file`` stands unless the image is v2: v2 has no feature field, oslo reads the
+    first extension's length there (a ``qcow2`` backing format sets "bit 2"). Our parser has
+    already rejected any data-file extension or bit, so nothing is lost.
+    """
+    if "data_file" in failures and header.version != 2:
+        raise UnsafeImage(path, "data-file", f"format inspector: {failures['data_file']}")
     if "unknown_features" in failures:
         beyond = header.incompatible & ~_OSLO_KNOWN_INCOMPAT
         if beyond & ~INCOMPAT_EXTL2 or not beyond:
@@ -213,10 +223,10 @@ def _check_backing_name(path: str, name: str, backing_fmt: str | None, naming: N
         raise UnsafeImage(path, "absolute-backing", f"backing {name!r} is an absolute path")
     if ".." in name.split("/"):
         raise UnsafeImage(path, "dotdot", f"backing {name!r} contains '..'")
-    if "/" in name:
-        raise UnsafeImage(path, "backing-path", f"backing {name!r} is not a plain basename")
     if ":" in name:
         raise UnsafeImage(path, "protocol-backing", f"backing {name!r} names a protocol")
+    if "/" in name:
+        raise UnsafeImage(path, "backing-path", f"backing {name!r} is not a plain basename")
     if not naming.is_image_name(name):
         raise UnsafeImage(path, "backing-name", f"backing {name!r} breaks the naming rule")
     if backing_fmt is None:
