@@ -7,6 +7,12 @@ from qcow2._chain import Chain, Extent, ExtentKind, LayerInfo
 from qcow2._inspect import inspect_chain, open_chain
 
 # --- end reader/inspect (Q1) ---
+# --- ledger/overlay/offline (Q2) ---
+from qcow2._ledger import Ledger, read_ledger, write_ledger
+from qcow2._offline import create_snapshot_offline, delete_snapshot_offline, load_volume
+from qcow2._overlay import create_overlay
+
+# --- end ledger/overlay/offline (Q2) ---
 from qcow2.errors import CorruptImage, LedgerError, Qcow2Error, QemuImgError, UnsafeImage
 from qcow2.naming import CINDER, Naming
 
@@ -30,3 +36,15 @@ __all__ += [
     "open_chain",
 ]
 # --- end reader/inspect (Q1) ---
+
+# --- ledger/overlay/offline (Q2) ---
+__all__ += [
+    "Ledger",
+    "create_overlay",
+    "create_snapshot_offline",
+    "delete_snapshot_offline",
+    "load_volume",
+    "read_ledger",
+    "write_ledger",
+]
+# --- end ledger/overlay/offline (Q2) ---
