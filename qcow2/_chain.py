@@ -9,6 +9,7 @@ already passed the safety policy.
 from __future__ import annotations
 
 import enum
+from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -16,6 +17,9 @@ from types import TracebackType
 from qcow2._layer import K_COMPRESSED, K_DATA, K_UNALLOC, K_ZERO, Layer
 
 _ZEROS = memoryview(bytes(1 << 20))
+#: Reads resolve the chain one window at a time and keep the last window's map, so a deep
+#: chain is walked once per window instead of once per read call (layers are frozen).
+_WINDOW = 64 << 20
 
 
 class ExtentKind(enum.Enum):
@@ -59,6 +63,7 @@ class Chain:
         self.layers = layers
         self._readers = readers
         self.virtual_size = layers[0].virtual_size
+        self._win: tuple[int, list[_Piece], list[int]] | None = None
 
     def __enter__(self) -> Chain:
         return self
@@ -112,7 +117,7 @@ class Chain:
     def _fill(self, offset: int, view: memoryview, zeroed: bool) -> None:
         if not len(view):
             return
-        for start, n, kind, depth, host in self._pieces(0, offset, len(view), False):
+        for start, n, kind, depth, host in self._resolved(offset, len(view)):
             a = start - offset
             if kind == K_DATA:
                 self._readers[depth].file.pread_into(host, view[a : a + n])
@@ -123,6 +128,28 @@ class Chain:
                 view[a : a + n] = data[within : within + n]
             elif not zeroed:
                 _zero(view[a : a + n])
+
+    def _resolved(self, offset: int, length: int) -> Iterator[_Piece]:
+        """Like ``_pieces(0, ...)`` for reads, served from the cached window map."""
+        end = offset + length
+        pos = offset
+        while pos < end:
+            ws = pos - pos % _WINDOW
+            if self._win is None or self._win[0] != ws:
+                wl = min(_WINDOW, self.virtual_size - ws)
+                pieces = list(self._pieces(0, ws, wl, False))
+                self._win = (ws, pieces, [p[0] for p in pieces])
+            _ws, pieces, starts = self._win
+            i = bisect_right(starts, pos) - 1
+            wend = min(end, ws + _WINDOW)
+            while pos < wend:
+                start, n, kind, depth, host = pieces[i]
+                stop = min(start + n, wend)
+                if kind == K_DATA:
+                    host += pos - start
+                yield (pos, stop - pos, kind, depth, host)
+                pos = stop
+                i += 1
 
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         """Merged allocation map of the chain, like ``qemu-img map``.
