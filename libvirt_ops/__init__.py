@@ -37,4 +37,72 @@ __all__ = [
     "parse_disks",
 ]
 # --- snapshot/quiesce (L1) ---
+from libvirt_ops._agent import (
+    AgentCommandFailed,
+    GuestFilesystem,
+    agent_command,
+    agent_connected,
+    guest_fsinfo,
+    wait_agent_connected,
+    wait_agent_state,
+)
+from libvirt_ops._quiesce import FreezeMethod, QuiescePolicy
+from libvirt_ops._snapshot import (
+    Deadlines,
+    DiskSnapshotResult,
+    DiskSnapshotSpec,
+    SnapshotRequest,
+    SnapshotResult,
+    SnapshotTimings,
+    take_snapshot,
+)
+
+__all__ += [
+    "AgentCommandFailed",
+    "Deadlines",
+    "DiskSnapshotResult",
+    "DiskSnapshotSpec",
+    "FreezeMethod",
+    "GuestFilesystem",
+    "QuiescePolicy",
+    "SnapshotRequest",
+    "SnapshotResult",
+    "SnapshotTimings",
+    "agent_command",
+    "agent_connected",
+    "guest_fsinfo",
+    "take_snapshot",
+    "wait_agent_connected",
+    "wait_agent_state",
+]
 # --- block jobs / merges (L2) ---
+from libvirt_ops._blockjob import BlockJob, CancelToken, JobEnd, JobOptions, JobType  # noqa: E402
+from libvirt_ops._merge import (  # noqa: E402
+    ChainMismatch,
+    MergeKind,
+    MergeResult,
+    active_commit,
+    commit,
+    flatten,
+    pull,
+    resolve_disk,
+    resolve_layer,
+)
+
+__all__ += [
+    "BlockJob",
+    "CancelToken",
+    "ChainMismatch",
+    "JobEnd",
+    "JobOptions",
+    "JobType",
+    "MergeKind",
+    "MergeResult",
+    "active_commit",
+    "commit",
+    "flatten",
+    "pull",
+    "resolve_disk",
+    "resolve_layer",
+]
+# --- end block jobs / merges (L2) ---
