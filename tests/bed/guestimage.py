@@ -120,6 +120,7 @@ def _guest_sources() -> list[Path]:
 
 
 def _input_key(cache_root: Path) -> tuple[str, tuple[str, str]]:
+    _mkdir(cache_root)  # the kernel-package memo lives there
     h = hashlib.sha256()
     kpkg = _kernel_package(cache_root)
     h.update(repr(kpkg).encode())
@@ -347,7 +348,6 @@ def _locked(path: Path) -> Iterator[None]:
 
 def build_guest_image(cache_root: Path = DEFAULT_CACHE) -> GuestImage:
     """Return the cached guest image for the current inputs, building it if needed."""
-    _mkdir(cache_root)
     key, kpkg = _input_key(cache_root)
     final = cache_root / key
     if not (final / "initrd.img").exists():

@@ -58,6 +58,17 @@ def test_module_missing_from_modules_dep_is_an_error() -> None:
         guestimage.module_load_order(MODULES_DEP, ("virtio_net",))
 
 
+@pytest.mark.parametrize("tool", ["zstd", "xz", "gzip", None])
+def test_modules_are_stored_uncompressed(tmp_path: Path, tool: str | None) -> None:
+    body = b"\x7fELF fake module " * 100
+    ko = tmp_path / "m.ko"
+    ko.write_bytes(body)
+    if tool is not None:
+        subprocess.run([tool, "-q", str(ko)], check=True)
+        (ko,) = tmp_path.glob("m.ko.*")
+    assert guestimage._ko_bytes(ko) == body
+
+
 def test_cpio_is_readable_by_cpio_tool(tmp_path: Path) -> None:
     c = guestimage.Cpio()
     c.file("usr/bin/x", b"hello", 0o755)
