@@ -1,5 +1,10 @@
 """Build (once, cached by content hash) the test-bed guest: Debian's cloud kernel + an initramfs.
 
+Boot time under TCG is what every functional test pays, so the image is shaped for it: the
+kernel is handed to QEMU as the uncompressed ELF ``vmlinux`` (PVH entry, no bzImage
+decompression under emulation; falls back to the bzImage when that cannot be extracted) and
+the initramfs is a plain, uncompressed newc cpio. Measured here: ~1 s less per boot.
+
 Why this shape: the tests need a real qemu-ga talking to libvirt, booted in seconds under TCG,
 from Debian packages only (no network but apt). The cloud kernel is extracted, not installed;
 the initramfs holds busybox, qemu-ga with its libraries, the virtio modules, the static record
@@ -15,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import gzip
 import hashlib
 import json
 import os
@@ -221,6 +225,48 @@ def _ko_bytes(path: Path) -> bytes:
     return subprocess.run([*tool, str(path)], capture_output=True, check=True).stdout
 
 
+# --- kernel -------------------------------------------------------------------------------
+
+_LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
+_XEN_ELFNOTE_PHYS32_ENTRY = 18
+
+
+def _has_pvh_note(elf: bytes) -> bool:
+    """True if an ELF64 image carries the Xen PHYS32_ENTRY note QEMU needs for PVH boot."""
+    if elf[:5] != b"\x7fELF\x02" or len(elf) < 64:
+        return False
+    phoff, phentsize, phnum = (
+        int.from_bytes(elf[32:40], "little"),
+        int.from_bytes(elf[54:56], "little"),
+        int.from_bytes(elf[56:58], "little"),
+    )
+    for i in range(phnum):
+        ph = elf[phoff + i * phentsize : phoff + (i + 1) * phentsize]
+        if int.from_bytes(ph[0:4], "little") != 4:  # PT_NOTE
+            continue
+        off, size = int.from_bytes(ph[8:16], "little"), int.from_bytes(ph[32:40], "little")
+        pos, end = off, off + size
+        while pos + 12 <= end:
+            namesz, descsz, ntype = (
+                int.from_bytes(elf[pos + k : pos + k + 4], "little") for k in (0, 4, 8)
+            )
+            name = elf[pos + 12 : pos + 12 + namesz].rstrip(b"\0")
+            if name == b"Xen" and ntype == _XEN_ELFNOTE_PHYS32_ENTRY:
+                return True
+            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
+
+
+def extract_pvh_vmlinux(bzimage: bytes) -> bytes | None:
+    """The ELF kernel inside an LZ4 bzImage (Debian's cloud kernel), if it can boot via PVH."""
+    start = bzimage.find(_LZ4_LEGACY_MAGIC)
+    if start < 0 or shutil.which("lz4") is None:
+        return None
+    # The payload is followed by setup data lz4 complains about: judge the output, not rc.
+    res = subprocess.run(["lz4", "-dc"], input=bzimage[start:], capture_output=True, check=False)
+    return res.stdout if _has_pvh_note(res.stdout) else None
+
+
 # --- build ----------------------------------------------------------------------------------
 
 
@@ -291,7 +337,7 @@ def _build_initramfs(kroot: Path, kver: str, work: Path) -> bytes:
     for applet in _run([str(BUSYBOX), "--list-full"]).split():
         if not cpio.has(applet) and applet not in ("linuxrc", "sbin/init"):
             cpio.symlink(applet, "/bin/busybox")
-    return gzip.compress(cpio.finish(), compresslevel=6, mtime=0)
+    return cpio.finish()
 
 
 def _build(cache_root: Path, key: str, kpkg: tuple[str, str], final: Path) -> None:
@@ -309,9 +355,20 @@ def _build(cache_root: Path, key: str, kpkg: tuple[str, str], final: Path) -> No
         _run(["depmod", "-b", str(kroot), kver])
         out = tmp / "out"
         _mkdir(out)
-        shutil.copyfile(kroot / "boot" / f"vmlinuz-{kver}", out / "vmlinuz")
+        bzimage = kroot / "boot" / f"vmlinuz-{kver}"
+        vmlinux = extract_pvh_vmlinux(bzimage.read_bytes())
+        if vmlinux is None:
+            shutil.copyfile(bzimage, out / "kernel")
+        else:
+            (out / "kernel").write_bytes(vmlinux)
         (out / "initrd.img").write_bytes(_build_initramfs(kroot, kver, tmp))
-        manifest = {"key": key, "kernel_package": name, "kernel_version": version, "kver": kver}
+        manifest = {
+            "key": key,
+            "kernel_package": name,
+            "kernel_version": version,
+            "kver": kver,
+            "kernel_format": "bzImage" if vmlinux is None else "elf-pvh",
+        }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         for f in out.iterdir():
             f.chmod(0o644)
@@ -356,7 +413,7 @@ def build_guest_image(cache_root: Path = DEFAULT_CACHE) -> GuestImage:
             if not (final / "initrd.img").exists():
                 _build(cache_root, key, kpkg, final)
                 _prune(cache_root, keep=final)
-    return GuestImage(final / "vmlinuz", final / "initrd.img", CMDLINE, key)
+    return GuestImage(final / "kernel", final / "initrd.img", CMDLINE, key)
 
 
 def main(argv: list[str] | None = None) -> int:

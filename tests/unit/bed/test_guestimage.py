@@ -69,6 +69,15 @@ def test_modules_are_stored_uncompressed(tmp_path: Path, tool: str | None) -> No
     assert guestimage._ko_bytes(ko) == body
 
 
+def test_pvh_extraction_falls_back_on_anything_else() -> None:
+    assert guestimage.extract_pvh_vmlinux(b"MZ no payload here" * 100) is None
+    if shutil.which("lz4"):  # without lz4 the builder never tries: nothing more to check
+        # An LZ4 frame that decompresses to something that is not a PVH ELF kernel.
+        lz4 = subprocess.run(["lz4", "-l", "-c"], input=b"not elf" * 999, capture_output=True)
+        assert guestimage.extract_pvh_vmlinux(b"\0" * 512 + lz4.stdout) is None
+    assert not guestimage._has_pvh_note(b"\x7fELF\x02" + b"\0" * 100)
+
+
 def test_cpio_is_readable_by_cpio_tool(tmp_path: Path) -> None:
     c = guestimage.Cpio()
     c.file("usr/bin/x", b"hello", 0o755)
