@@ -312,6 +312,16 @@ def test_guest_boots_writes_records_and_powers_off(
                 assert log.count_between(t0, t1) >= 3
     assert frozen_log.is_prefix_of(logs["/data"]) and frozen_log.count < logs["/data"].count
 
+    # Restarting continues the same log; a writer that cannot start is reported.
+    rc, out = agent.run("qsnap-writers-start", "5", "4", "/data", "/nonexistent")
+    assert rc == 1 and "started writer" in out and "/nonexistent died" in out, out
+    time.sleep(0.5)
+    assert agent.run("qsnap-writers-stop")[0] == 0
+    resumed = parse_records(agent.read_file("/data/records"))
+    assert resumed.clean and logs["/data"].is_prefix_of(resumed), resumed.problems
+    assert resumed.count > logs["/data"].count
+    logs["/data"] = resumed
+
     rc, ps = agent.run("ps", "-o", "stat,comm")
     assert rc == 0 and "qsnap-writer" not in ps
     assert not [ln for ln in ps.splitlines() if ln.lstrip().startswith("Z")], ps
