@@ -39,6 +39,10 @@ _LATE_EVENT_GRACE = 1.0
 _RECHECK_RETRY = 1.0
 
 
+def _msg(exc: libvirt.libvirtError) -> str:
+    return exc.get_error_message() or str(exc)
+
+
 class JobType(enum.IntEnum):
     """libvirt's ``VIR_DOMAIN_BLOCK_JOB_TYPE_*``."""
 
@@ -263,8 +267,7 @@ class BlockJob:
             call(self.domain())
         except libvirt.libvirtError as exc:
             raise BlockJobFailed(
-                f"{self.job_type.name} on {self.dom_name}:{self.target} refused: "
-                f"{exc.get_error_message()}"
+                f"{self.job_type.name} on {self.dom_name}:{self.target} refused: {_msg(exc)}"
             ) from exc
         self._started = True
 
@@ -274,7 +277,7 @@ class BlockJob:
             self.domain().blockJobAbort(self.target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
         except libvirt.libvirtError as exc:
             raise BlockJobFailed(
-                f"pivot of {self.dom_name}:{self.target} failed: {exc.get_error_message()}"
+                f"pivot of {self.dom_name}:{self.target} failed: {_msg(exc)}"
             ) from exc
 
     def set_bandwidth(self, bytes_per_second: int) -> None:
