@@ -10,6 +10,7 @@ fallback when a filesystem cannot be mapped to disks.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import time
@@ -20,9 +21,12 @@ import libvirt
 
 from libvirt_ops._agent import GuestFilesystem, fs_freeze, fs_thaw
 from libvirt_ops._thaw_watchdog import ThawWatchdog
-from libvirt_ops.errors import LibvirtOpsError
+from libvirt_ops.errors import LibvirtOpsError, Timeout
 
 LOG = logging.getLogger(__name__)
+
+#: Watchdogs left armed after a freeze that timed out; they exit on their own.
+_DETACHED: list[ThawWatchdog] = []
 
 
 class QuiescePolicy(enum.StrEnum):
@@ -118,6 +122,15 @@ class Frozen:
         w.t_freeze_start = time.monotonic()
         try:
             w.frozen = fs_freeze(self.dom, list(self.mountpoints), timeout=self.freeze_timeout)
+        except Timeout:
+            # The freeze may still land after we stopped waiting: thaw now, and leave the
+            # watchdog armed so it thaws again at the deadline.
+            with contextlib.suppress(LibvirtOpsError):
+                fs_thaw(self.dom, timeout=self.freeze_timeout)
+            _DETACHED.append(dog)  # keep its pipe open (EOF would thaw at once, too early)
+            w.thaw_by = "watchdog"
+            w.t_thawed = time.monotonic()
+            raise
         except BaseException:
             dog.thaw_now()
             w.thaw_by = "watchdog"

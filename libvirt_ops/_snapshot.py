@@ -11,10 +11,8 @@ domain uses.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ from libvirt_ops.errors import (
     SnapshotFailed,
     Timeout,
 )
+from qcow2 import Qcow2Error, create_overlay
 from qcow2.naming import CINDER, Naming, is_uuid, volume_base_name
 
 LOG = logging.getLogger(__name__)
@@ -146,33 +145,11 @@ def validate_new_file(disk: Disk, new_file: str, naming: Naming) -> str:
 
 
 def _create_overlay(new_path: str, disk: Disk, roots: Sequence[str], naming: Naming) -> None:
-    """Pre-create the overlay (relative backing name, pinned format) through qcow2/."""
-    qcow2 = importlib.import_module("qcow2")
-    create = getattr(qcow2, "create_overlay", None)
-    if create is not None:
-        create(new_path, disk.source, backing_fmt=disk.fmt, roots=roots, naming=naming)
-        return
-    # TEMPORARY FALLBACK until qcow2/ exports create_overlay (no chain inspection here!).
-    directory = os.path.dirname(disk.source)
-    argv = [
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        disk.fmt,
-        "-b",
-        os.path.basename(disk.source),
-        os.path.basename(new_path),
-    ]
-    proc = subprocess.run(argv, cwd=directory, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SnapshotFailed(f"{' '.join(argv)}: {proc.stderr.strip()}")
-    st = os.stat(disk.source)
-    os.chmod(new_path, 0o660)
-    if os.geteuid() == 0:
-        os.chown(new_path, st.st_uid, st.st_gid)
+    """Pre-create the overlay through qcow2/: whole chain inspected, relative backing name."""
+    try:
+        create_overlay(new_path, disk.source, backing_fmt=disk.fmt, roots=roots, naming=naming)
+    except Qcow2Error as exc:
+        raise SnapshotFailed(f"cannot create overlay {new_path}: {exc}") from exc
 
 
 def _remove_unused(paths: Sequence[str], dom: libvirt.virDomain) -> None:
