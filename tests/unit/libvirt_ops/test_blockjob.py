@@ -47,8 +47,8 @@ class FakeDom:
         self.jobs: dict[str, dict[str, int]] = {}
         self.calls: list[tuple[Any, ...]] = []
         self.refuse: str | None = None
-        self.on_start: Callable[[], None] | None = None
-        self.on_abort: Callable[[int], None] | None = None
+        self.on_start: Callable[[], object] | None = None
+        self.on_abort: Callable[[int], object] | None = None
 
     def UUIDString(self) -> str:
         return UUID
