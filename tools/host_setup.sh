@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PKGS=(qemu-system-x86 qemu-utils qemu-guest-agent libvirt-daemon-system libvirt-clients
       libvirt-dev pkg-config gcc libc6-dev busybox-static cpio kmod e2fsprogs
       glusterfs-server glusterfs-client rabbitmq-server libnbd-bin zstd procps iproute2
-      psmisc python3-venv)
+      psmisc python3-venv lz4)
 
 missing=()
 # One dpkg-query for all packages: fast path when everything is installed.
@@ -43,6 +43,14 @@ if [[ ! -x .venv/bin/python || "$(cat .venv/.stamp 2>/dev/null)" != "$stamp" ]];
     .venv/bin/pip install -q -U pip wheel
     .venv/bin/pip install -q -e '.[test,lint]'
     echo "$stamp" > .venv/.stamp
+fi
+
+# Without udev, /dev/kvm stays root-only 0600. libvirt then probes QEMU with KVM (root can
+# open it) but finds KVM unusable for the libvirt-qemu user, declares its capability cache
+# stale and re-probes on EVERY domain start (seen: createXML 4-5 minutes). Debian's udev
+# rule makes it root:kvm 0660; do the same. Guests still run TCG (<domain type='qemu'>).
+if [[ -c /dev/kvm ]] && [[ "$(stat -c %G:%a /dev/kvm)" != "kvm:660" ]]; then
+    chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
 fi
 
 # Daemons (no systemd here): virtlogd first, or libvirtd cannot start QEMU.

@@ -1,0 +1,44 @@
+# qsnap: `make test` and (later) `make demo` are the two commands. Both prepare the host
+# themselves (tools/host_setup.sh: apt packages, venv, libvirtd) idempotently.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+PYTEST  := $(PY) -m pytest
+SHELL   := /bin/bash
+
+.PHONY: help setup test lint unit functional bench demo clean
+
+help:
+	@echo "make test        host setup + lint + unit + functional (real libvirt/QEMU guest, GlusterFS, RabbitMQ)"
+	@echo "make unit        fast tests only (no daemons)"
+	@echo "make functional  real-peer tests, then the leftover check"
+	@echo "make lint        ruff + mypy"
+	@echo "make bench       benchmark scripts (ratios against in-run baselines)"
+
+setup:
+	@tools/host_setup.sh
+
+test: setup
+	@$(MAKE) --no-print-directory lint unit functional
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(PYTEST) -q -m "not functional" --timeout=300
+
+# One run id for pytest and the leftover audit that follows it in a separate process.
+functional: setup
+	@rid=$$(date +%s)$$RANDOM; export QSNAP_BED_RUN=$$rid; \
+	$(PYTEST) -q -m functional --timeout=600 -p no:cacheprovider; rc=$$?; \
+	$(PY) -m tests.bed.leftovers $$rid || rc=1; exit $$rc
+
+bench: setup
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+demo: setup
+	@echo "make demo arrives with the API issue (api_ext/); see README." >&2; exit 2
+
+clean:
+	rm -rf $(VENV) .tox .mypy_cache .ruff_cache .pytest_cache .hypothesis
