@@ -79,6 +79,8 @@ class Connection:
         self._lock = threading.RLock()
         self._conn: libvirt.virConnect | None = None
         self._subs: dict[int, _Subscription] = {}
+        # libvirt takes ONE registration per (connection, event id): we fan out ourselves.
+        self._handles: dict[int, int] = {}
         self._next_key = 1
         self._reconnect_listeners: list[Callable[[], None]] = []
         self.generation = 0
@@ -114,8 +116,9 @@ class Connection:
             conn.setKeepAlive(5, 3)
             conn.registerCloseCallback(self._closed, None)
         self._conn = conn
-        for sub in self._subs.values():
-            sub.handle = conn.domainEventRegisterAny(None, sub.event_id, sub.callback, None)
+        self._handles.clear()
+        for event_id in {sub.event_id for sub in self._subs.values()}:
+            self._register(conn, event_id)
         first = self.generation == 0
         self.generation += 1
         if not first:
@@ -133,8 +136,7 @@ class Connection:
             if self._conn is conn:
                 self._conn = None
         # Reopen from a separate thread: the event thread must not block on connect.
-        threading.Thread(target=self._reopen_quietly, name="libvirt-reconnect",
-                         daemon=True).start()
+        threading.Thread(target=self._reopen_quietly, name="libvirt-reconnect", daemon=True).start()
 
     def _reopen_quietly(self) -> None:
         try:
@@ -160,34 +162,51 @@ class Connection:
         with self._lock:
             conn = self._conn
             if conn is not None:
-                for sub in self._subs.values():
-                    if sub.handle is not None:
-                        try:
-                            conn.domainEventDeregisterAny(sub.handle)
-                        except libvirt.libvirtError:
-                            pass
+                for handle in self._handles.values():
+                    try:
+                        conn.domainEventDeregisterAny(handle)
+                    except libvirt.libvirtError:
+                        pass
+            self._handles.clear()
             self._subs.clear()
             self._drop()
 
     # -- events ------------------------------------------------------------------------
+    def _register(self, conn: libvirt.virConnect, event_id: int) -> None:
+        def fan_out(*args: Any) -> None:
+            for sub in [x for x in list(self._subs.values()) if x.event_id == event_id]:
+                try:
+                    sub.callback(*args)
+                except Exception:  # one subscriber's bug must not starve the others
+                    LOG.exception("event callback for event %d failed", event_id)
+
+        self._handles[event_id] = conn.domainEventRegisterAny(None, event_id, fan_out, None)
+
     def subscribe(self, event_id: int, callback: EventCallback) -> int:
         """Register ``callback`` for a domain event id on all domains; returns a key."""
         with self._lock:
             key = self._next_key
             self._next_key += 1
-            sub = _Subscription(event_id, callback, key=key)
-            self._subs[key] = sub
+            self._subs[key] = _Subscription(event_id, callback, key=key)
             conn = self.get()
-            sub.handle = conn.domainEventRegisterAny(None, event_id, callback, None)
+            if event_id not in self._handles:
+                try:
+                    self._register(conn, event_id)
+                except libvirt.libvirtError:
+                    del self._subs[key]
+                    raise
             return key
 
     def unsubscribe(self, key: int) -> None:
         with self._lock:
             sub = self._subs.pop(key, None)
-            if sub is None or sub.handle is None or self._conn is None:
+            if sub is None or any(x.event_id == sub.event_id for x in self._subs.values()):
+                return
+            handle = self._handles.pop(sub.event_id, None)
+            if handle is None or self._conn is None:
                 return
             try:
-                self._conn.domainEventDeregisterAny(sub.handle)
+                self._conn.domainEventDeregisterAny(handle)
             except libvirt.libvirtError:
                 pass
 

@@ -66,8 +66,9 @@ def _chain_of(disk_el: etree._Element) -> tuple[ChainLayer, ...]:
     drv = disk_el.find("driver")
     if src is None or src.get("file") is None:
         return ()
-    layers.append(ChainLayer(src.get("file", ""), drv.get("type", "raw") if drv is not None
-                             else "raw", None))
+    layers.append(
+        ChainLayer(src.get("file", ""), drv.get("type", "raw") if drv is not None else "raw", None)
+    )
     bs = disk_el.find("backingStore")
     while bs is not None and bs.get("type") is not None:
         bsrc = bs.find("source")
@@ -75,9 +76,13 @@ def _chain_of(disk_el: etree._Element) -> tuple[ChainLayer, ...]:
         if bsrc is None or bsrc.get("file") is None:
             break
         idx = bs.get("index")
-        layers.append(ChainLayer(bsrc.get("file", ""),
-                                 bfmt.get("type", "raw") if bfmt is not None else "raw",
-                                 int(idx) if idx is not None else None))
+        layers.append(
+            ChainLayer(
+                bsrc.get("file", ""),
+                bfmt.get("type", "raw") if bfmt is not None else "raw",
+                int(idx) if idx is not None else None,
+            )
+        )
         bs = bs.find("backingStore")
     return tuple(layers)
 
@@ -96,13 +101,15 @@ def parse_disks(xml: str) -> list[Disk]:
         if not chain:
             continue
         serial_el = el.find("serial")
-        disks.append(Disk(
-            target=target.get("dev", ""),
-            serial=serial_el.text.strip() if serial_el is not None and serial_el.text else None,
-            bus=target.get("bus", "virtio"),
-            chain=chain,
-            snapshot_capable=el.find("readonly") is None and el.find("shareable") is None,
-        ))
+        disks.append(
+            Disk(
+                target=target.get("dev", ""),
+                serial=serial_el.text.strip() if serial_el is not None and serial_el.text else None,
+                bus=target.get("bus", "virtio"),
+                chain=chain,
+                snapshot_capable=el.find("readonly") is None and el.find("shareable") is None,
+            )
+        )
     return disks
 
 
@@ -111,8 +118,9 @@ def domain_disks(dom: libvirt.virDomain) -> list[Disk]:
     return parse_disks(dom.XMLDesc(0))
 
 
-def find_disk(dom: libvirt.virDomain, *, volume_id: str | None = None,
-              path: str | None = None) -> Disk:
+def find_disk(
+    dom: libvirt.virDomain, *, volume_id: str | None = None, path: str | None = None
+) -> Disk:
     """The disk whose ``<serial>`` is ``volume_id`` (as Nova sets it) or holding ``path``."""
     if (volume_id is None) == (path is None):
         raise ValueError("give exactly one of volume_id or path")

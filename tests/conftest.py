@@ -40,7 +40,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _skipped_functional and os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         terminalreporter.write_line(
             f"FAILED: {len(_skipped_functional)} functional test(s) skipped under CI: "
-            + ", ".join(_skipped_functional), red=True)
+            + ", ".join(_skipped_functional),
+            red=True,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -69,12 +71,16 @@ def share(request: pytest.FixtureRequest) -> Iterator[object]:
 
 
 @pytest.fixture
-def guest_factory(libvirt_host: object, guest_image: object, share: object,
-                  request: pytest.FixtureRequest) -> Iterator[object]:
+def guest_factory(
+    libvirt_host: object, guest_image: object, share: object, request: pytest.FixtureRequest
+) -> Iterator[object]:
     from tests.bed.guest import GuestFactory
 
-    factory = GuestFactory(libvirt_host.connection, guest_image,  # type: ignore[attr-defined]
-                           lambda: share.new_dir("guest"))  # type: ignore[attr-defined]
+    factory = GuestFactory(
+        libvirt_host.connection,
+        guest_image,  # type: ignore[attr-defined]
+        lambda: share.new_dir("guest"),
+    )  # type: ignore[attr-defined]
     yield factory
     factory.close()
 

@@ -40,8 +40,11 @@ stamp=$(sha256sum pyproject.toml | cut -c1-16)
 if [[ ! -x .venv/bin/python || "$(cat .venv/.stamp 2>/dev/null)" != "$stamp" ]]; then
     echo "host-setup: building venv with $PY"
     [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
-    .venv/bin/pip install -q -U pip wheel
-    .venv/bin/pip install -q -e '.[test,lint]'
+    log=$(mktemp)
+    if ! { .venv/bin/pip install -q -U pip wheel && .venv/bin/pip install -q -e '.[test,lint]'; } >"$log" 2>&1; then
+        cat "$log" >&2; rm -f "$log"; echo "host-setup: pip install failed" >&2; exit 1
+    fi
+    rm -f "$log"
     echo "$stamp" > .venv/.stamp
 fi
 

@@ -104,8 +104,14 @@ class _Dispatcher:
             latch.lifecycle(event, detail)
 
 
-def domain_xml(name: str, dom_uuid: str, image: GuestImage, disks: list[GuestDisk],
-               console: Path, memory_mib: int = 256) -> str:
+def domain_xml(
+    name: str,
+    dom_uuid: str,
+    image: GuestImage,
+    disks: list[GuestDisk],
+    console: Path,
+    memory_mib: int = 256,
+) -> str:
     """The test guest: q35, TCG, direct kernel boot, virtio disks with serials, qemu-ga channel."""
     disk_xml = "".join(
         f"""
@@ -114,7 +120,9 @@ def domain_xml(name: str, dom_uuid: str, image: GuestImage, disks: list[GuestDis
       <source file='{escape(str(d.path))}'/>
       <target dev='{d.target}' bus='virtio'/>
       <serial>{d.volume_id}</serial>
-    </disk>""" for d in disks)
+    </disk>"""
+        for d in disks
+    )
     return f"""<domain type='qemu'>
   <name>{name}</name>
   <uuid>{dom_uuid}</uuid>
@@ -147,9 +155,17 @@ def domain_xml(name: str, dom_uuid: str, image: GuestImage, disks: list[GuestDis
 class Guest:
     """A booted guest; ``close()`` destroys it if it is still running."""
 
-    def __init__(self, conn: Connection, image: GuestImage, directory: Path, *,
-                 ndisks: int = 2, size_mib: int = 256, disk_fmt: str = "qcow2",
-                 boot_timeout: float = 90.0) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        image: GuestImage,
+        directory: Path,
+        *,
+        ndisks: int = 2,
+        size_mib: int = 256,
+        disk_fmt: str = "qcow2",
+        boot_timeout: float = 90.0,
+    ) -> None:
         from tests.bed.disks import create_volume
 
         self.conn = conn
@@ -168,25 +184,38 @@ class Guest:
         self._dispatch.latches[self.uuid] = self._latch
         xml = domain_xml(self.name, self.uuid, image, self.disks, self.console)
         t0 = time.monotonic()
-        self.dom: libvirt.virDomain = conn.get().createXML(xml, 0)
+        self._dom = conn.get().createXML(xml, 0)
+        self._dom_gen = conn.generation
         try:
             self.wait_agent(boot_timeout)
         except GuestError as exc:
-            tail = self.console.read_text(errors="replace")[-3000:] if self.console.exists() \
-                else ""
+            tail = self.console.read_text(errors="replace")[-3000:] if self.console.exists() else ""
             self.destroy()
             raise GuestError(f"{exc}; console tail:\n{tail}") from exc
         self.boot_to_agent_s = time.monotonic() - t0
 
+    @property
+    def dom(self) -> libvirt.virDomain:
+        """The domain handle, looked up again after the connection was reopened (a handle
+        from before a libvirtd restart is dead)."""
+        if self._dom_gen != self.conn.generation:
+            self._dom = self.conn.get().lookupByUUIDString(self.uuid)
+            self._dom_gen = self.conn.generation
+        return self._dom
+
     # -- agent ---------------------------------------------------------------------------
     def wait_agent(self, timeout: float = 30.0) -> None:
         """Wait for the agent-lifecycle CONNECTED event (or an already connected agent)."""
-        self._latch.wait(lambda: self._latch.agent_state == AGENT_CONNECTED, timeout,
-                         f"qemu-ga in {self.name}")
+        self._latch.wait(
+            lambda: self._latch.agent_state == AGENT_CONNECTED, timeout, f"qemu-ga in {self.name}"
+        )
 
     def wait_agent_gone(self, timeout: float = 30.0) -> None:
-        self._latch.wait(lambda: self._latch.agent_state == AGENT_DISCONNECTED, timeout,
-                         f"qemu-ga in {self.name} to disconnect")
+        self._latch.wait(
+            lambda: self._latch.agent_state == AGENT_DISCONNECTED,
+            timeout,
+            f"qemu-ga in {self.name} to disconnect",
+        )
 
     def agent(self, cmd: str, args: dict[str, Any] | None = None, timeout: int = 10) -> Any:
         """Run one raw qemu-ga command; returns its ``return`` value."""
@@ -196,8 +225,7 @@ class Guest:
         out = libvirt_qemu.qemuAgentCommand(self.dom, json.dumps(req), timeout, 0)
         return json.loads(out).get("return") if out else None
 
-    def run(self, argv: list[str], timeout: float = 30.0,
-            input: bytes | None = None) -> ExecResult:
+    def run(self, argv: list[str], timeout: float = 30.0, input: bytes | None = None) -> ExecResult:
         """Run a command in the guest (guest-exec) and wait for it to exit."""
         args: dict[str, Any] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
         if input is not None:
@@ -211,7 +239,8 @@ class Guest:
                 return ExecResult(
                     int(st.get("exitcode", -1 if st.get("signal") else 0)),
                     base64.b64decode(st.get("out-data", "")),
-                    base64.b64decode(st.get("err-data", "")))
+                    base64.b64decode(st.get("err-data", "")),
+                )
             if time.monotonic() > deadline:
                 raise GuestError(f"{argv} still running after {timeout}s")
             time.sleep(delay)
@@ -241,9 +270,13 @@ class Guest:
         handle = self.agent("guest-file-open", {"path": path, "mode": "w"})
         try:
             for off in range(0, len(data), 48 << 10):
-                self.agent("guest-file-write", {
-                    "handle": handle, "buf-b64": base64.b64encode(data[off:off + (48 << 10)])
-                    .decode()})
+                self.agent(
+                    "guest-file-write",
+                    {
+                        "handle": handle,
+                        "buf-b64": base64.b64encode(data[off : off + (48 << 10)]).decode(),
+                    },
+                )
             self.agent("guest-file-flush", {"handle": handle})
         finally:
             self.agent("guest-file-close", {"handle": handle})
@@ -252,11 +285,13 @@ class Guest:
         return int(self.agent("guest-get-time"))
 
     # -- workload ------------------------------------------------------------------------
-    def start_writers(self, interval_ms: int = 10, sync_every: int = 1,
-                      mounts: list[str] | None = None) -> None:
+    def start_writers(
+        self, interval_ms: int = 10, sync_every: int = 1, mounts: list[str] | None = None
+    ) -> None:
         """One self-checking record writer per filesystem (``MOUNT/records``)."""
-        self.check(["/usr/bin/qsnap-writers-start", str(interval_ms), str(sync_every),
-                    *(mounts or [])])
+        self.check(
+            ["/usr/bin/qsnap-writers-start", str(interval_ms), str(sync_every), *(mounts or [])]
+        )
 
     def stop_writers(self) -> None:
         self.check(["/usr/bin/qsnap-writers-stop"])
@@ -274,8 +309,9 @@ class Guest:
     def shutdown(self, timeout: float = 60.0) -> int:
         """Clean shutdown through the agent; returns libvirt's STOPPED detail."""
         self.dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
-        self._latch.wait(lambda: self._latch.stopped_detail is not None, timeout,
-                         f"{self.name} to shut down")
+        self._latch.wait(
+            lambda: self._latch.stopped_detail is not None, timeout, f"{self.name} to shut down"
+        )
         assert self._latch.stopped_detail is not None
         return self._latch.stopped_detail
 
@@ -300,11 +336,13 @@ class GuestFactory:
         self._default_dir = default_dir
         self.guests: list[Guest] = []
 
-    def __call__(self, ndisks: int = 2, size_mib: int = 256, share: Any = None,
-                 disk_fmt: str = "qcow2") -> Guest:
+    def __call__(
+        self, ndisks: int = 2, size_mib: int = 256, share: Any = None, disk_fmt: str = "qcow2"
+    ) -> Guest:
         directory = share.new_dir("guest") if share is not None else self._default_dir()
-        g = Guest(self._conn, self._image, directory, ndisks=ndisks, size_mib=size_mib,
-                  disk_fmt=disk_fmt)
+        g = Guest(
+            self._conn, self._image, directory, ndisks=ndisks, size_mib=size_mib, disk_fmt=disk_fmt
+        )
         self.guests.append(g)
         return g
 

@@ -20,12 +20,14 @@ def leftovers(rid: str) -> list[str]:
         if procs.alive(pid, start):
             found.append(f"{name} pid {pid} still running")
     prefix = f"qsnap-{rid}-"
-    out = subprocess.run(["virsh", "-q", "-c", "qemu:///system", "list", "--all", "--name"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["virsh", "-q", "-c", "qemu:///system", "list", "--all", "--name"],
+        capture_output=True,
+        text=True,
+    )
     found += [f"domain {n} still defined" for n in out.stdout.split() if n.startswith(prefix)]
     ps = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True)
-    found += [f"qemu process: {line[:120]}" for line in ps.stdout.splitlines()
-              if prefix in line]
+    found += [f"qemu process: {line[:120]}" for line in ps.stdout.splitlines() if prefix in line]
     run_root = str(procs.BED_ROOT / "runs" / rid)
     for line in Path("/proc/mounts").read_text().splitlines():
         if run_root in line:

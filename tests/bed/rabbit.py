@@ -42,31 +42,42 @@ class RabbitNode:
         self.transport_url = f"rabbit://guest:guest@127.0.0.1:{self.port}/"
         self.amqp_url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
         env = dict(os.environ)
-        env.update({
-            "HOME": str(self.base),
-            "RABBITMQ_NODENAME": f"{self.name}@localhost",
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-            "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "ERL_EPMD_PORT": str(self.epmd_port),
-            "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(self.base / "log"),
-            "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
-            "RABBITMQ_PID_FILE": str(self.base / "rabbit.pid"),
-        })
+        env.update(
+            {
+                "HOME": str(self.base),
+                "RABBITMQ_NODENAME": f"{self.name}@localhost",
+                "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+                "RABBITMQ_NODE_PORT": str(self.port),
+                "RABBITMQ_DIST_PORT": str(self.dist_port),
+                "ERL_EPMD_PORT": str(self.epmd_port),
+                "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
+                "RABBITMQ_LOG_BASE": str(self.base / "log"),
+                "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
+                "RABBITMQ_PID_FILE": str(self.base / "rabbit.pid"),
+            }
+        )
         (self.base / "enabled_plugins").write_text("[].\n")
         (self.base / "rabbitmq.conf").write_text("loopback_users.guest = true\n")
         self._env = env
-        log = open(self.base / "epmd.out", "wb")  # noqa: SIM115 - child owns it
-        self._epmd = subprocess.Popen(["epmd", "-port", str(self.epmd_port)], env=env,
-                                      stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+        log = open(self.base / "epmd.out", "wb")
+        self._epmd = subprocess.Popen(
+            ["epmd", "-port", str(self.epmd_port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         procs.record("epmd", self._epmd.pid)
-        log = open(self.base / "server.out", "wb")  # noqa: SIM115
-        self._server = subprocess.Popen(["/usr/lib/rabbitmq/bin/rabbitmq-server"], env=env,
-                                        stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        log = open(self.base / "server.out", "wb")
+        self._server = subprocess.Popen(
+            ["/usr/lib/rabbitmq/bin/rabbitmq-server"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         procs.record("rabbitmq", self._server.pid)
         deadline = time.monotonic() + timeout
         while not _port_open(self.port):

@@ -38,19 +38,19 @@ class TestBed:
             if self._want_rabbit:
                 self.rabbit = RabbitNode()
                 self._stack.callback(self.rabbit.close)
-            self.guests = GuestFactory(self.host.connection, self.image,
-                                       lambda: self.share.new_dir("guest"))
+            self.guests = GuestFactory(
+                self.host.connection, self.image, lambda: self.share.new_dir("guest")
+            )
             self._stack.callback(self.guests.close)
         except BaseException:
             self._stack.close()
             raise
         return self
 
-    def make_guest(self, ndisks: int = 2, size_mib: int = 256,
-                   disk_fmt: str = "qcow2") -> Guest:
-        return self.guests(ndisks=ndisks, size_mib=size_mib, share=self.share,
-                           disk_fmt=disk_fmt)
+    def make_guest(self, ndisks: int = 2, size_mib: int = 256, disk_fmt: str = "qcow2") -> Guest:
+        return self.guests(ndisks=ndisks, size_mib=size_mib, share=self.share, disk_fmt=disk_fmt)
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._stack.close()

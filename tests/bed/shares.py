@@ -52,8 +52,9 @@ class DirShare:
 
 
 def _gluster(*args: str, timeout: float = 60) -> str:
-    out = subprocess.run(["gluster", "--mode=script", *args], capture_output=True, text=True,
-                         timeout=timeout)
+    out = subprocess.run(
+        ["gluster", "--mode=script", *args], capture_output=True, text=True, timeout=timeout
+    )
     if out.returncode != 0:
         raise RuntimeError(f"gluster {' '.join(args)}: {out.stdout}{out.stderr}".strip())
     return out.stdout
@@ -102,18 +103,21 @@ class GlusterShare:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        _gluster("volume", "create", self.volume, f"{socket.gethostname()}:{self._brick}",
-                 "force")
+        _gluster("volume", "create", self.volume, f"{socket.gethostname()}:{self._brick}", "force")
         _gluster("volume", "start", self.volume)
         pidglob = list(Path(f"/var/run/gluster/vols/{self.volume}").glob("*.pid"))
         if pidglob:
             self._brick_pid = int(pidglob[0].read_text().strip())
             procs.record("glusterfsd", self._brick_pid)
-        subprocess.run(["mount", "-t", "glusterfs", f"localhost:/{self.volume}",
-                        str(self.root)], check=True, timeout=60)
+        subprocess.run(
+            ["mount", "-t", "glusterfs", f"localhost:/{self.volume}", str(self.root)],
+            check=True,
+            timeout=60,
+        )
         os.chmod(self.root, 0o755)
-        out = subprocess.run(["pgrep", "-f", f"volfile-id=/{self.volume} "],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            ["pgrep", "-f", f"volfile-id=/{self.volume} "], capture_output=True, text=True
+        )
         for pid in out.stdout.split():
             self._fuse_pid = int(pid)
             procs.record("glusterfs-fuse", self._fuse_pid)

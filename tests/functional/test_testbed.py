@@ -98,7 +98,6 @@ def test_rabbitmq_rpc_round_trip(rabbitmq) -> None:
         pass
     import oslo_messaging as messaging
     from oslo_config import cfg
-
     from oslo_messaging.conffixture import ConfFixture
 
     conf = cfg.ConfigOpts()
@@ -116,8 +115,7 @@ def test_rabbitmq_rpc_round_trip(rabbitmq) -> None:
     server = messaging.get_rpc_server(transport, target, [Endpoint()], executor="threading")
     server.start()
     try:
-        client = messaging.get_rpc_client(transport, messaging.Target(topic="bedtest"),
-                                          timeout=30)
+        client = messaging.get_rpc_client(transport, messaging.Target(topic="bedtest"), timeout=30)
         out = client.prepare(server="h1").call({}, "echo", value=[1, "x"])
         assert out["value"] == [1, "x"]
     finally:
