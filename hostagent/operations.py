@@ -1,0 +1,162 @@
+"""The typed model of journaled operations, their steps and pending volume-service notices.
+
+Everything the journal returns is one of these frozen dataclasses, so code above it never
+handles sqlite rows or loose dicts. Requests and results are stored as JSON-able dicts
+(produced by the typed request's ``to_dict()``) because the journal must outlive any one
+version of the request classes: recovery reads what an older agent wrote.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+#: A JSON object as stored in the journal (``json.dumps`` must accept it).
+JsonDict = dict[str, Any]
+
+
+class OperationKind(enum.StrEnum):
+    """What an operation does; the idempotency key is unique per kind."""
+
+    ASSISTED_CREATE = "assisted_create"
+    ASSISTED_DELETE = "assisted_delete"
+    INSTANCE_SNAPSHOT = "instance_snapshot"
+    BACKUP = "backup"
+    RESTORE = "restore"
+
+
+class OperationState(enum.StrEnum):
+    """Life cycle: PENDING -> RUNNING -> one of the final states (never left again)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        """Final operations are never resumed by crash recovery and may be pruned."""
+        return self in _FINAL_OPERATION_STATES
+
+
+_FINAL_OPERATION_STATES = frozenset(
+    {OperationState.SUCCEEDED, OperationState.FAILED, OperationState.CANCELLED}
+)
+
+
+class StepState(enum.StrEnum):
+    """PLANNED is written before the step acts, so a crash leaves an honest trace.
+
+    PLANNED -> DONE | FAILED | UNDONE;  DONE -> UNDONE;  FAILED -> UNDONE. A PLANNED step
+    found after a restart may or may not have taken effect: recovery must look at the
+    real world (the share, the domain) to decide.
+    """
+
+    PLANNED = "planned"
+    DONE = "done"
+    UNDONE = "undone"
+    FAILED = "failed"
+
+
+#: Allowed step transitions (from -> set of to).
+STEP_TRANSITIONS: dict[StepState, frozenset[StepState]] = {
+    StepState.PLANNED: frozenset({StepState.DONE, StepState.FAILED, StepState.UNDONE}),
+    StepState.DONE: frozenset({StepState.UNDONE}),
+    StepState.FAILED: frozenset({StepState.UNDONE}),
+    StepState.UNDONE: frozenset(),
+}
+
+
+class NotificationState(enum.StrEnum):
+    """A notice to the volume service is PENDING until delivered; never silently dropped."""
+
+    PENDING = "pending"
+    SENT = "sent"
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """Why something failed: the exception's class name and message, enough for an operator."""
+
+    type: str
+    message: str
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> ErrorInfo:
+        return cls(type=type(exc).__name__, message=str(exc))
+
+
+@dataclass(frozen=True)
+class Progress:
+    """``cur`` of ``end`` units done (bytes for copies, steps otherwise)."""
+
+    cur: int = 0
+    end: int = 0
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One request the agent accepted, as last journaled."""
+
+    id: uuid.UUID
+    kind: OperationKind
+    state: OperationState
+    request: JsonDict
+    idempotency_key: str | None
+    locks: tuple[str, ...]
+    host: str
+    created_at: float
+    updated_at: float
+    progress: Progress = field(default_factory=Progress)
+    result: JsonDict | None = None
+    error: ErrorInfo | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One state-changing action of an operation, numbered from 1 in the order planned."""
+
+    op_id: uuid.UUID
+    seq: int
+    name: str
+    state: StepState
+    data: JsonDict
+    created_at: float
+    updated_at: float
+    error: ErrorInfo | None = None
+
+
+@dataclass(frozen=True)
+class OperationRecord:
+    """An operation with its steps in order: what crash recovery needs to resume or undo."""
+
+    operation: Operation
+    steps: tuple[Step, ...]
+
+
+@dataclass(frozen=True)
+class Begun:
+    """Answer of ``Journal.begin``: ``created`` is False when the key was already known."""
+
+    operation: Operation
+    created: bool
+
+
+@dataclass(frozen=True)
+class Notification:
+    """A status update owed to the volume service (e.g. Cinder ``creating`` + ``90%``)."""
+
+    id: int
+    snapshot_id: str
+    status: str
+    progress: str | None
+    op_id: uuid.UUID | None
+    state: NotificationState
+    attempts: int
+    last_error: str | None
+    next_attempt_at: float
+    created_at: float
+    sent_at: float | None
