@@ -506,3 +506,38 @@ def test_migration_hook_runs_once_and_rolls_back_on_failure(tmp_path: Path) -> N
 def test_journal_file_in_missing_directory_fails(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.OperationalError):
         Journal(os.path.join(str(tmp_path), "nope", "journal.db"))
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys
+    from hostagent.journal import Journal
+    from hostagent.operations import OperationKind, OperationState
+
+    path, n = sys.argv[1], sys.argv[2]
+    j = Journal(path, host=f"proc{n}")
+    for i in range(20):
+        j.begin(OperationKind.ASSISTED_CREATE, {"i": i}, f"shared-{i}")
+        op = j.begin(OperationKind.BACKUP, {"n": n, "i": i}, f"{n}-{i}").operation
+        with j.step(op.id, "copy"):
+            pass
+        j.finish(op.id, OperationState.SUCCEEDED)
+        j.enqueue(f"snap-{i}", "creating", "90%")
+    """
+)
+
+
+def test_processes_write_one_file_concurrently(tmp_path: Path) -> None:
+    path = str(tmp_path / "journal.db")
+    Journal(path).close()
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, path, str(n)]) for n in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    j = Journal(path)
+    backups = j.list_operations(kind=OperationKind.BACKUP)
+    assert len(backups) == 60
+    assert {o.host for o in backups} == {"proc0", "proc1", "proc2"}
+    assert all(o.state is OperationState.SUCCEEDED for o in backups)
+    # The shared keys were claimed exactly once across the three processes.
+    assert len(j.list_operations(kind=OperationKind.ASSISTED_CREATE)) == 20
+    # Identical pending notices were not duplicated either.
+    assert len(j.pending_notifications(due_only=False)) == 20
