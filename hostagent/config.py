@@ -1,0 +1,184 @@
+"""The agent's oslo.config options, a private ``ConfigOpts`` factory and ``list_opts``.
+
+The agent uses a private ``ConfigOpts`` (not the global ``cfg.CONF``) so that tests and
+benchmarks can run several agents and clients in one process without shared state; the
+options oslo.messaging and oslo.log read are therefore registered explicitly in
+:func:`make_conf`. ``transport_url`` is oslo.messaging's own [DEFAULT] option: defining it
+again here would clash (DuplicateOptError), so the sample lists it under that namespace.
+Embedded defaults work on a single machine: ``qemu:///system``, state under /var/lib/qsnap.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+
+from oslo_config import cfg
+from oslo_log import log as oslo_log
+
+from hostagent._messaging import register_messaging_opts
+
+default_opts: list[cfg.Opt] = [
+    cfg.StrOpt(
+        "host",
+        default=socket.gethostname(),
+        sample_default="<hostname>",
+        help="Name of this compute host: the RPC server name on topic qsnap-agent and the "
+        "host reported in inventory updates. Must match Nova's host name for routing.",
+    ),
+    cfg.StrOpt(
+        "state_path",
+        default="/var/lib/qsnap",
+        help="Directory for the agent's journal (sqlite) and other state.",
+    ),
+]
+
+libvirt_opts: list[cfg.Opt] = [
+    cfg.StrOpt("uri", default="qemu:///system", help="libvirt connection URI."),
+    cfg.FloatOpt(
+        "open_timeout",
+        default=30.0,
+        min=0.1,
+        help="Seconds to keep retrying to (re)connect to libvirtd before failing a request.",
+    ),
+]
+
+agent_opts: list[cfg.Opt] = [
+    cfg.IntOpt(
+        "workers",
+        default=4,
+        min=1,
+        max=64,
+        help="Size of the bounded worker pool running long operations; further requests "
+        "wait in the queue (each disk is serialized separately).",
+    ),
+    cfg.FloatOpt(
+        "freeze_timeout",
+        default=10.0,
+        min=0.1,
+        help="Longest a guest may stay frozen for a quiesced snapshot; the thaw watchdog "
+        "thaws it after this many seconds whatever happens.",
+    ),
+    cfg.FloatOpt(
+        "snapshot_timeout",
+        default=60.0,
+        min=1.0,
+        help="Deadline in seconds for one snapshot operation (overlays, quiesce, snapshot).",
+    ),
+    cfg.FloatOpt(
+        "merge_timeout",
+        default=7200.0,
+        min=1.0,
+        help="Deadline in seconds for one block job (commit/pull). Cinder waits 7200 s for "
+        "a delete, so a longer deadline is pointless.",
+    ),
+    cfg.FloatOpt(
+        "inventory_interval",
+        default=60.0,
+        min=1.0,
+        help="Seconds between periodic inventory publications (changes are published at "
+        "once as well).",
+    ),
+]
+
+shares_opts: list[cfg.Opt] = [
+    cfg.ListOpt(
+        "allowed_roots",
+        default=["/var/lib/nova/mnt"],
+        help="Directories under which volume files may live. Any image, backing file or "
+        "requested file outside them is refused.",
+    ),
+    cfg.StrOpt(
+        "mount_base",
+        default="/var/lib/nova/mnt",
+        help="Where the shares are mounted (Nova's nfs_mount_point_base); share mounts are "
+        "<mount_base>/<hash>.",
+    ),
+]
+
+cinder_opts: list[cfg.Opt] = [
+    cfg.StrOpt(
+        "auth_type",
+        default="none",
+        choices=[
+            ("none", "no authentication (Cinder with auth_strategy=noauth, token 'notused')"),
+            ("noauth", "cinderclient's noauth plugin: 'user:project' token, needs endpoint"),
+            ("password", "keystone password authentication"),
+        ],
+        help="How the agent authenticates to the volume service.",
+    ),
+    cfg.URIOpt(
+        "endpoint",
+        help="Volume API endpoint, e.g. http://host:8776/v3 (required "
+        "for none/noauth; overrides the catalog for password).",
+    ),
+    cfg.URIOpt("auth_url", help="Keystone URL (password auth)."),
+    cfg.StrOpt("username", help="Keystone user name (password auth)."),
+    cfg.StrOpt("password", secret=True, help="Keystone password (password auth)."),
+    cfg.StrOpt("user_id", help="User id (noauth, or password auth by id)."),
+    cfg.StrOpt("project_id", help="Project id (noauth, or password auth by id)."),
+    cfg.StrOpt("project_name", help="Project name (password auth)."),
+    cfg.StrOpt("user_domain_name", default="Default", help="User's domain (password auth)."),
+    cfg.StrOpt("project_domain_name", default="Default", help="Project's domain (password auth)."),
+    cfg.StrOpt("region_name", help="Region of the volume endpoint in the catalog."),
+    cfg.StrOpt(
+        "endpoint_type",
+        default="publicURL",
+        choices=["publicURL", "internalURL", "adminURL"],
+        help="Catalog interface of the volume endpoint.",
+    ),
+    cfg.FloatOpt("timeout", default=30.0, min=0.1, help="HTTP timeout per request (s)."),
+    cfg.IntOpt(
+        "status_retries",
+        default=10,
+        min=0,
+        help="Retries with backoff of a status update on connection errors and 5xx before "
+        "it is left in the journal for a later retry.",
+    ),
+]
+
+_GROUPS: list[tuple[str | None, list[cfg.Opt]]] = [
+    (None, default_opts),
+    ("libvirt", libvirt_opts),
+    ("agent", agent_opts),
+    ("shares", shares_opts),
+    ("cinder", cinder_opts),
+]
+
+
+def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:
+    """The ``oslo.config.opts`` entry point ``qsnap`` for oslo-config-generator."""
+    return [(group, list(opts)) for group, opts in _GROUPS]
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    """Register the agent's own options (not oslo.messaging's or oslo.log's) on ``conf``."""
+    for group, opts in _GROUPS:
+        conf.register_opts(opts, group=group)
+
+
+def make_conf(
+    args: Sequence[str] = (),
+    *,
+    config_files: Sequence[str] | None = None,
+    overrides: dict[str, object] | None = None,
+) -> cfg.ConfigOpts:
+    """A parsed private ``ConfigOpts`` with ours, oslo.messaging's and oslo.log's options.
+
+    ``overrides`` maps ``"group.name"`` (or ``"name"`` for [DEFAULT]) to a value; for tests.
+    """
+    conf = cfg.ConfigOpts()
+    register_opts(conf)
+    register_messaging_opts(conf)
+    oslo_log.register_options(conf)
+    conf(
+        list(args),
+        project="qsnap",
+        prog="qsnap-agent",
+        default_config_files=list(config_files) if config_files is not None else [],
+        default_config_dirs=[],
+    )
+    for key, value in (overrides or {}).items():
+        group, _, name = key.rpartition(".")
+        conf.set_override(name, value, group=group or None)
+    return conf

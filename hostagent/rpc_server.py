@@ -1,0 +1,163 @@
+"""The agent's RPC server: topic ``qsnap-agent``, server = host, threading executor.
+
+The endpoint is the edge: it turns wire arguments into typed requests once, delegates to an
+injected :class:`AgentService`, and maps every failure to a typed error from
+``hostagent.service_api`` that the client rebuilds as the same class. Expected errors are
+sent without server-side tracebacks; anything unexpected is logged here and sent as
+``AgentInternalError`` so the caller fails at once instead of waiting for a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from oslo_config import cfg
+
+from hostagent import service_api as api
+from hostagent._messaging import messaging
+from libvirt_ops import ChainMismatch, DiskBusy, DiskNotFound, DomainNotFound
+from qcow2.errors import SnapshotExists, SnapshotNotFound, UnsafeImage
+
+om = messaging()
+LOG = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Lower-layer errors that mean "this request is wrong or must wait", never "agent broken".
+_MAPPED: tuple[tuple[type[Exception], type[api.AgentRpcError]], ...] = (
+    (DiskBusy, api.DiskBusy),
+    (DiskNotFound, api.VolumeNotFound),
+    (DomainNotFound, api.InstanceNotFound),
+    (ChainMismatch, api.InvalidRequest),
+    (UnsafeImage, api.InvalidRequest),
+    (SnapshotExists, api.InvalidRequest),
+    (SnapshotNotFound, api.InvalidRequest),
+)
+
+
+def to_rpc_error(exc: BaseException) -> api.AgentRpcError:
+    """The typed RPC error for ``exc`` (unexpected ones become AgentInternalError)."""
+    if isinstance(exc, api.AgentRpcError):
+        return exc
+    for lower, typed in _MAPPED:
+        if isinstance(exc, lower):
+            return typed(str(exc))
+    return api.AgentInternalError(f"{type(exc).__name__}: {exc}")
+
+
+class AgentEndpoint:
+    """RPC API 1.0. Every method returns plain JSON-able data (dicts, lists)."""
+
+    target = om.Target(version=api.RPC_VERSION)
+
+    def __init__(self, service: api.AgentService) -> None:
+        self._service = service
+
+    def _run(self, method: str, fn: Callable[[], T]) -> T:
+        try:
+            try:
+                return fn()
+            except api.AgentRpcError:
+                raise
+            except Exception as exc:
+                typed = to_rpc_error(exc)
+                if isinstance(typed, api.AgentInternalError):
+                    LOG.exception("RPC %s failed unexpectedly", method)
+                raise typed from exc
+        except api.AgentRpcError as exc:
+            LOG.info("RPC %s refused: %s: %s", method, type(exc).__name__, exc)
+            # ExpectedException records the current exc_info: the client gets ``exc`` typed.
+            raise om.ExpectedException() from exc
+
+    def create_assisted_snapshot(
+        self, ctxt: dict[str, Any], volume_id: object, create_info: object
+    ) -> dict[str, Any]:
+        def call() -> dict[str, Any]:
+            req = api.CreateSnapshotRequest.from_wire(volume_id, create_info)
+            c = api.CallContext.from_wire(ctxt)
+            return self._service.create_assisted_snapshot(c, req).to_wire()
+
+        return self._run("create_assisted_snapshot", call)
+
+    def delete_assisted_snapshot(
+        self, ctxt: dict[str, Any], volume_id: object, snapshot_id: object, delete_info: object
+    ) -> dict[str, Any]:
+        def call() -> dict[str, Any]:
+            req = api.DeleteSnapshotRequest.from_wire(volume_id, snapshot_id, delete_info)
+            c = api.CallContext.from_wire(ctxt)
+            return self._service.delete_assisted_snapshot(c, req).to_wire()
+
+        return self._run("delete_assisted_snapshot", call)
+
+    def snapshot_instance(
+        self, ctxt: dict[str, Any], instance_uuid: object, volume_ids: object, quiesce: object
+    ) -> dict[str, Any]:
+        def call() -> dict[str, Any]:
+            req = api.InstanceSnapshotRequest.from_wire(instance_uuid, volume_ids, quiesce)
+            c = api.CallContext.from_wire(ctxt)
+            return self._service.snapshot_instance(c, req).to_wire()
+
+        return self._run("snapshot_instance", call)
+
+    def get_operation(self, ctxt: dict[str, Any], op_id: object) -> dict[str, Any]:
+        def call() -> dict[str, Any]:
+            if not isinstance(op_id, str) or not op_id or len(op_id) > 64:
+                raise api.InvalidRequest(f"bad operation id {op_id!r}")
+            return self._service.get_operation(api.CallContext.from_wire(ctxt), op_id).to_wire()
+
+        return self._run("get_operation", call)
+
+    def list_operations(self, ctxt: dict[str, Any], filters: object) -> list[dict[str, Any]]:
+        def call() -> list[dict[str, Any]]:
+            f = api.OperationFilters.from_wire(filters)
+            ops = self._service.list_operations(api.CallContext.from_wire(ctxt), f)
+            return [op.to_wire() for op in ops]
+
+        return self._run("list_operations", call)
+
+    def get_inventory(self, ctxt: dict[str, Any]) -> dict[str, Any]:
+        return self._run(
+            "get_inventory",
+            lambda: self._service.get_inventory(api.CallContext.from_wire(ctxt)).to_wire(),
+        )
+
+
+def get_server(transport: Any, host: str, service: api.AgentService) -> Any:
+    """An (unstarted) RPC server for ``host``; the caller starts, stops and waits it."""
+    target = om.Target(topic=api.RPC_TOPIC, server=host)
+    return om.get_rpc_server(
+        transport,
+        target,
+        [AgentEndpoint(service)],
+        executor="threading",
+        access_policy=om.DefaultRPCAccessPolicy,
+    )
+
+
+def serve(conf: cfg.ConfigOpts, service: api.AgentService, *, ready: Callable[[], None]) -> None:
+    """Run the RPC server until SIGTERM/SIGINT; ``ready`` is called once it consumes."""
+    transport = om.get_rpc_transport(conf)
+    server = get_server(transport, conf.host, service)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    try:
+        ready()
+        stop.wait()
+    finally:
+        server.stop()
+        server.wait()
+        transport.cleanup()
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """``--transport-url``/``--host`` overrides; the rest goes to oslo.config."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--transport-url")
+    parser.add_argument("--host")
+    return parser.parse_known_args(argv)

@@ -1,0 +1,132 @@
+"""Client side of the agent's RPC API (1.0) and the inventory fan-out.
+
+Callers get typed results (``Operation``, ``Inventory``) and typed errors from
+``hostagent.service_api``. Typed errors need the transport to allow that module
+(:func:`get_transport` does); with any other transport a ``RemoteError`` naming one of our
+errors is converted here, so callers can rely on ``except VolumeNotFound``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from oslo_config import cfg
+
+from hostagent import service_api as api
+from hostagent._messaging import messaging
+
+om = messaging()
+
+#: Fanout topic on which every agent casts ``inventory_update(host, volumes, generation)``.
+INVENTORY_TOPIC = "qsnap-inventory"
+_ERRORS_BY_NAME = {cls.__name__: cls for cls in api.RPC_ERRORS}
+
+
+def get_transport(conf: cfg.ConfigOpts, url: str | None = None) -> Any:
+    """An RPC transport that rebuilds the agent's typed errors on the client side."""
+    return om.get_rpc_transport(conf, url=url, allowed_remote_exmods=[api.ERRORS_MODULE])
+
+
+class AgentAPI:
+    """RPC client for one host's agent. Long operations return their Operation at once.
+
+    API version history:
+        1.0 - create/delete assisted snapshot, snapshot_instance, get/list operations,
+              get_inventory
+    """
+
+    VERSION_CAP = "1.0"
+
+    def __init__(self, transport: Any, host: str, *, timeout: float = 60.0) -> None:
+        target = om.Target(topic=api.RPC_TOPIC, version="1.0")
+        self.host = host
+        self._client = om.get_rpc_client(
+            transport, target, version_cap=self.VERSION_CAP, timeout=timeout
+        )
+
+    def _call(self, ctxt: Mapping[str, Any], method: str, **kwargs: Any) -> Any:
+        cctxt = self._client.prepare(server=self.host, version="1.0")
+        try:
+            return cctxt.call(dict(ctxt), method, **kwargs)
+        except om.RemoteError as exc:
+            typed = _ERRORS_BY_NAME.get(str(exc.exc_type))
+            if typed is None:
+                raise
+            raise typed(str(exc.value)) from exc
+
+    def create_assisted_snapshot(
+        self, ctxt: Mapping[str, Any], volume_id: str, create_info: Mapping[str, Any]
+    ) -> api.Operation:
+        out = self._call(
+            ctxt, "create_assisted_snapshot", volume_id=volume_id, create_info=dict(create_info)
+        )
+        return api.Operation.from_wire(out)
+
+    def delete_assisted_snapshot(
+        self,
+        ctxt: Mapping[str, Any],
+        volume_id: str,
+        snapshot_id: str,
+        delete_info: Mapping[str, Any],
+    ) -> api.Operation:
+        out = self._call(
+            ctxt,
+            "delete_assisted_snapshot",
+            volume_id=volume_id,
+            snapshot_id=snapshot_id,
+            delete_info=dict(delete_info),
+        )
+        return api.Operation.from_wire(out)
+
+    def snapshot_instance(
+        self,
+        ctxt: Mapping[str, Any],
+        instance_uuid: str,
+        volume_ids: Sequence[str] | None,
+        quiesce: api.Quiesce | bool = api.Quiesce.PREFERRED,
+    ) -> api.Operation:
+        q = quiesce.value if isinstance(quiesce, api.Quiesce) else quiesce
+        out = self._call(
+            ctxt,
+            "snapshot_instance",
+            instance_uuid=instance_uuid,
+            volume_ids=list(volume_ids) if volume_ids is not None else None,
+            quiesce=q,
+        )
+        return api.Operation.from_wire(out)
+
+    def get_operation(self, ctxt: Mapping[str, Any], op_id: str) -> api.Operation:
+        return api.Operation.from_wire(self._call(ctxt, "get_operation", op_id=op_id))
+
+    def list_operations(
+        self, ctxt: Mapping[str, Any], filters: api.OperationFilters | None = None
+    ) -> list[api.Operation]:
+        wire = (filters or api.OperationFilters()).to_wire()
+        out = self._call(ctxt, "list_operations", filters=wire)
+        return [api.Operation.from_wire(op) for op in out]
+
+    def get_inventory(self, ctxt: Mapping[str, Any]) -> api.Inventory:
+        return api.Inventory.from_wire(self._call(ctxt, "get_inventory"))
+
+
+class InventoryFanout:
+    """Publishes an agent's inventory to every listener with a fanout cast (fire and forget).
+
+    An API process that routes requests runs an RPC server on ``INVENTORY_TOPIC`` with an
+    ``inventory_update(ctxt, host, volumes, generation)`` endpoint method.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        target = om.Target(topic=INVENTORY_TOPIC, fanout=True, version="1.0")
+        self._client = om.get_rpc_client(transport, target, version_cap="1.0")
+
+    def __call__(self, inventory: api.Inventory) -> None:
+        wire = inventory.to_wire()
+        self._client.cast(
+            {},
+            "inventory_update",
+            host=wire["host"],
+            volumes=wire["volumes"],
+            generation=wire["generation"],
+        )

@@ -1,0 +1,348 @@
+"""The agent's RPC contract: typed requests/results, typed errors, the AgentService protocol.
+
+The RPC edge (``rpc_server``) turns wire dicts into these dataclasses once, so the service
+behind it never sees ``create_info`` dicts. Errors raised across RPC must be importable by
+the client (``allowed_remote_exmods``) and rebuildable from ``args`` alone, so they live
+here, carry only a message, and are re-created as the same class on the client side.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from qcow2.naming import CINDER, is_uuid
+
+RPC_TOPIC = "qsnap-agent"
+RPC_VERSION = "1.0"
+#: Module the client must allow for typed errors to come back as themselves.
+ERRORS_MODULE = __name__
+
+
+# -- errors that cross the wire ---------------------------------------------------------
+class AgentRpcError(Exception):
+    """Base of every error the agent sends back; ``code`` is stable for API mapping."""
+
+    code = "agent_error"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(AgentRpcError):
+    code = "invalid_request"
+
+
+class VolumeNotFound(AgentRpcError):
+    """The volume is not attached to any domain on this host."""
+
+    code = "volume_not_found"
+
+
+class InstanceNotFound(AgentRpcError):
+    code = "instance_not_found"
+
+
+class OperationNotFound(AgentRpcError):
+    code = "operation_not_found"
+
+
+class DiskBusy(AgentRpcError):
+    """Another operation or block job holds the disk; retry later."""
+
+    code = "disk_busy"
+
+
+class AgentInternalError(AgentRpcError):
+    """An unexpected failure in the agent (logged there with its traceback)."""
+
+    code = "internal_error"
+
+
+RPC_ERRORS: tuple[type[AgentRpcError], ...] = (
+    InvalidRequest,
+    VolumeNotFound,
+    InstanceNotFound,
+    OperationNotFound,
+    DiskBusy,
+    AgentInternalError,
+)
+
+
+# -- validation helpers -----------------------------------------------------------------
+def _uuid(value: object, what: str) -> str:
+    if not isinstance(value, str) or not is_uuid(value):
+        raise InvalidRequest(f"{what} must be a UUID, got {value!r}")
+    return value.lower()
+
+
+def _file_name(value: object, what: str, *, optional: bool = False) -> str | None:
+    """A plain basename following Cinder's naming; checked against the chain later."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or "/" in value or "\x00" in value:
+        raise InvalidRequest(f"{what} must be a plain file name, got {value!r}")
+    if not CINDER.is_image_name(value):
+        raise InvalidRequest(f"{what} {value!r} does not follow the volume naming convention")
+    return value
+
+
+def _exact_keys(data: object, what: str, required: set[str], optional: set[str]) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise InvalidRequest(f"{what} must be an object")
+    keys = set(data)
+    if missing := required - keys:
+        raise InvalidRequest(f"{what} lacks {sorted(missing)}")
+    if extra := keys - required - optional:
+        raise InvalidRequest(f"{what} has unknown fields {sorted(extra)}")
+    return dict(data)
+
+
+# -- requests ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CallContext:
+    """What the agent keeps of an RPC context: for logs, journal and notifications."""
+
+    request_id: str | None = None
+    user_id: str | None = None
+    project_id: str | None = None
+
+    @classmethod
+    def from_wire(cls, ctxt: object) -> CallContext:
+        if not isinstance(ctxt, Mapping):
+            return cls()
+
+        def get(key: str) -> str | None:
+            value = ctxt.get(key)
+            return value if isinstance(value, str) else None
+
+        return cls(get("request_id"), get("user_id") or get("user"), get("project_id"))
+
+
+@dataclass(frozen=True)
+class CreateSnapshotRequest:
+    """Nova's assisted create: ``create_info = {snapshot_id, type: qcow2, new_file[, id]}``."""
+
+    volume_id: str
+    snapshot_id: str
+    new_file: str
+
+    @classmethod
+    def from_wire(cls, volume_id: object, create_info: object) -> CreateSnapshotRequest:
+        info = _exact_keys(create_info, "create_info", {"snapshot_id", "type", "new_file"}, {"id"})
+        if info["type"] != "qcow2":
+            raise InvalidRequest(f"create_info.type must be 'qcow2', got {info['type']!r}")
+        new_file = _file_name(info["new_file"], "new_file")
+        assert new_file is not None
+        return cls(
+            _uuid(volume_id, "volume_id"), _uuid(info["snapshot_id"], "snapshot_id"), new_file
+        )
+
+
+@dataclass(frozen=True)
+class DeleteSnapshotRequest:
+    """Nova's assisted delete. ``merge_target_file`` None means a pull into the active file."""
+
+    volume_id: str
+    snapshot_id: str
+    file_to_merge: str | None
+    merge_target_file: str | None
+
+    @classmethod
+    def from_wire(
+        cls, volume_id: object, snapshot_id: object, delete_info: object
+    ) -> DeleteSnapshotRequest:
+        info = _exact_keys(
+            delete_info,
+            "delete_info",
+            {"type", "file_to_merge", "merge_target_file"},
+            {"volume_id"},
+        )
+        vol = _uuid(volume_id, "volume_id")
+        if info.get("volume_id") is not None and _uuid(info["volume_id"], "volume_id") != vol:
+            raise InvalidRequest("delete_info.volume_id differs from volume_id")
+        if info["type"] != "qcow2":
+            raise InvalidRequest(f"delete_info.type must be 'qcow2', got {info['type']!r}")
+        to_merge = _file_name(info["file_to_merge"], "file_to_merge", optional=True)
+        target = _file_name(info["merge_target_file"], "merge_target_file", optional=True)
+        if target is not None and to_merge is None:
+            raise InvalidRequest("merge_target_file given without file_to_merge")
+        return cls(vol, _uuid(snapshot_id, "snapshot_id"), to_merge, target)
+
+
+class Quiesce(enum.Enum):
+    """REQUIRED fails without a frozen guest; PREFERRED falls back to a crash-consistent one."""
+
+    REQUIRED = "required"
+    PREFERRED = "preferred"
+    NONE = "none"
+
+    @classmethod
+    def from_wire(cls, value: object) -> Quiesce:
+        if isinstance(value, bool):
+            return cls.REQUIRED if value else cls.NONE
+        try:
+            return cls(value)
+        except ValueError:
+            raise InvalidRequest(
+                "quiesce must be one of required|preferred|none or a bool"
+            ) from None
+
+
+@dataclass(frozen=True)
+class InstanceSnapshotRequest:
+    """Snapshot all (``volume_ids`` None) or some volume disks of an instance at once."""
+
+    instance_uuid: str
+    volume_ids: tuple[str, ...] | None
+    quiesce: Quiesce
+
+    @classmethod
+    def from_wire(
+        cls, instance_uuid: object, volume_ids: object, quiesce: object
+    ) -> InstanceSnapshotRequest:
+        vols: tuple[str, ...] | None = None
+        if volume_ids is not None:
+            if not isinstance(volume_ids, list | tuple) or not volume_ids:
+                raise InvalidRequest("volume_ids must be a non-empty list or null")
+            vols = tuple(_uuid(v, "volume_ids[]") for v in volume_ids)
+            if len(set(vols)) != len(vols):
+                raise InvalidRequest("volume_ids has duplicates")
+        return cls(_uuid(instance_uuid, "instance_uuid"), vols, Quiesce.from_wire(quiesce))
+
+
+class OperationState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class OperationKind(enum.Enum):
+    CREATE_ASSISTED = "create_assisted_snapshot"
+    DELETE_ASSISTED = "delete_assisted_snapshot"
+    INSTANCE_SNAPSHOT = "snapshot_instance"
+
+
+@dataclass(frozen=True)
+class OperationFilters:
+    state: OperationState | None = None
+    kind: OperationKind | None = None
+    volume_id: str | None = None
+    limit: int = 100
+
+    @classmethod
+    def from_wire(cls, filters: object) -> OperationFilters:
+        if filters is None:
+            return cls()
+        data = _exact_keys(filters, "filters", set(), {"state", "kind", "volume_id", "limit"})
+        try:
+            state = OperationState(data["state"]) if data.get("state") is not None else None
+            kind = OperationKind(data["kind"]) if data.get("kind") is not None else None
+        except ValueError as exc:
+            raise InvalidRequest(f"bad filter: {exc}") from None
+        vol = _uuid(data["volume_id"], "volume_id") if data.get("volume_id") is not None else None
+        limit = data.get("limit", 100)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1000:
+            raise InvalidRequest("limit must be an integer in 1..1000")
+        return cls(state, kind, vol, limit)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value if self.state else None,
+            "kind": self.kind.value if self.kind else None,
+            "volume_id": self.volume_id,
+            "limit": self.limit,
+        }
+
+
+# -- results ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Operation:
+    """A long-running request as the agent reports it; ``error`` is ``{code, message}``."""
+
+    id: str
+    kind: OperationKind
+    state: OperationState
+    host: str
+    volume_ids: tuple[str, ...] = ()
+    snapshot_id: str | None = None
+    instance_uuid: str | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+    error: dict[str, str] | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["kind"] = self.kind.value
+        data["state"] = self.state.value
+        data["volume_ids"] = list(self.volume_ids)
+        return data
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> Operation:
+        values = dict(data)
+        values["kind"] = OperationKind(values["kind"])
+        values["state"] = OperationState(values["state"])
+        values["volume_ids"] = tuple(values.get("volume_ids") or ())
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class VolumeAttachment:
+    """One volume disk of a running domain on this host, as the inventory publishes it."""
+
+    volume_id: str
+    instance_uuid: str
+    domain_name: str
+    target: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Inventory:
+    host: str
+    volumes: tuple[VolumeAttachment, ...]
+    generation: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "generation": self.generation,
+            "volumes": [asdict(v) for v in self.volumes],
+        }
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> Inventory:
+        vols = tuple(VolumeAttachment(**v) for v in data.get("volumes", ()))
+        return cls(str(data["host"]), vols, int(data.get("generation", 0)))
+
+
+# -- the service the RPC endpoint delegates to ------------------------------------------
+class AgentService(Protocol):
+    """What the agent does; the RPC endpoint validates and delegates to it.
+
+    Long operations return their ``Operation`` at once (state queued/running) and run in the
+    worker pool. Implementations raise ``AgentRpcError`` subclasses (or libvirt_ops/qcow2
+    errors, which the endpoint maps) for requests that must touch nothing.
+    """
+
+    def create_assisted_snapshot(
+        self, ctxt: CallContext, req: CreateSnapshotRequest
+    ) -> Operation: ...
+
+    def delete_assisted_snapshot(
+        self, ctxt: CallContext, req: DeleteSnapshotRequest
+    ) -> Operation: ...
+
+    def snapshot_instance(self, ctxt: CallContext, req: InstanceSnapshotRequest) -> Operation: ...
+
+    def get_operation(self, ctxt: CallContext, op_id: str) -> Operation: ...
+
+    def list_operations(self, ctxt: CallContext, filters: OperationFilters) -> list[Operation]: ...
+
+    def get_inventory(self, ctxt: CallContext) -> Inventory: ...
