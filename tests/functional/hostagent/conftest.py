@@ -1,0 +1,32 @@
+"""Fixtures for hostagent functional tests: a real Cinder peer (see tests/bed/cinder.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.bed.cinder import VENV, CinderPeer
+from tests.bed.shares import DirShare
+
+
+@pytest.fixture(scope="module")
+def nova_endpoint() -> str:
+    """Where Cinder's ``[nova] endpoint`` points; override in a module to serve a stub Nova."""
+    return "http://127.0.0.1:9/v2.1"
+
+
+@pytest.fixture(scope="module")
+def cinder_share() -> Iterator[DirShare]:
+    """A plain-directory share: the NfsDriver's no-op mount makes it the mount point."""
+    sh = DirShare()
+    yield sh
+    sh.close()
+
+
+@pytest.fixture(scope="module")
+def cinder(cinder_share: DirShare, nova_endpoint: str) -> Iterator[CinderPeer]:
+    if not (VENV / "bin" / "cinder-manage").exists():
+        pytest.skip(f"no Cinder venv at {VENV}: run tools/cinder_setup.sh")
+    with CinderPeer(cinder_share.new_dir("cinder"), nova_endpoint=nova_endpoint) as peer:
+        yield peer
