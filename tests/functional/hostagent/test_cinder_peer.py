@@ -11,6 +11,7 @@ import json
 import subprocess
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +32,12 @@ class StubNova(ThreadingHTTPServer):
         self.outcome = "done"  # or "failed": what the notifier reports for the next create
         self.notifier: CinderNotifier | None = None
         self.reports: list[object] = []
+        self.deletes: list[tuple[str, Any]] = []
+
+    def report_delete(self, snapshot_id: str) -> None:
+        assert self.notifier is not None
+        time.sleep(0.2)
+        self.reports.append(self.notifier.report_delete_done(snapshot_id))
 
     def report(self, snapshot_id: str) -> None:
         assert self.notifier is not None
@@ -58,6 +65,16 @@ class _NovaHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
         threading.Thread(target=self.server.report, args=(sid,), daemon=True).start()
+
+    def do_DELETE(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        sid = url.path.rsplit("/", 1)[1]
+        info = json.loads(urllib.parse.parse_qs(url.query)["delete_info"][0])
+        self.server.deletes.append((url.path, info))
+        self.send_response(204)
+        self.send_header("X-OpenStack-Nova-API-Version", "2.1")
+        self.end_headers()
+        threading.Thread(target=self.server.report_delete, args=(sid,), daemon=True).start()
 
     def log_message(self, *args: object) -> None:
         pass
@@ -165,3 +182,29 @@ def test_failed_create_reported_by_notifier_gives_error(
     s = _wait_status(c.volume_snapshots.get, s.id, {"available", "error"})
     assert s.status == "error"
     assert stub_nova.posts[-1][2]["snapshot"]["create_info"]["snapshot_id"] == s.id
+
+
+def test_online_delete_of_newest_asks_nova_for_a_pull_and_completes(
+    wired: CinderPeer, stub_nova: StubNova
+) -> None:
+    """The stub merges nothing: this checks the wire contract and Cinder's state machine."""
+    c = wired.client()
+    v = _attached_volume(wired)
+    stub_nova.outcome = "done"
+    s = c.volume_snapshots.create(v.id, force=True)
+    s = _wait_status(c.volume_snapshots.get, s.id, {"available", "error"})
+    assert s.status == "available", wired.tail()
+    c.volume_snapshots.delete(s.id)
+    deadline = time.monotonic() + 60
+    while any(x.id == s.id for x in c.volume_snapshots.list()):
+        assert time.monotonic() < deadline, wired.tail()
+        time.sleep(0.25)
+    path, info = stub_nova.deletes[-1]
+    assert path == f"/v2.1/os-assisted-volume-snapshots/{s.id}"
+    # newest snapshot's file is active -> Cinder asks for a pull of the volume into it
+    assert info == {
+        "volume_id": v.id,
+        "type": "qcow2",
+        "file_to_merge": None,
+        "merge_target_file": None,
+    }
