@@ -193,3 +193,59 @@ def test_typed_errors_without_allowed_exmods(rabbit: Any, agent_proc: Any) -> No
             )
     finally:
         transport.cleanup()
+
+
+def test_inventory_fanout_reaches_every_listener(rabbit: Any) -> None:
+    """Two API-side listeners on the fanout topic both get the agent's inventory_update."""
+    import threading
+
+    from hostagent._messaging import messaging
+    from hostagent.rpcapi import INVENTORY_TOPIC, InventoryFanout
+
+    om = messaging()
+    transport = om.get_rpc_transport(make_conf(), url=rabbit.transport_url)
+    got: list[tuple[str, dict[str, Any]]] = []
+    cond = threading.Condition()
+
+    class Listener:
+        target = om.Target(version="1.0")
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def inventory_update(
+            self, ctxt: Any, host: str, volumes: list[Any], generation: int
+        ) -> None:
+            with cond:
+                got.append((self.name, {"host": host, "volumes": volumes, "gen": generation}))
+                cond.notify_all()
+
+    servers = [
+        om.get_rpc_server(
+            transport,
+            om.Target(topic=INVENTORY_TOPIC, server=f"api-{n}"),
+            [Listener(f"api-{n}")],
+            executor="threading",
+        )
+        for n in (1, 2)
+    ]
+    for s in servers:
+        s.start()
+    try:
+        inv = api.Inventory(HOST, (api.VolumeAttachment(VOL_OK, INSTANCE, "d", "vdb", "/s/f"),), 7)
+        InventoryFanout(transport)(inv)
+        deadline = time.monotonic() + 30
+        with cond:
+            while len(got) < 2 and time.monotonic() < deadline:
+                cond.wait(1.0)
+        assert sorted(name for name, _ in got) == ["api-1", "api-2"]
+        for _, body in got:
+            assert body["host"] == HOST and body["gen"] == 7
+            assert api.Inventory.from_wire({"host": HOST, "volumes": body["volumes"]}).volumes == (
+                inv.volumes
+            )
+    finally:
+        for s in servers:
+            s.stop()
+            s.wait()
+        transport.cleanup()
