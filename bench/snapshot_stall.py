@@ -88,19 +88,20 @@ def _virsh(g: Any) -> Callable[[], None]:
     return run
 
 
-def _measure_guest(bed: TestBed, ndisks: int, reps: int) -> dict[str, list[float]]:
+def _measure_guest(bed: TestBed, ndisks: int, reps: int, method: str) -> dict[str, list[float]]:
+    """One guest per method: virsh's overlays carry absolute backing paths, which our chain
+    inspection rightly refuses, so the two cannot share a chain."""
     g = bed.make_guest(ndisks=ndisks)
     roots = [str(bed.share.root)]
-    out: dict[str, list[float]] = {"quiet": [], "ours": [], "virsh": [], "others": []}
+    out: dict[str, list[float]] = {"quiet": [], "snap": [], "others": []}
     try:
         g.start_writers(interval_ms=10, sync_every=1)
         time.sleep(1.0)
-        all_idx = list(range(ndisks))
+        snap = _ours(g, list(range(ndisks)), roots) if method == "ours" else _virsh(g)
         for _ in range(reps):
             out["quiet"].append(max(_max_gaps(g, *_window(g, lambda: None)).values()))
-            out["ours"].append(max(_max_gaps(g, *_window(g, _ours(g, all_idx, roots))).values()))
-            out["virsh"].append(max(_max_gaps(g, *_window(g, _virsh(g))).values()))
-            if ndisks > 1:
+            out["snap"].append(max(_max_gaps(g, *_window(g, snap)).values()))
+            if ndisks > 1 and method == "ours":
                 gaps = _max_gaps(g, *_window(g, _ours(g, [0], roots)))
                 out["others"].append(max(v for k, v in gaps.items() if k != "/data"))
         g.stop_writers()
@@ -119,19 +120,28 @@ def main() -> int:
     ap.add_argument("--share", default="dir", choices=["dir", "gluster"])
     args = ap.parse_args()
     with TestBed(share_kind=args.share) as bed:
-        one = _measure_guest(bed, 1, args.reps)
-        four = _measure_guest(bed, 4, args.reps)
+        res = {
+            (n, m): _measure_guest(bed, n, args.reps, m) for n in (1, 4) for m in ("ours", "virsh")
+        }
     print(
         f"P1 snapshot stall, share={args.share}, {args.reps} reps, window {WINDOW_S:.0f} s, "
         "worst writer of all filesystems, medians (ms)"
     )
-    for name, m in (("1 disk ", one), ("4 disks", four)):
-        o, v, q = _med(m["ours"]), _med(m["virsh"]), _med(m["quiet"])
+    for n in (1, 4):
+        ours, virsh = res[(n, "ours")], res[(n, "virsh")]
+        o, v = _med(ours["snap"]), _med(virsh["snap"])
+        q = _med(ours["quiet"] + virsh["quiet"])
         print(
-            f"  {name}: ours {o:7.1f}  virsh --quiesce {v:7.1f}  ratio {o / v:5.2f}x  "
-            f"(quiet window {q:6.1f}; all ours {[round(x) for x in m['ours']]}, "
-            f"virsh {[round(x) for x in m['virsh']]})"
+            f"  {n} disk(s): ours {o:7.1f}  virsh --quiesce {v:7.1f}  ratio {o / v:5.2f}x  "
+            f"(quiet window {q:6.1f}; ours {[round(x) for x in ours['snap']]}, "
+            f"virsh {[round(x) for x in virsh['snap']]})"
         )
+    four = {
+        "ours": res[(4, "ours")]["snap"],
+        "virsh": res[(4, "virsh")]["snap"],
+        "others": res[(4, "ours")]["others"],
+        "quiet": res[(4, "ours")]["quiet"],
+    }
     ratio4 = _med(four["ours"]) / _med(four["virsh"])
     print(
         f"  target 4 disks <= 0.70x: {'MET' if ratio4 <= 0.7 else 'MISSED'} ({ratio4:.2f}x; "
