@@ -48,6 +48,14 @@ if [[ ! -x .venv/bin/python || "$(cat .venv/.stamp 2>/dev/null)" != "$stamp" ]];
     echo "$stamp" > .venv/.stamp
 fi
 
+# A real Cinder (PyPI) in its own venv, as a test peer. The stamp keeps the no-op < 0.1 s
+# (importing Cinder to check takes ~3 s).
+if [[ ! -f .venv-cinder/.qsnap-ok ]]; then
+    echo "host-setup: installing Cinder test peer into .venv-cinder (~2 min)"
+    tools/cinder_setup.sh
+    touch .venv-cinder/.qsnap-ok
+fi
+
 # Without udev, /dev/kvm stays root-only 0600. libvirt then probes QEMU with KVM (root can
 # open it) but finds KVM unusable for the libvirt-qemu user, declares its capability cache
 # stale and re-probes on EVERY domain start (seen: createXML 4-5 minutes). Debian's udev
