@@ -32,7 +32,7 @@ from libvirt_ops.errors import (
     SnapshotFailed,
     Timeout,
 )
-from qcow2 import Qcow2Error, create_overlay
+from qcow2 import Qcow2Error, create_overlay, inspect_chain
 from qcow2.naming import CINDER, Naming, is_uuid, volume_base_name
 
 LOG = logging.getLogger(__name__)
@@ -53,6 +53,9 @@ class DiskSnapshotSpec:
     new_file: str
     volume_id: str | None = None
     path: str | None = None
+    #: The overlay was pre-created by the caller (Cinder does this): inspect it, never
+    #: create or delete it.
+    reuse_existing: bool = False
 
     def __post_init__(self) -> None:
         if (self.volume_id is None) == (self.path is None):
@@ -120,7 +123,9 @@ def _resolve(disks: list[Disk], spec: DiskSnapshotSpec) -> Disk:
     raise DiskNotFound(f"no disk for {spec.volume_id or spec.path}")
 
 
-def validate_new_file(disk: Disk, new_file: str, naming: Naming) -> str:
+def validate_new_file(
+    disk: Disk, new_file: str, naming: Naming, *, must_exist: bool = False
+) -> str:
     """The absolute overlay path for ``new_file``, or SnapshotFailed. Touches nothing.
 
     ``new_file`` arrives over the API: it must be a plain basename matching the naming
@@ -139,9 +144,31 @@ def validate_new_file(disk: Disk, new_file: str, naming: Naming) -> str:
     path = os.path.join(os.path.dirname(disk.source), new_file)
     if any(os.path.basename(layer.path) == new_file for layer in disk.chain):
         raise SnapshotFailed(f"new_file {new_file!r} is already in the chain of {disk.target}")
-    if os.path.lexists(path):
+    if must_exist:
+        if not os.path.isfile(path) or os.path.islink(path):
+            raise SnapshotFailed(f"{path} is not an existing regular file")
+    elif os.path.lexists(path):
         raise SnapshotFailed(f"{path} already exists")
     return path
+
+
+def check_existing_overlay(new_path: str, disk: Disk, roots: Sequence[str], naming: Naming) -> None:
+    """A caller-made overlay must back onto exactly the disk's current top (relative name).
+
+    Whole chain inspected by qcow2/ first, so a hostile pre-created file is refused before
+    QEMU opens it.
+    """
+    try:
+        with inspect_chain(new_path, roots=roots, naming=naming, fmt="qcow2") as chain:
+            top = chain.layers[0]
+    except Qcow2Error as exc:
+        raise SnapshotFailed(f"pre-created overlay {new_path} refused: {exc}") from exc
+    want = os.path.basename(disk.source)
+    if top.backing_name != want or top.backing_fmt != disk.fmt:
+        raise SnapshotFailed(
+            f"pre-created overlay {new_path} backs onto {top.backing_name!r} "
+            f"({top.backing_fmt}), not the disk's top {want!r} ({disk.fmt})"
+        )
 
 
 def _create_overlay(new_path: str, disk: Disk, roots: Sequence[str], naming: Naming) -> None:
@@ -233,20 +260,29 @@ def take_snapshot(
         raise SnapshotFailed("no disks requested")
     disks = domain_disks(dom)
     chosen: dict[str, tuple[Disk, str]] = {}
+    reused: set[str] = set()
     for spec in request.disks:
         disk = _resolve(disks, spec)
         if disk.target in chosen:
             raise SnapshotFailed(f"disk {disk.target} requested twice")
         if not disk.snapshot_capable:
             raise SnapshotFailed(f"disk {disk.target} is read-only or shareable")
-        chosen[disk.target] = (disk, validate_new_file(disk, spec.new_file, request.naming))
+        path = validate_new_file(
+            disk, spec.new_file, request.naming, must_exist=spec.reuse_existing
+        )
+        if spec.reuse_existing:
+            check_existing_overlay(path, disk, roots, request.naming)
+            reused.add(disk.target)
+        chosen[disk.target] = (disk, path)
     new_paths = {target: path for target, (_d, path) in chosen.items()}
     if len(set(new_paths.values())) != len(new_paths):
         raise SnapshotFailed("two disks would share one overlay file")
 
     created: list[str] = []
     try:
-        for _target, (disk, path) in chosen.items():
+        for target, (disk, path) in chosen.items():
+            if target in reused:
+                continue  # the caller's file: never created nor removed here
             _create_overlay(path, disk, roots, request.naming)
             created.append(path)
         xml = snapshot_xml(_all_targets(dom), new_paths)
