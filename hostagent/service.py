@@ -1,0 +1,312 @@
+"""The agent's :class:`AgentService`: assisted create/delete, journaled and run per disk.
+
+A request is validated against the disk's REAL chain (live XML + qcow2 inspection of every
+file) while the caller waits, so a bad name fails with a typed error and nothing is touched
+or journaled. Accepted requests are journaled (idempotency key = snapshot id) and answered
+at once; a worker re-validates (the chain may have moved while queued) and journals every
+step before taking it. Merged files are never deleted here: Cinder deletes them itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from hostagent import journal as jn
+from hostagent import operations as ops
+from hostagent import service_api as api
+from hostagent._notify_queue import NotifyQueue
+from hostagent._pool import KeyedPool
+from hostagent.notifier import Report
+from libvirt_ops import Disk
+from qcow2 import CINDER, Qcow2Error, inspect_chain
+from qcow2.naming import volume_base_name
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where a volume is attached: the domain (by UUID) and its disk as the live XML says."""
+
+    domain_uuid: str
+    disk: Disk
+
+    @property
+    def key(self) -> str:
+        """The per-disk serialization key."""
+        return f"{self.domain_uuid}/{self.disk.target}"
+
+
+class Hypervisor(Protocol):
+    """The libvirt side, narrowed to what the service needs (faked in unit tests)."""
+
+    def locate(self, volume_id: str) -> Located: ...
+
+    def snapshot(self, where: Located, new_file: str) -> dict[str, Any]: ...
+
+    def merge(
+        self,
+        where: Located,
+        file_to_merge: str | None,
+        merge_target_file: str | None,
+        progress: Any,
+    ) -> dict[str, Any]: ...
+
+    def inventory(self) -> api.Inventory: ...
+
+
+_KINDS = {
+    ops.OperationKind.ASSISTED_CREATE: api.OperationKind.CREATE_ASSISTED,
+    ops.OperationKind.ASSISTED_DELETE: api.OperationKind.DELETE_ASSISTED,
+    ops.OperationKind.INSTANCE_SNAPSHOT: api.OperationKind.INSTANCE_SNAPSHOT,
+}
+_STATES = {
+    ops.OperationState.PENDING: api.OperationState.QUEUED,
+    ops.OperationState.RUNNING: api.OperationState.RUNNING,
+    ops.OperationState.SUCCEEDED: api.OperationState.SUCCEEDED,
+    ops.OperationState.FAILED: api.OperationState.FAILED,
+    ops.OperationState.CANCELLED: api.OperationState.FAILED,
+}
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+class AssistedService:
+    """:class:`hostagent.service_api.AgentService` over a journal, a pool and a hypervisor."""
+
+    def __init__(
+        self,
+        journal: jn.Journal,
+        hypervisor: Hypervisor,
+        notify: NotifyQueue,
+        pool: KeyedPool,
+        *,
+        roots: list[str],
+    ) -> None:
+        self._journal = journal
+        self._hv = hypervisor
+        self._notify = notify
+        self._pool = pool
+        self._roots = roots
+
+    # -- validation (touches nothing) -----------------------------------------------------
+    def _chain_names(self, where: Located) -> list[str]:
+        """Basenames of the disk's chain, top first, after qcow2 agreed with libvirt."""
+        disk = where.disk
+        if not disk.snapshot_capable:
+            raise api.InvalidRequest(f"disk {disk.target} is read-only or shareable")
+        try:
+            with inspect_chain(disk.source, roots=self._roots, naming=CINDER, fmt=disk.fmt) as c:
+                on_disk = [os.path.realpath(info.path) for info in c.layers]
+        except Qcow2Error as exc:
+            raise api.InvalidRequest(f"chain of {disk.target} refused: {exc}") from exc
+        live = [os.path.realpath(layer.path) for layer in disk.chain]
+        if on_disk != live:
+            raise api.InvalidRequest(f"libvirt's chain {live} differs from the files {on_disk}")
+        names = [os.path.basename(p) for p in live]
+        if len(set(names)) != len(names):
+            raise api.InvalidRequest(f"chain of {disk.target} repeats a file name: {names}")
+        return names
+
+    def _validate_create(self, req: api.CreateSnapshotRequest) -> tuple[Located, dict[str, Any]]:
+        where = self._hv.locate(req.volume_id)
+        names = self._chain_names(where)
+        if not req.new_file.startswith(volume_base_name(req.volume_id) + "."):
+            raise api.InvalidRequest(f"new_file {req.new_file!r} is not a file of this volume")
+        if req.new_file in names:
+            raise api.InvalidRequest(f"new_file {req.new_file!r} is already in the chain")
+        path = os.path.join(os.path.dirname(where.disk.source), req.new_file)
+        if os.path.islink(path) or not os.path.isfile(path):
+            raise api.InvalidRequest(f"{path} was not pre-created as a regular file")
+        try:
+            with inspect_chain(path, roots=self._roots, naming=CINDER, fmt="qcow2") as c:
+                top = c.layers[0]
+        except Qcow2Error as exc:
+            raise api.InvalidRequest(f"new_file {req.new_file!r} refused: {exc}") from exc
+        if top.backing_name != names[0] or top.backing_fmt != where.disk.fmt:
+            raise api.InvalidRequest(
+                f"new_file backs onto {top.backing_name!r}, not the active file {names[0]!r}"
+            )
+        return where, {"disk": where.key, "active": where.disk.source, "new_path": path}
+
+    def _validate_delete(self, req: api.DeleteSnapshotRequest) -> tuple[Located, dict[str, Any]]:
+        where = self._hv.locate(req.volume_id)
+        names = self._chain_names(where)
+
+        def pos(name: str) -> int:
+            if name not in names:
+                raise api.InvalidRequest(f"{name!r} is not in the chain {names}")
+            return names.index(name)
+
+        if req.merge_target_file is None:  # pull into the active file (Cinder's data stays)
+            if req.file_to_merge is None:
+                if len(names) < 2:
+                    raise api.InvalidRequest("nothing to flatten: the disk has one file")
+                mode = "flatten"
+            else:
+                if pos(req.file_to_merge) < 2:
+                    raise api.InvalidRequest(f"nothing to pull above {req.file_to_merge!r}")
+                mode = "pull"
+        else:
+            assert req.file_to_merge is not None
+            top = pos(req.file_to_merge)
+            if top < 1:
+                raise api.InvalidRequest(f"{req.file_to_merge!r} is the active file")
+            if pos(req.merge_target_file) <= top:
+                raise api.InvalidRequest("merge_target_file is not below file_to_merge")
+            mode = "commit"
+        return where, {"disk": where.key, "mode": mode, "chain": names}
+
+    # -- AgentService ---------------------------------------------------------------------
+    def _accept(
+        self,
+        kind: ops.OperationKind,
+        req: api.CreateSnapshotRequest | api.DeleteSnapshotRequest,
+        key: str,
+        validate: Any,
+        run: Any,
+    ) -> api.Operation:
+        request = {"kind": kind.value, **asdict(req)}
+        locks = [f"volume:{req.volume_id}"]
+        try:
+            if self._journal.find(kind, key) is None:
+                where, _plan = validate(req)  # raises: nothing journaled, nothing touched
+            else:
+                where = None  # a retry: answer with the first operation, whatever its state
+            begun = self._journal.begin(kind, request, key, locks)
+        except jn.IdempotencyConflict as exc:
+            raise api.InvalidRequest(f"snapshot id reused with another request: {exc}") from exc
+        if begun.created:
+            assert where is not None
+            op_id = begun.operation.id
+            self._pool.submit(where.key, lambda: run(op_id, req))
+        return self._to_api(begun.operation)
+
+    def create_assisted_snapshot(
+        self, ctxt: api.CallContext, req: api.CreateSnapshotRequest
+    ) -> api.Operation:
+        return self._accept(
+            ops.OperationKind.ASSISTED_CREATE,
+            req,
+            req.snapshot_id,
+            self._validate_create,
+            self._run_create,
+        )
+
+    def delete_assisted_snapshot(
+        self, ctxt: api.CallContext, req: api.DeleteSnapshotRequest
+    ) -> api.Operation:
+        return self._accept(
+            ops.OperationKind.ASSISTED_DELETE,
+            req,
+            req.snapshot_id + ":delete",
+            self._validate_delete,
+            self._run_delete,
+        )
+
+    def snapshot_instance(
+        self, ctxt: api.CallContext, req: api.InstanceSnapshotRequest
+    ) -> api.Operation:
+        raise api.InvalidRequest("snapshot_instance is not implemented by this agent yet")
+
+    def get_operation(self, ctxt: api.CallContext, op_id: str) -> api.Operation:
+        try:
+            return self._to_api(self._journal.get(uuid.UUID(str(op_id))))
+        except (ValueError, jn.UnknownOperation):
+            raise api.OperationNotFound(f"no operation {op_id}") from None
+
+    def list_operations(
+        self, ctxt: api.CallContext, filters: api.OperationFilters
+    ) -> list[api.Operation]:
+        kinds = {v: k for k, v in _KINDS.items()}
+        states = None
+        if filters.state is not None:
+            states = [s for s, w in _STATES.items() if w is filters.state]
+        found = self._journal.list_operations(
+            kind=kinds[filters.kind] if filters.kind else None,
+            states=states,
+            lock=f"volume:{filters.volume_id}" if filters.volume_id else None,
+            limit=filters.limit,
+        )
+        return [self._to_api(op) for op in found]
+
+    def get_inventory(self, ctxt: api.CallContext) -> api.Inventory:
+        return self._hv.inventory()
+
+    # -- workers --------------------------------------------------------------------------
+    def _report(self, op_id: uuid.UUID, snapshot_id: str, report: Report) -> None:
+        with self._journal.step(op_id, "notify", {"report": report.name}) as step:
+            step.data["delivered"] = self._notify.send(snapshot_id, report, op_id)
+
+    def _run_create(self, op_id: uuid.UUID, req: api.CreateSnapshotRequest) -> None:
+        j = self._journal
+        try:
+            with j.step(op_id, "validate") as step:
+                where, plan = self._validate_create(req)
+                step.data.update(plan)
+            with j.step(op_id, "snapshot", {"new_file": req.new_file}) as step:
+                step.data.update(self._hv.snapshot(where, req.new_file))
+        except Exception as exc:
+            LOG.warning("create %s of volume %s failed: %s", req.snapshot_id, req.volume_id, exc)
+            self._report(op_id, req.snapshot_id, Report.CREATE_FAILED)
+            j.finish(op_id, ops.OperationState.FAILED, error=exc)
+            return
+        self._report(op_id, req.snapshot_id, Report.CREATE_DONE)
+        j.finish(op_id, ops.OperationState.SUCCEEDED, result={"active": plan["new_path"]})
+
+    def _run_delete(self, op_id: uuid.UUID, req: api.DeleteSnapshotRequest) -> None:
+        j = self._journal
+
+        def progress(cur: int, end: int) -> None:
+            try:
+                j.set_progress(op_id, cur, end)
+            except jn.JournalError:  # progress is advisory; never fail the merge for it
+                LOG.debug("progress of %s not journaled", op_id, exc_info=True)
+
+        try:
+            with j.step(op_id, "validate") as step:
+                where, plan = self._validate_delete(req)
+                step.data.update(plan)
+            data = {"file_to_merge": req.file_to_merge, "target": req.merge_target_file}
+            with j.step(op_id, "merge", data) as step:
+                result = self._hv.merge(where, req.file_to_merge, req.merge_target_file, progress)
+                step.data.update(result)
+        except Exception as exc:
+            LOG.warning("delete %s of volume %s failed: %s", req.snapshot_id, req.volume_id, exc)
+            self._report(op_id, req.snapshot_id, Report.DELETE_FAILED)
+            j.finish(op_id, ops.OperationState.FAILED, error=exc)
+            return
+        self._report(op_id, req.snapshot_id, Report.DELETE_DONE)
+        j.finish(op_id, ops.OperationState.SUCCEEDED, result=result)
+
+    # -- model mapping ----------------------------------------------------------------------
+    def _to_api(self, op: ops.Operation) -> api.Operation:
+        steps = [
+            {"name": s.name, "state": s.state.value, "data": s.data}
+            for s in self._journal.steps(op.id)
+        ]
+        result: dict[str, Any] = dict(op.result or {})
+        result["steps"] = steps
+        result["progress"] = {"cur": op.progress.cur, "end": op.progress.end}
+        vol = op.request.get("volume_id")
+        return api.Operation(
+            id=str(op.id),
+            kind=_KINDS[op.kind],
+            state=_STATES[op.state],
+            host=op.host,
+            volume_ids=(vol,) if isinstance(vol, str) else (),
+            snapshot_id=op.request.get("snapshot_id"),
+            created_at=_iso(op.created_at),
+            updated_at=_iso(op.updated_at),
+            error=None
+            if op.error is None
+            else {"code": op.error.type, "message": op.error.message},
+            result=result,
+        )
