@@ -30,3 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ready = (lambda: print("READY", flush=True)) if ns.ready_line else None
     return agent.main(ns.config_file, ready=ready)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
