@@ -75,7 +75,14 @@ class CinderPeer:
         *,
         nova_endpoint: str = "http://127.0.0.1:9/v2.1",
         timeout: float = 90.0,
+        extra_extensions: tuple[str, ...] = (),
+        pythonpath: tuple[Path, ...] = (),
+        policy: dict[str, str] | None = None,
     ) -> None:
+        """``extra_extensions``: API extension classes by dotted path (beside the standard
+        ones), importable from ``pythonpath``. ``policy``: rules for a policy file that
+        :meth:`set_policy` can rewrite while Cinder runs (oslo.policy rereads it on change).
+        """
         if not (VENV / "bin" / "cinder-manage").exists():
             raise RuntimeError(f"no Cinder venv at {VENV}: run tools/cinder_setup.sh")
         self.share_dir = share_dir
@@ -86,10 +93,15 @@ class CinderPeer:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}/v3"
         self.log = self.base / "cinder.log"
-        self._write_files(nova_endpoint)
+        self.policy_file = self.base / "policy.json"
+        self._write_files(nova_endpoint, extra_extensions, policy is not None)
+        if policy is not None:
+            self.set_policy(policy)
         self._env = dict(os.environ)
         self._env["PATH"] = f"{self.base / 'bin'}:{VENV / 'bin'}:{os.environ.get('PATH', '')}"
         self._env.pop("PYTHONPATH", None)
+        if pythonpath:
+            self._env["PYTHONPATH"] = os.pathsep.join(str(p) for p in pythonpath)
         conf = ["--config-file", str(self.base / "cinder.conf")]
         subprocess.run(
             [str(VENV / "bin" / "cinder-manage"), *conf, "db", "sync"],
@@ -121,8 +133,24 @@ class CinderPeer:
         digest = hashlib.md5(NFS_SHARE.encode(), usedforsecurity=False).hexdigest()
         return self.base / "mnt" / digest
 
-    def _write_files(self, nova_endpoint: str) -> None:
+    def set_policy(self, rules: dict[str, str]) -> None:
+        """Replace the policy file; a new mtime makes oslo.policy reload it on next check."""
+        tmp = self.policy_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rules))
+        os.replace(tmp, self.policy_file)
+        # quick rewrites must still look changed to oslo.policy's mtime cache
+        self._policy_mtime = max(time.time(), getattr(self, "_policy_mtime", 0.0) + 1.0)
+        os.utime(self.policy_file, (self._policy_mtime, self._policy_mtime))
+
+    def _write_files(
+        self, nova_endpoint: str, extra_extensions: tuple[str, ...], with_policy: bool
+    ) -> None:
         b = self.base
+        ext_lines = "".join(
+            f"osapi_volume_extension = {e}\n"
+            for e in ("cinder.api.contrib.standard_extensions", *extra_extensions)
+        )
+        policy_lines = f"[oslo_policy]\npolicy_file = {self.policy_file}\n" if with_policy else ""
         (b / "bin").mkdir()
         for name, text in (("sudo", _SUDO), ("mount", _MOUNT), ("mount.nfs", _MOUNT_NFS)):
             (b / "bin" / name).write_text(text)
@@ -150,7 +178,7 @@ osapi_volume_workers = 1
 enabled_backends = {BACKEND}
 report_interval = 2
 periodic_interval = 5
-[database]
+{ext_lines}{policy_lines}[database]
 connection = sqlite:///{b / "cinder.sqlite"}
 [oslo_concurrency]
 lock_path = {b / "lock"}
