@@ -1,0 +1,255 @@
+"""The WSGI application: routing (Routes), handlers (WebOb) and the error -> HTTP mapping.
+
+Order per request: route (404) -> identity (401) -> policy (403) -> body size (413) ->
+validation (400) -> host routing (404) -> agent RPC (typed errors -> 404/409/400, no answer
+-> 503). Nothing reaches an agent before every check passed. Faults use Nova's body shape
+(``{"badRequest": {"code": 400, "message": ...}}``) so python-novaclient reports them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import routes
+import webob
+from oslo_policy import policy
+
+from api_ext import auth, schemas
+from api_ext.router import NotRouted, Router
+from hostagent import service_api as api
+from hostagent.rpcapi import om
+
+LOG = logging.getLogger(__name__)
+NOVA_VERSION_HEADERS = {
+    "OpenStack-API-Version": "compute 2.1",
+    "X-OpenStack-Nova-API-Version": "2.1",
+    "Vary": "OpenStack-API-Version, X-OpenStack-Nova-API-Version",
+}
+_FAULT_NAMES = {
+    400: "badRequest",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "itemNotFound",
+    405: "badMethod",
+    409: "conflictingRequest",
+    413: "requestEntityTooLarge",
+    500: "computeFault",
+    503: "serviceUnavailable",
+}
+# Typed agent errors -> HTTP status (anything else from an agent is a 500).
+_AGENT_ERRORS: tuple[tuple[type[api.AgentRpcError], int], ...] = (
+    (api.VolumeNotFound, 404),
+    (api.InstanceNotFound, 404),
+    (api.OperationNotFound, 404),
+    (api.DiskBusy, 409),
+    (api.InvalidRequest, 400),
+)
+
+
+class AgentClient(Protocol):
+    """What the API needs of ``hostagent.rpcapi.AgentAPI`` (a fake in unit tests)."""
+
+    def create_assisted_snapshot(
+        self, ctxt: Mapping[str, Any], volume_id: str, create_info: Mapping[str, Any]
+    ) -> api.Operation: ...
+
+    def delete_assisted_snapshot(
+        self,
+        ctxt: Mapping[str, Any],
+        volume_id: str,
+        snapshot_id: str,
+        delete_info: Mapping[str, Any],
+    ) -> api.Operation: ...
+
+    def snapshot_instance(
+        self,
+        ctxt: Mapping[str, Any],
+        instance_uuid: str,
+        volume_ids: Sequence[str] | None,
+        quiesce: api.Quiesce | bool = ...,
+    ) -> api.Operation: ...
+
+    def get_operation(self, ctxt: Mapping[str, Any], op_id: str) -> api.Operation: ...
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _json_response(status: int, body: object, headers: Mapping[str, str] = {}) -> webob.Response:
+    resp = webob.Response(status=status, content_type="application/json", charset="UTF-8")
+    resp.body = json.dumps(body).encode()
+    resp.headers.update(headers)
+    return resp
+
+
+def _fault(status: int, message: str) -> webob.Response:
+    name = _FAULT_NAMES.get(status, "computeFault")
+    return _json_response(status, {name: {"code": status, "message": message}})
+
+
+class ApiApp:
+    """The qsnap API. ``agents(host)`` gives the RPC client of that host's agent."""
+
+    def __init__(
+        self,
+        router: Router,
+        agents: Callable[[str], AgentClient],
+        enforcer: policy.Enforcer,
+        *,
+        max_body: int = 65536,
+    ) -> None:
+        self._router = router
+        self._agents = agents
+        self._enforcer = enforcer
+        self._max_body = max_body
+        self._map = routes.Mapper()
+        m = self._map
+        m.connect("/", action="versions", conditions={"method": ["GET"]})
+        m.connect("/v2.1", action="version", conditions={"method": ["GET"]})
+        m.connect("/v2.1/", action="version", conditions={"method": ["GET"]})
+        base = "/v2.1/os-assisted-volume-snapshots"
+        m.connect(base, action="create_assisted", conditions={"method": ["POST"]})
+        m.connect(
+            base + "/{snapshot_id}", action="delete_assisted", conditions={"method": ["DELETE"]}
+        )
+        m.connect("/v1/operations/{op_id}", action="get_operation", conditions={"method": ["GET"]})
+        m.connect(
+            "/v1/instances/{instance_uuid}/snapshots",
+            action="snapshot_instance",
+            conditions={"method": ["POST"]},
+        )
+
+    def __call__(self, environ: auth.Environ, start_response: Callable[..., Any]) -> Any:
+        return self._handle(webob.Request(environ))(environ, start_response)
+
+    def _handle(self, req: webob.Request) -> webob.Response:
+        match = self._map.match(environ=req.environ)
+        if match is None:
+            exists = self._map.match(req.path_info)  # any method
+            return _fault(405 if exists else 404, f"{req.method} {req.path_info} not found")
+        action = match.pop("action")
+        try:
+            if action in ("versions", "version"):
+                resp = self._versions(req)
+            else:
+                ctx = auth.context_from_environ(req.environ)
+                resp = getattr(self, "_" + action)(req, ctx, **match)
+        except auth.NotAuthenticated as exc:
+            resp = _fault(401, str(exc))
+        except policy.PolicyNotAuthorized:
+            resp = _fault(403, f"Policy does not allow {action} to be performed.")
+        except HttpError as exc:
+            resp = _fault(exc.status, exc.message)
+        except schemas.BadRequest as exc:
+            resp = _fault(400, str(exc))
+        except NotRouted as exc:
+            resp = _fault(404, str(exc))
+        except api.AgentRpcError as exc:
+            status = next((s for cls, s in _AGENT_ERRORS if isinstance(exc, cls)), 500)
+            resp = _fault(status, exc.message or type(exc).__name__)
+        except om.MessagingTimeout:
+            resp = _fault(503, "The host agent did not answer in time; retry later.")
+        except om.RemoteError as exc:
+            LOG.error("agent failed: %s", exc)
+            resp = _fault(500, "The host agent failed unexpectedly.")
+        except om.MessagingException as exc:
+            LOG.warning("agent unreachable: %s", exc)
+            resp = _fault(503, "The host agent is unreachable; retry later.")
+        if req.path_info.startswith("/v2.1"):
+            resp.headers.update(NOVA_VERSION_HEADERS)
+        return resp
+
+    # -- helpers --------------------------------------------------------------------
+    def _authorize(self, rule: str, ctx: Any) -> None:
+        self._enforcer.authorize(rule, {"project_id": ctx.project_id}, ctx, do_raise=True)
+
+    def _body(self, req: webob.Request) -> object:
+        if req.content_length is not None and req.content_length > self._max_body:
+            raise HttpError(413, f"Request body larger than {self._max_body} bytes")
+        data = req.body_file.read(self._max_body + 1) if req.is_body_readable else b""
+        if len(data) > self._max_body:
+            raise HttpError(413, f"Request body larger than {self._max_body} bytes")
+        if not data:
+            raise schemas.BadRequest("Malformed request body: the body is empty")
+        return schemas.parse_json(data)
+
+    @staticmethod
+    def _rpc_ctxt(ctx: Any) -> dict[str, Any]:
+        return {
+            "request_id": ctx.request_id,
+            "user_id": ctx.user_id,
+            "project_id": ctx.project_id,
+            "roles": list(ctx.roles),
+        }
+
+    # -- handlers -------------------------------------------------------------------
+    def _versions(self, req: webob.Request) -> webob.Response:
+        v21 = {
+            "id": "v2.1",
+            "status": "CURRENT",
+            "version": "2.1",
+            "min_version": "2.1",
+            "updated": "2013-07-23T11:33:21Z",
+            "links": [{"rel": "self", "href": req.host_url + "/v2.1/"}],
+        }
+        if req.path_info.startswith("/v2.1"):
+            return _json_response(200, {"version": v21})
+        return _json_response(200, {"versions": [v21]})
+
+    def _create_assisted(self, req: webob.Request, ctx: Any) -> webob.Response:
+        self._authorize(auth.CREATE_ASSISTED, ctx)
+        creq = schemas.create_request(self._body(req))
+        host = self._router.host_for_volume(creq.volume_id)
+        info = {"snapshot_id": creq.snapshot_id, "type": "qcow2", "new_file": creq.new_file}
+        self._agents(host).create_assisted_snapshot(self._rpc_ctxt(ctx), creq.volume_id, info)
+        body = {"snapshot": {"id": creq.snapshot_id, "volumeId": creq.volume_id}}
+        return _json_response(200, body)
+
+    def _delete_assisted(self, req: webob.Request, ctx: Any, snapshot_id: str) -> webob.Response:
+        self._authorize(auth.DELETE_ASSISTED, ctx)
+        dreq = schemas.delete_request(snapshot_id, req.query_string)
+        host = self._router.host_for_volume(dreq.volume_id)
+        info = {
+            "volume_id": dreq.volume_id,
+            "type": "qcow2",
+            "file_to_merge": dreq.file_to_merge,
+            "merge_target_file": dreq.merge_target_file,
+        }
+        self._agents(host).delete_assisted_snapshot(
+            self._rpc_ctxt(ctx), dreq.volume_id, dreq.snapshot_id, info
+        )
+        return webob.Response(status=204)
+
+    def _get_operation(self, req: webob.Request, ctx: Any, op_id: str) -> webob.Response:
+        self._authorize(auth.GET_OPERATION, ctx)
+        if not op_id.isalnum() or len(op_id) > 64:
+            raise schemas.BadRequest("Invalid input for field/attribute operation_id")
+        host = req.GET.get("host")
+        hosts = self._router.known_hosts()
+        if host is not None and host not in hosts:
+            raise HttpError(404, f"unknown host {host!r}")
+        for candidate in [host] if host else hosts:
+            try:
+                op = self._agents(candidate).get_operation(self._rpc_ctxt(ctx), op_id)
+            except api.OperationNotFound:
+                continue
+            return _json_response(200, {"operation": op.to_wire()})
+        raise HttpError(404, f"operation {op_id} not found")
+
+    def _snapshot_instance(
+        self, req: webob.Request, ctx: Any, instance_uuid: str
+    ) -> webob.Response:
+        self._authorize(auth.INSTANCE_SNAPSHOT, ctx)
+        ireq = schemas.instance_request(instance_uuid, self._body(req))
+        host = self._router.host_for_instance(ireq.instance_uuid)
+        op = self._agents(host).snapshot_instance(
+            self._rpc_ctxt(ctx), ireq.instance_uuid, ireq.volume_ids, ireq.quiesce
+        )
+        return _json_response(202, {"operation": op.to_wire()})

@@ -1,0 +1,124 @@
+"""Authentication (keystonemiddleware or noauth) and authorization (oslo.policy).
+
+``[api] auth_strategy = keystone`` wraps the app in keystonemiddleware's ``auth_token``
+(options in ``[keystone_authtoken]``): a request without a valid token gets 401 there.
+``noauth`` is for tests and single-machine demos only; it must be configured explicitly:
+``X-Auth-Token: USER[:PROJECT]`` names the caller (no token -> 401) and ``X-Roles: a,b``
+its roles (``[api] noauth_roles`` when absent). Either way the app sees keystonemiddleware's
+headers and builds an ``oslo_context`` RequestContext from them.
+
+Policy defaults follow Nova: the assisted-snapshot API is for the volume service
+(``role:service or role:admin``); instance snapshots and operations are for admins (and
+the service, for operations it started). Deployers override them in ``[api] policy_file``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from oslo_config import cfg
+from oslo_context import context as oslo_context
+from oslo_policy import policy
+
+Environ = dict[str, Any]
+WsgiApp = Callable[[Environ, Callable[..., Any]], Iterable[bytes]]
+
+SERVICE_OR_ADMIN = "role:service or role:admin"
+ADMIN = "role:admin"
+
+CREATE_ASSISTED = "qsnap:assisted_snapshot:create"
+DELETE_ASSISTED = "qsnap:assisted_snapshot:delete"
+INSTANCE_SNAPSHOT = "qsnap:instance_snapshot:create"
+GET_OPERATION = "qsnap:operation:get"
+
+RULES = [
+    policy.DocumentedRuleDefault(
+        CREATE_ASSISTED,
+        SERVICE_OR_ADMIN,
+        "Create an assisted volume snapshot (Nova compatible).",
+        [{"method": "POST", "path": "/v2.1/os-assisted-volume-snapshots"}],
+    ),
+    policy.DocumentedRuleDefault(
+        DELETE_ASSISTED,
+        SERVICE_OR_ADMIN,
+        "Delete an assisted volume snapshot (Nova compatible).",
+        [{"method": "DELETE", "path": "/v2.1/os-assisted-volume-snapshots/{snapshot_id}"}],
+    ),
+    policy.DocumentedRuleDefault(
+        INSTANCE_SNAPSHOT,
+        ADMIN,
+        "Snapshot all or some volumes of an instance at once.",
+        [{"method": "POST", "path": "/v1/instances/{instance_uuid}/snapshots"}],
+    ),
+    policy.DocumentedRuleDefault(
+        GET_OPERATION,
+        SERVICE_OR_ADMIN,
+        "Show an operation's state, progress and error.",
+        [{"method": "GET", "path": "/v1/operations/{operation_id}"}],
+    ),
+]
+
+# Identity headers a client must never be able to set itself under noauth/keystone.
+_IDENTITY_HEADERS = (
+    "HTTP_X_IDENTITY_STATUS",
+    "HTTP_X_USER_ID",
+    "HTTP_X_USER_NAME",
+    "HTTP_X_PROJECT_ID",
+    "HTTP_X_PROJECT_NAME",
+    "HTTP_X_SERVICE_ROLES",
+    "HTTP_X_IS_ADMIN_PROJECT",
+)
+
+
+class NotAuthenticated(Exception):
+    """The request carries no confirmed identity (401)."""
+
+
+def make_enforcer(conf: cfg.ConfigOpts) -> policy.Enforcer:
+    enforcer = policy.Enforcer(conf, policy_file=conf.api.policy_file)
+    enforcer.register_defaults(RULES)
+    return enforcer
+
+
+def context_from_environ(environ: Environ) -> oslo_context.RequestContext:
+    """The caller's context from keystonemiddleware's headers; raises NotAuthenticated."""
+    if environ.get("HTTP_X_IDENTITY_STATUS") != "Confirmed":
+        raise NotAuthenticated("authentication required")
+    ctx: oslo_context.RequestContext = oslo_context.RequestContext.from_environ(environ)
+    if not ctx.user_id:
+        raise NotAuthenticated("authentication required")
+    return ctx
+
+
+class NoAuthMiddleware:
+    """Testing only: identity from ``X-Auth-Token: USER[:PROJECT]`` and ``X-Roles``."""
+
+    def __init__(self, app: WsgiApp, default_roles: Iterable[str]) -> None:
+        self._app = app
+        self._default_roles = ",".join(default_roles)
+
+    def __call__(self, environ: Environ, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        for key in _IDENTITY_HEADERS:
+            environ.pop(key, None)
+        token = environ.get("HTTP_X_AUTH_TOKEN", "").strip()
+        if token:
+            user, _, project = token.partition(":")
+            environ["HTTP_X_IDENTITY_STATUS"] = "Confirmed"
+            environ["HTTP_X_USER_ID"] = user
+            environ["HTTP_X_PROJECT_ID"] = project or user
+            environ.setdefault("HTTP_X_ROLES", self._default_roles)
+        else:
+            environ["HTTP_X_IDENTITY_STATUS"] = "Invalid"
+            environ.pop("HTTP_X_ROLES", None)
+        return self._app(environ, start_response)
+
+
+def wrap(app: WsgiApp, conf: cfg.ConfigOpts) -> WsgiApp:
+    """``app`` behind the configured authentication middleware."""
+    if conf.api.auth_strategy == "noauth":
+        return NoAuthMiddleware(app, conf.api.noauth_roles)
+    from keystonemiddleware import auth_token
+
+    wrapped: WsgiApp = auth_token.AuthProtocol(app, {"oslo_config_config": conf})
+    return wrapped

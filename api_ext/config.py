@@ -1,0 +1,95 @@
+"""qsnap-api's oslo.config options (``[api]``) and a private ``ConfigOpts`` factory.
+
+A private ``ConfigOpts`` (as the agent's) lets tests run several APIs in one process. The
+options oslo.messaging, oslo.log, oslo.policy and keystonemiddleware read are registered on
+it here or by those libraries when they are handed this ``conf``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from oslo_config import cfg
+from oslo_log import log as oslo_log
+
+from hostagent._messaging import register_messaging_opts
+
+api_opts: list[cfg.Opt] = [
+    cfg.HostAddressOpt("bind_host", default="127.0.0.1", help="Address the API listens on."),
+    cfg.PortOpt("bind_port", default=8774, help="Port the API listens on (Nova's 8774)."),
+    cfg.IntOpt(
+        "threads",
+        default=8,
+        min=1,
+        max=256,
+        help="HTTP worker threads. Each request blocks one thread for at most rpc_timeout.",
+    ),
+    cfg.StrOpt(
+        "auth_strategy",
+        default="keystone",
+        choices=[
+            ("keystone", "keystonemiddleware auth_token ([keystone_authtoken] options)"),
+            ("noauth", "TESTING ONLY: identity from 'X-Auth-Token: user[:project]' and X-Roles"),
+        ],
+        help="How requests are authenticated.",
+    ),
+    cfg.ListOpt(
+        "noauth_roles",
+        default=[],
+        help="noauth only: roles given to a request that sends no X-Roles header. Cinder with "
+        "'[nova] auth_type = none' sends none; set 'service' for it.",
+    ),
+    cfg.StrOpt(
+        "policy_file",
+        default="policy.yaml",
+        help="oslo.policy overrides file (defaults live in code: assisted snapshots for "
+        "'role:service or role:admin', instance snapshots for 'role:admin').",
+    ),
+    cfg.IntOpt(
+        "max_request_body_size",
+        default=65536,
+        min=1024,
+        help="Largest request body in bytes; larger ones get 413 before being read.",
+    ),
+    cfg.FloatOpt(
+        "rpc_timeout",
+        default=30.0,
+        min=0.1,
+        help="Seconds to wait for an agent's answer before answering 503.",
+    ),
+    cfg.ListOpt(
+        "hosts",
+        default=[],
+        help="Static fallback: agent hosts asked (get_inventory) for a volume that no "
+        "published inventory names yet. Empty: rely on the agents' fanout only.",
+    ),
+]
+
+
+def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:
+    """The ``oslo.config.opts`` entry point ``qsnap.api`` for oslo-config-generator."""
+    return [("api", list(api_opts))]
+
+
+def make_conf(
+    args: Sequence[str] = (),
+    *,
+    config_files: Sequence[str] | None = None,
+    overrides: dict[str, object] | None = None,
+) -> cfg.ConfigOpts:
+    """A parsed private ``ConfigOpts``; ``overrides`` maps ``"group.name"`` to a value."""
+    conf = cfg.ConfigOpts()
+    conf.register_opts(api_opts, group="api")
+    register_messaging_opts(conf)
+    oslo_log.register_options(conf)
+    conf(
+        list(args),
+        project="qsnap",
+        prog="qsnap-api",
+        default_config_files=list(config_files) if config_files is not None else [],
+        default_config_dirs=[],
+    )
+    for key, value in (overrides or {}).items():
+        group, _, name = key.rpartition(".")
+        conf.set_override(name, value, group=group or None)
+    return conf

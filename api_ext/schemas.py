@@ -1,0 +1,161 @@
+"""Request schemas: Nova's os-assisted-volume-snapshots schema, byte for byte, plus ours.
+
+Nova validates the create body with JSON Schema (extra fields rejected) and reads
+``delete_info`` from the query string with ``parse_qs`` then ``json.loads``. We do the same,
+then build the agent's typed requests (``hostagent.service_api``) so UUIDs and Cinder file
+names are checked here, at the edge, before anything travels. Every failure is a
+:class:`BadRequest` whose message names the field.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import parse_qs
+
+import jsonschema
+
+from hostagent import service_api as api
+
+# nova/api/openstack/compute/schemas/assisted_volume_snapshots.py (v2.1)
+SNAPSHOTS_CREATE: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "snapshot": {
+            "type": "object",
+            "properties": {
+                "volume_id": {"type": "string", "minLength": 1},
+                "create_info": {
+                    "type": "object",
+                    "properties": {
+                        "snapshot_id": {"type": "string", "minLength": 1},
+                        "type": {"type": "string", "enum": ["qcow2"]},
+                        "new_file": {"type": "string", "minLength": 1},
+                        "id": {"type": "string", "minLength": 1},
+                    },
+                    "required": ["snapshot_id", "type", "new_file"],
+                    "additionalProperties": False,
+                },
+            },
+            "required": ["volume_id", "create_info"],
+            "additionalProperties": False,
+        }
+    },
+    "required": ["snapshot"],
+    "additionalProperties": False,
+}
+
+_NULLABLE_NAME = {"type": ["string", "null"], "minLength": 1}
+DELETE_INFO: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "volume_id": {"type": "string", "minLength": 1},
+        "type": {"type": "string", "enum": ["qcow2"]},
+        "file_to_merge": _NULLABLE_NAME,
+        "merge_target_file": _NULLABLE_NAME,
+    },
+    "required": ["volume_id", "type", "file_to_merge", "merge_target_file"],
+    "additionalProperties": False,
+}
+
+INSTANCE_SNAPSHOT: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "snapshot": {
+            "type": "object",
+            "properties": {
+                "volume_ids": {
+                    "type": ["array", "null"],
+                    "items": {"type": "string"},
+                    "minItems": 1,
+                    "maxItems": 64,
+                },
+                "quiesce": {"type": "string", "enum": ["required", "preferred", "none"]},
+            },
+            "additionalProperties": False,
+        }
+    },
+    "required": ["snapshot"],
+    "additionalProperties": False,
+}
+
+
+class BadRequest(ValueError):
+    """Invalid input; the message names the field and is safe to return to the caller."""
+
+
+def _validate(schema: dict[str, Any], data: object) -> None:
+    validator = jsonschema.Draft4Validator(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(data))
+    if error is not None:
+        path = "/".join(str(p) for p in error.absolute_path) or "body"
+        raise BadRequest(f"Invalid input for field/attribute {path}. {error.message}")
+
+
+def _plain_name(value: object, field: str) -> None:
+    """Refuse path games before the agent's naming check (which gives a vaguer message)."""
+    if isinstance(value, str) and ("/" in value or ".." in value or "\x00" in value):
+        raise BadRequest(f"Invalid input for field/attribute {field}: must be a plain file name")
+
+
+def parse_json(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"Malformed request body: {exc}") from None
+
+
+def _typed(fn: Any, *args: object) -> Any:
+    try:
+        return fn(*args)
+    except api.InvalidRequest as exc:
+        raise BadRequest(f"Invalid input: {exc}") from None
+
+
+def create_request(body: object) -> api.CreateSnapshotRequest:
+    """The typed assisted-create request from a parsed POST body."""
+    _validate(SNAPSHOTS_CREATE, body)
+    assert isinstance(body, dict)
+    snap = body["snapshot"]
+    info = dict(snap["create_info"])
+    _plain_name(info["new_file"], "create_info/new_file")
+    info.pop("id", None)  # Nova accepts and ignores it
+    req: api.CreateSnapshotRequest = _typed(
+        api.CreateSnapshotRequest.from_wire, snap["volume_id"], info
+    )
+    return req
+
+
+def delete_request(snapshot_id: str, query_string: str) -> api.DeleteSnapshotRequest:
+    """The typed assisted-delete request from the URL id and ``?delete_info=<json>``."""
+    values = parse_qs(query_string, keep_blank_values=True).get("delete_info")
+    if not values:
+        raise BadRequest("Invalid input: query parameter delete_info is required")
+    if len(values) > 1:
+        raise BadRequest("Invalid input: query parameter delete_info given more than once")
+    info = parse_json(values[0].encode())
+    try:
+        _validate(DELETE_INFO, info)
+    except BadRequest as exc:
+        raise BadRequest(str(exc).replace("attribute ", "attribute delete_info/", 1)) from None
+    assert isinstance(info, dict)
+    for field in ("file_to_merge", "merge_target_file"):
+        _plain_name(info[field], f"delete_info/{field}")
+    req: api.DeleteSnapshotRequest = _typed(
+        api.DeleteSnapshotRequest.from_wire, info["volume_id"], snapshot_id, info
+    )
+    return req
+
+
+def instance_request(instance_uuid: str, body: object) -> api.InstanceSnapshotRequest:
+    """The typed native instance-snapshot request (``quiesce`` defaults to preferred)."""
+    _validate(INSTANCE_SNAPSHOT, body)
+    assert isinstance(body, dict)
+    snap = body["snapshot"]
+    req: api.InstanceSnapshotRequest = _typed(
+        api.InstanceSnapshotRequest.from_wire,
+        instance_uuid,
+        snap.get("volume_ids"),
+        snap.get("quiesce", "preferred"),
+    )
+    return req
