@@ -1,0 +1,532 @@
+"""Backup and restore of a FROZEN layer's guest view, through qcow2/'s inspected reader.
+
+The caller (online orchestration) freezes the layer first; this module only reads it. Reads
+happen on the calling thread with large preads (one per chunk, up to ``chunk_size``) and only
+over DATA extents; hashing, compression and chunk writes run on a 2-thread pool so they overlap
+the reads (hashlib, zstd and file I/O release the GIL). Chunks are cut on a fixed virtual grid
+so unchanged data hashes the same in every backup and is stored once.
+
+An incremental backup reads only the ranges allocated in the layers above the boundary (the
+checkpoint left by the parent backup) and takes everything else by reference from the parent
+manifest, so each manifest stays logically full.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import os
+import secrets
+import subprocess
+import threading
+import time
+import uuid
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import zstandard
+
+from hostagent.backup.format import (
+    BackupCancelled,
+    Manifest,
+    ManifestExtent,
+    SourceLayer,
+)
+from hostagent.backup.repository import FILE_MODE, Repository
+from qcow2 import CINDER, Chain, ExtentKind, Naming, QemuImgError, open_chain
+
+Progress = Callable[[int, int], None]
+Cancel = Callable[[], bool]
+_INFLIGHT = 6
+_SPARSE_BLOCK = 64 * 1024
+_ZERO_BLOCK = bytes(_SPARSE_BLOCK)
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    manifest: Manifest
+    bytes_read: int
+    chunks_new: int
+    chunks_reused: int
+    bytes_stored: int
+    seconds: float
+    fallback_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    path: str
+    fmt: str
+    virtual_size: int
+    bytes_written: int
+    chunks: int
+
+
+class _ChunkWriter:
+    """Hash + compress + store chunks on a small pool, at most ``_INFLIGHT`` queued."""
+
+    def __init__(self, repo: Repository, threads: int = 2) -> None:
+        self._repo = repo
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="qsnap-chunk")
+        self._slots = threading.BoundedSemaphore(_INFLIGHT)
+        self._tls = threading.local()
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self.new = self.reused = self.stored = 0
+
+    def submit(self, data: bytearray) -> Future[str]:
+        self.check()
+        self._slots.acquire()
+        fut = self._pool.submit(self._store, data)
+        fut.add_done_callback(self._done)
+        return fut
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _done(self, fut: Future[str]) -> None:
+        self._slots.release()
+        if not fut.cancelled() and fut.exception() is not None and self._error is None:
+            self._error = fut.exception()
+
+    def _store(self, data: bytearray) -> str:
+        cid = hashlib.sha256(data).hexdigest()
+        if self._repo.reuse_chunk(cid):
+            with self._lock:
+                self.reused += 1
+            return cid
+        cctx: zstandard.ZstdCompressor | None = getattr(self._tls, "cctx", None)
+        if cctx is None:
+            cctx = self._tls.cctx = zstandard.ZstdCompressor(level=self._repo.config.zstd_level)
+        packed = cctx.compress(data)
+        self._repo.put_chunk(cid, packed)
+        with self._lock:
+            self.new += 1
+            self.stored += len(packed)
+        return cid
+
+    def close(self, cancel: bool) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+# (offset, length, chunk id future / None for zero, chunk offset) | parent extent as-is
+_Planned = tuple[int, int, "Future[str] | None", int] | ManifestExtent
+
+
+def _merged_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for off, n in sorted(ranges):
+        if out and off <= out[-1][0] + out[-1][1]:
+            start, m = out[-1]
+            out[-1] = (start, max(m, off + n - start))
+        else:
+            out.append((off, n))
+    return out
+
+
+class _Run:
+    """State of one backup run: reads the chain, feeds the writer, plans the manifest."""
+
+    def __init__(
+        self, chain: Chain, repo: Repository, progress: Progress | None, cancel: Cancel | None
+    ) -> None:
+        self.chain = chain
+        self.cs = repo.config.chunk_size
+        self.writer = _ChunkWriter(repo)
+        self.progress = progress
+        self.cancel = cancel
+        self.plan: list[_Planned] = []
+        self.read = 0
+        self.total = 0
+
+    def data_ranges(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """(offset, length, is_data) over the guest view, adjacent DATA extents coalesced."""
+        out: list[tuple[int, int, bool]] = []
+        for e in self.chain.extents(offset, length):
+            data = e.kind is ExtentKind.DATA
+            if out and out[-1][2] == data:
+                o, n, _ = out[-1]
+                out[-1] = (o, n + e.length, data)
+            else:
+                out.append((e.offset, e.length, data))
+        return out
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int, bool]]) -> None:
+        for off, n, data in ranges:
+            if not data:
+                self.plan.append((off, n, None, 0))
+                continue
+            pos, end = off, off + n
+            while pos < end:
+                if self.cancel is not None and self.cancel():
+                    raise BackupCancelled("backup cancelled")
+                stop = min(end, (pos // self.cs + 1) * self.cs)
+                buf = bytearray(stop - pos)
+                got = self.chain.readinto(pos, memoryview(buf))
+                if got != len(buf):
+                    raise OSError(f"short read at {pos}: {got} of {len(buf)}")
+                self.plan.append((pos, len(buf), self.writer.submit(buf), 0))
+                self.read += len(buf)
+                if self.progress is not None:
+                    self.progress(self.read, self.total)
+                pos = stop
+
+    def extents(self, size: int) -> tuple[ManifestExtent, ...]:
+        """Resolve chunk futures; fill gaps with zero and merge adjacent zero ranges."""
+        out: list[ManifestExtent] = []
+        pos = 0
+
+        def zero(off: int, n: int) -> None:
+            if n <= 0:
+                return
+            if out and out[-1].kind == "zero" and out[-1].offset + out[-1].length == off:
+                out[-1] = ManifestExtent(out[-1].offset, out[-1].length + n, "zero")
+            else:
+                out.append(ManifestExtent(off, n, "zero"))
+
+        for item in self.plan:
+            if isinstance(item, ManifestExtent):
+                e = item
+            else:
+                off, n, fut, coff = item
+                if fut is None:
+                    e = ManifestExtent(off, n, "zero")
+                else:
+                    e = ManifestExtent(off, n, "data", fut.result(), coff)
+            zero(pos, e.offset - pos)
+            if e.kind == "zero":
+                zero(e.offset, e.length)
+            else:
+                out.append(e)
+            pos = e.offset + e.length
+        zero(pos, size - pos)
+        return tuple(out)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
+
+
+def _source(chain: Chain) -> tuple[SourceLayer, ...]:
+    return tuple(SourceLayer(os.path.basename(li.path), li.fmt) for li in chain.layers)
+
+
+def _execute(
+    chain: Chain,
+    repo: Repository,
+    volume_id: str,
+    work: Callable[[_Run], None],
+    *,
+    parent_id: str | None,
+    kind: str,
+    fallback_reason: str | None,
+    progress: Progress | None,
+    cancel: Cancel | None,
+    total: int,
+) -> BackupResult:
+    t0 = time.monotonic()
+    backup_id = str(uuid.uuid4())
+    with repo.session(backup_id, volume_id) as session:
+        run = _Run(chain, repo, progress, cancel)
+        run.total = total
+        ok = False
+        try:
+            work(run)
+            extents = run.extents(chain.virtual_size)
+            run.writer.close(cancel=False)
+            run.writer.check()
+            ok = True
+        finally:
+            if not ok:
+                run.writer.close(cancel=True)
+        manifest = Manifest(
+            backup_id=backup_id,
+            volume_id=volume_id,
+            virtual_size=chain.virtual_size,
+            created_at=_now(),
+            parent_id=parent_id,
+            kind="incremental" if kind == "incremental" else "full",
+            source_chain=_source(chain),
+            read_bytes=run.read,
+            extents=extents,
+            fallback_reason=fallback_reason,
+        )
+        session.publish(manifest)
+    w = run.writer
+    return BackupResult(
+        manifest, run.read, w.new, w.reused, w.stored, time.monotonic() - t0, fallback_reason
+    )
+
+
+def backup_full(
+    layer_path: str | os.PathLike[str],
+    fmt: str,
+    roots: Sequence[str | os.PathLike[str]],
+    repo: Repository,
+    volume_id: str,
+    *,
+    naming: Naming = CINDER,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    parent: Manifest | None = None,
+    fallback_reason: str | None = None,
+) -> BackupResult:
+    """Back up the whole guest view of the (frozen) chain under ``layer_path``.
+
+    Existing chunks are deduplicated, so a full backup after a previous one stores only
+    what changed, but it still reads every DATA extent.
+    """
+    with open_chain(layer_path, roots=roots, naming=naming, fmt=fmt) as chain:
+        ranges = _Run(chain, repo, None, None).data_ranges(0, chain.virtual_size)
+        return _execute(
+            chain,
+            repo,
+            volume_id,
+            lambda run: run.read_ranges(ranges),
+            parent_id=parent.backup_id if parent else None,
+            kind="full",
+            fallback_reason=fallback_reason,
+            progress=progress,
+            cancel=cancel,
+            total=sum(n for _, n, d in ranges if d),
+        )
+
+
+def _boundary_depth(chain: Chain, boundary: int | str, parent: Manifest) -> int | str:
+    """Depth of the boundary layer, or the reason an incremental is impossible."""
+    names = [os.path.basename(li.path) for li in chain.layers]
+    if isinstance(boundary, str):
+        if boundary not in names:
+            return f"boundary {boundary} is no longer in the chain"
+        depth = names.index(boundary)
+    else:
+        if not 0 <= boundary < len(names):
+            return f"boundary depth {boundary} outside a chain of {len(names)} layers"
+        depth = boundary
+    read_top = parent.source_chain[0].name if parent.source_chain else None
+    if names[depth] != read_top:
+        return (
+            f"boundary {names[depth]} is not the layer parent {parent.backup_id} read ({read_top})"
+        )
+    return depth
+
+
+def _parent_slice(parent: Manifest, starts: list[int], a: int, b: int) -> Iterator[ManifestExtent]:
+    """The parent's extents clipped to [a, b)."""
+    ext = parent.extents
+    i = max(0, bisect_right(starts, a) - 1)
+    while i < len(ext) and ext[i].offset < b:
+        e = ext[i]
+        lo, hi = max(a, e.offset), min(b, e.offset + e.length)
+        if lo < hi:
+            coff = e.chunk_offset + (lo - e.offset) if e.kind == "data" else 0
+            yield ManifestExtent(lo, hi - lo, e.kind, e.chunk, coff)
+        i += 1
+
+
+def backup_incremental(
+    layer_path: str | os.PathLike[str],
+    fmt: str,
+    roots: Sequence[str | os.PathLike[str]],
+    repo: Repository,
+    volume_id: str,
+    parent: Manifest,
+    boundary: int | str,
+    *,
+    naming: Naming = CINDER,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+) -> BackupResult:
+    """Read only what is allocated above ``boundary`` (a depth, or the boundary file's name).
+
+    ``boundary`` must be the layer the parent backup read (its ``source_chain[0]``), still
+    in the chain and unchanged since. If it is not, this falls back to a full read with
+    deduplication and says why in ``fallback_reason``.
+    """
+    if parent.volume_id != volume_id:
+        raise ValueError(f"parent {parent.backup_id} belongs to volume {parent.volume_id}")
+    with open_chain(layer_path, roots=roots, naming=naming, fmt=fmt) as chain:
+        depth = _boundary_depth(chain, boundary, parent)
+        if isinstance(depth, str):
+            chain.close()
+            return backup_full(
+                layer_path,
+                fmt,
+                roots,
+                repo,
+                volume_id,
+                naming=naming,
+                progress=progress,
+                cancel=cancel,
+                parent=parent,
+                fallback_reason=depth,
+            )
+        size = chain.virtual_size
+        changed_raw: list[tuple[int, int]] = []
+        for d in range(depth):
+            for e in chain.layer_extents(d):
+                if e.kind is not ExtentKind.UNALLOCATED and e.offset < size:
+                    changed_raw.append((e.offset, min(e.length, size - e.offset)))
+        if size > parent.virtual_size:
+            changed_raw.append((parent.virtual_size, size - parent.virtual_size))
+        changed = _merged_ranges(changed_raw)
+        probe = _Run(chain, repo, None, None)
+        plan: list[tuple[int, int, list[tuple[int, int, bool]] | None]] = []
+        pos = 0
+        for off, n in changed:
+            if off > pos:
+                plan.append((pos, off - pos, None))
+            plan.append((off, n, probe.data_ranges(off, n)))
+            pos = off + n
+        if pos < size:
+            plan.append((pos, size - pos, None))
+        starts = [e.offset for e in parent.extents]
+
+        def work(run: _Run) -> None:
+            for off, n, ranges in plan:
+                if ranges is None:
+                    run.plan.extend(_parent_slice(parent, starts, off, off + n))
+                else:
+                    run.read_ranges(ranges)
+
+        return _execute(
+            chain,
+            repo,
+            volume_id,
+            work,
+            parent_id=parent.backup_id,
+            kind="incremental",
+            fallback_reason=None,
+            progress=progress,
+            cancel=cancel,
+            total=sum(n for _, _, r in plan if r for _, n, d in r if d),
+        )
+
+
+# --- restore ------------------------------------------------------------------------------
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        k = os.pwrite(fd, view, offset)
+        view = view[k:]
+        offset += k
+
+
+def _write_sparse(fd: int, offset: int, data: bytes) -> int:
+    """pwrite only the non-zero 64 KiB blocks of ``data`` (zeros stay holes)."""
+    written = 0
+    n = len(data)
+    run_start = -1
+    for i in range(0, n + _SPARSE_BLOCK, _SPARSE_BLOCK):
+        zero = i >= n or data[i : i + _SPARSE_BLOCK] == _ZERO_BLOCK[: min(_SPARSE_BLOCK, n - i)]
+        if zero and run_start >= 0:
+            stop = min(i, n)
+            _pwrite_all(fd, memoryview(data)[run_start:stop], offset + run_start)
+            written += stop - run_start
+            run_start = -1
+        elif not zero and run_start < 0:
+            run_start = i
+    return written
+
+
+def _restore_raw(
+    repo: Repository,
+    m: Manifest,
+    fd: int,
+    progress: Progress | None,
+    cancel: Cancel | None,
+) -> tuple[int, int]:
+    data_exts = [e for e in m.extents if e.kind == "data"]
+    order: list[str] = []
+    refs: dict[str, int] = {}
+    for e in data_exts:
+        assert e.chunk is not None
+        if e.chunk not in refs:
+            order.append(e.chunk)
+        refs[e.chunk] = refs.get(e.chunk, 0) + 1
+    total = sum(e.length for e in data_exts)
+    done = written = 0
+    with ThreadPoolExecutor(2, thread_name_prefix="qsnap-restore") as pool:
+        futs: dict[str, Future[bytes]] = {}
+        ahead = 0
+
+        def fill() -> None:
+            nonlocal ahead
+            while ahead < len(order) and len(futs) < _INFLIGHT:
+                cid = order[ahead]
+                futs[cid] = pool.submit(repo.read_chunk, cid)
+                ahead += 1
+
+        try:
+            for e in data_exts:
+                if cancel is not None and cancel():
+                    raise BackupCancelled("restore cancelled")
+                assert e.chunk is not None
+                fill()
+                chunk = futs[e.chunk].result()
+                if e.chunk_offset + e.length > len(chunk):
+                    raise ValueError(f"extent at {e.offset} exceeds chunk {e.chunk}")
+                piece = chunk[e.chunk_offset : e.chunk_offset + e.length]
+                written += _write_sparse(fd, e.offset, piece)
+                refs[e.chunk] -= 1
+                if refs[e.chunk] == 0:
+                    del futs[e.chunk]
+                done += e.length
+                if progress is not None:
+                    progress(done, total)
+        finally:
+            for f in futs.values():
+                f.cancel()
+    os.ftruncate(fd, m.virtual_size)
+    os.fsync(fd)
+    return written, len(order)
+
+
+def restore(
+    repo: Repository,
+    backup_id: str,
+    dest_path: str | os.PathLike[str],
+    *,
+    fmt: str = "raw",
+    volume_id: str | None = None,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+) -> RestoreResult:
+    """Restore a backup to a NEW file (never overwritten), sparse, every chunk verified.
+
+    Written under a temporary name and linked into place only when complete, so a failed
+    restore (e.g. :class:`CorruptChunk`) leaves no file at ``dest_path``.
+    """
+    if fmt not in ("raw", "qcow2"):
+        raise ValueError(f"restore format {fmt!r} not supported")
+    m = repo.load(volume_id, backup_id) if volume_id else repo.find(backup_id)
+    dest = os.path.abspath(os.fspath(dest_path))
+    if os.path.lexists(dest):
+        raise FileExistsError(dest)
+    d, name = os.path.split(dest)
+    tmp = os.path.join(d, f".{name}.restore-{secrets.token_hex(4)}")
+    tmp_q = tmp + ".qcow2"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    try:
+        try:
+            written, chunks = _restore_raw(repo, m, fd, progress, cancel)
+        finally:
+            os.close(fd)
+        final = tmp
+        if fmt == "qcow2":
+            argv = ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", tmp, tmp_q]
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if proc.returncode:
+                raise QemuImgError(argv, proc.returncode, proc.stderr)
+            final = tmp_q
+        os.link(final, dest)  # fails rather than overwrite a file created meanwhile
+    finally:
+        for p in (tmp, tmp_q):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+    return RestoreResult(dest, fmt, m.virtual_size, written, chunks)
