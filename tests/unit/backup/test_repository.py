@@ -111,7 +111,7 @@ def test_manifest_roundtrip_and_strict_parsing() -> None:
     m = Manifest.loads(_manifest_doc())
     assert Manifest.loads(m.dumps()) == m
     assert m.chunk_ids() == {"a" * 64} and m.data_bytes() == 1 << 20
-    bad = [
+    bad: list[dict[str, object]] = [
         {"backup_id": "../../x"},
         {"volume_id": "VOL"},
         {"extents": [[0, 2 << 20, "zero"], [1 << 20, 1 << 20, "zero"]]},  # overlap
