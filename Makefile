@@ -35,7 +35,7 @@ functional: setup
 	$(PY) -m tests.bed.leftovers $$rid || rc=1; exit $$rc
 
 bench: setup
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in bench/*.py; do echo "== $$b"; PYTHONPATH=. $(PY) $$b || exit 1; done
 
 demo: setup
 	@echo "make demo arrives with the API issue (api_ext/); see README." >&2; exit 2
