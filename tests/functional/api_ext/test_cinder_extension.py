@@ -1,0 +1,268 @@
+"""qsnap's Cinder API extension loaded into a real Cinder 29 (PyPI) with its real NfsDriver.
+
+Driven through the cinderclient extension (api_ext.cinderclient_ext) as the agent will drive
+it; raw HTTP only for bodies the client would never send. The share is a plain directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cinderclient import exceptions as cexc
+from cinderclient.extension import Extension
+
+import qcow2
+from api_ext import cinderclient_ext
+from tests.bed.cinder import REPO, VENV, CinderPeer
+from tests.bed.shares import DirShare
+
+EXT = "api_ext.cinder_extension.Qsnap_snapshot_metadata"
+
+
+@pytest.fixture(scope="module")
+def cinder() -> Iterator[CinderPeer]:
+    if not (VENV / "bin" / "cinder-manage").exists():
+        pytest.skip(f"no Cinder venv at {VENV}: run tools/cinder_setup.sh")
+    share = DirShare()
+    try:
+        with CinderPeer(
+            share.new_dir("cinder"), extra_extensions=(EXT,), pythonpath=(REPO,), policy={}
+        ) as peer:
+            yield peer
+    finally:
+        share.close()
+
+
+@pytest.fixture(scope="module")
+def client(cinder: CinderPeer) -> Any:
+    """A cinderclient with ``client.qsnap_snapshots`` bound to our manager."""
+    from cinderclient import api_versions
+    from cinderclient import client as cclient
+    from cinderclient.contrib.noauth import CinderNoAuthPlugin
+    from keystoneauth1 import session
+
+    auth = CinderNoAuthPlugin(cinder.user_id, cinder.project_id, endpoint=cinder.endpoint)
+    return cclient.Client(
+        api_versions.APIVersion("3.44"),
+        session=session.Session(auth=auth),
+        extensions=[Extension("qsnap_snapshots", cinderclient_ext)],
+    )
+
+
+def _wait(get: Callable[[], Any], done: Callable[[Any], bool], what: str, t: float = 60) -> Any:
+    deadline = time.monotonic() + t
+    while True:
+        obj = get()
+        if done(obj):
+            return obj
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: still {getattr(obj, 'status', obj)!r} after {t}s")
+        time.sleep(0.2)
+
+
+def _volume(client: Any) -> Any:
+    v = client.volumes.create(1)
+    return _wait(lambda: client.volumes.get(v.id), lambda o: o.status != "creating", "volume")
+
+
+def _post(cinder: CinderPeer, path: str, body: object) -> tuple[int, Any]:
+    """Raw POST (noauth token): for malformed bodies cinderclient would never build."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(  # noqa: S310 - our own http:// endpoint
+        f"{cinder.endpoint}/{cinder.project_id}/{path}",
+        data=data,
+        method="POST",
+        headers={
+            "X-Auth-Token": f"{cinder.user_id}:{cinder.project_id}",
+            "Content-Type": "application/json",
+        },
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _agent_snapshot(share: Path, volume_id: str, snapshot_id: str) -> str:
+    """What the agent does for a detached volume: overlay + ledger, then guest data in it."""
+    base = f"volume-{volume_id}"
+    new = f"{base}.{snapshot_id}"
+    qcow2.create_overlay(str(share / new), str(share / base), backing_fmt="raw", roots=[str(share)])
+    qcow2.write_ledger(
+        str(share), volume_id, qcow2.Ledger(active=new, snapshots={snapshot_id: new})
+    )
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1M", str(share / new)],
+        check=True,
+        capture_output=True,
+    )
+    return new
+
+
+def _tree(d: Path) -> dict[str, tuple[int, str]]:
+    return {
+        p.name: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(d.iterdir())
+    }
+
+
+def test_alias_listed(cinder: CinderPeer) -> None:
+    aliases = {e["alias"] for e in cinder.get("extensions")["extensions"]}
+    assert "os-qsnap-snapshot-metadata" in aliases
+    assert "os-snapshot-actions" in aliases  # the standard ones still load beside ours
+
+
+def test_create_finalize_then_cinder_deletes_normally(cinder: CinderPeer, client: Any) -> None:
+    vol = _volume(client)
+    assert vol.status == "available"
+    sid = str(uuid.uuid4())
+    new = _agent_snapshot(cinder.share_dir, vol.id, sid)
+
+    snap = client.qsnap_snapshots.create_metadata(
+        sid, vol.id, name="agent", description="instance snapshot", metadata={"qsnap": "1"}
+    )
+    assert (snap.id, snap.status, snap.volume_id) == (sid, "creating", vol.id)
+    seen = client.volume_snapshots.get(sid)
+    assert (seen.status, seen.volume_id, seen.name, seen.metadata) == (
+        "creating",
+        vol.id,
+        "agent",
+        {"qsnap": "1"},
+    )
+    assert getattr(seen, "os-extended-snapshot-attributes:progress") == "0%"
+    # a retry of the same create (agent restarted mid-step) is answered, not duplicated
+    again = client.qsnap_snapshots.create_metadata(sid, vol.id)
+    assert again.id == sid
+    assert [s.id for s in client.volume_snapshots.list() if s.volume_id == vol.id] == [sid]
+
+    done = client.qsnap_snapshots.finalize(sid, "available")
+    assert done.status == "available"
+    seen = client.volume_snapshots.get(sid)
+    assert seen.status == "available"
+    assert getattr(seen, "os-extended-snapshot-attributes:progress") == "100%"
+    with pytest.raises(cexc.ClientException) as err:  # only 'creating' may be finalized
+        client.qsnap_snapshots.finalize(sid, "error")
+    assert err.value.code == 409
+
+    # Cinder's own NfsDriver now deletes it offline: commit into the base, drop the overlay.
+    client.volume_snapshots.delete(sid)
+
+    def gone() -> bool:
+        try:
+            client.volume_snapshots.get(sid)
+        except cexc.NotFound:
+            return True
+        return False
+
+    _wait(lambda: gone(), bool, "snapshot delete", 120)
+    share = cinder.share_dir
+    assert not (share / new).exists()
+    ledger = qcow2.read_ledger(str(share), vol.id)
+    assert ledger is not None and ledger.active == f"volume-{vol.id}" and not ledger.snapshots
+    out = subprocess.run(  # the overlay's data landed in the base (raw) volume
+        ["qemu-io", "-f", "raw", "-c", "read -P 0x5a 0 1M", str(share / f"volume-{vol.id}")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert "Pattern verification failed" not in out.stdout
+    assert client.volumes.get(vol.id).status == "available"
+
+
+def test_finalize_error(client: Any) -> None:
+    vol = _volume(client)
+    sid = str(uuid.uuid4())
+    client.qsnap_snapshots.create_metadata(sid, vol.id)
+    client.qsnap_snapshots.finalize(sid, "creating", progress="50%")
+    seen = client.volume_snapshots.get(sid)
+    assert (seen.status, getattr(seen, "os-extended-snapshot-attributes:progress")) == (
+        "creating",
+        "50%",
+    )
+    assert client.qsnap_snapshots.finalize(sid, "error").status == "error"
+    client.qsnap_snapshots.delete_metadata(sid)
+
+
+def test_delete_metadata_touches_no_file(cinder: CinderPeer, client: Any) -> None:
+    vol = _volume(client)
+    sid = str(uuid.uuid4())
+    _agent_snapshot(cinder.share_dir, vol.id, sid)
+    client.qsnap_snapshots.create_metadata(sid, vol.id)
+    client.qsnap_snapshots.finalize(sid)
+    before = _tree(cinder.share_dir)
+
+    client.qsnap_snapshots.delete_metadata(sid)
+
+    with pytest.raises(cexc.NotFound):
+        client.volume_snapshots.get(sid)
+    assert _tree(cinder.share_dir) == before
+    with pytest.raises(cexc.NotFound):
+        client.qsnap_snapshots.delete_metadata(sid)
+    with pytest.raises(cexc.ClientException) as err:  # a used id never comes back
+        client.qsnap_snapshots.create_metadata(sid, vol.id)
+    assert err.value.code == 409
+
+
+def test_bad_input_is_4xx_and_records_nothing(cinder: CinderPeer, client: Any) -> None:
+    vol = _volume(client)
+    other = str(uuid.uuid4())
+    count = len(client.volume_snapshots.list())
+
+    with pytest.raises(cexc.NotFound):  # unknown volume
+        client.qsnap_snapshots.create_metadata(other, str(uuid.uuid4()))
+    for bad_id in ("not-a-uuid", other.upper(), "{" + other + "}", other.replace("-", "")):
+        code, _ = _post(
+            cinder,
+            f"snapshots/{bad_id}/action",
+            {"create-snapshot-metadata": {"volume_id": vol.id}},
+        )
+        assert code == 400, bad_id
+    bodies: list[object] = [
+        {"create-snapshot-metadata": {"volume_id": "../etc"}},
+        {"create-snapshot-metadata": {"volume_id": vol.id, "size": 5}},
+        {"create-snapshot-metadata": {}},
+        {"create-snapshot-metadata": {"volume_id": vol.id, "metadata": {"k": 1}}},
+        {"create-snapshot-metadata": {"volume_id": vol.id, "name": "x" * 256}},
+        {"create-snapshot-metadata": {"volume_id": vol.id}, "extra": 1},
+        {"finalize-snapshot-metadata": {"status": "deleted"}},
+        {"finalize-snapshot-metadata": {"status": "available", "progress": "101%"}},
+        {"snapshot-delete-metadata": {"force": True}},
+        b"{not json",
+    ]
+    for body in bodies:
+        code, _ = _post(cinder, f"snapshots/{other}/action", body)
+        assert code == 400, body
+    with pytest.raises(cexc.NotFound):
+        client.qsnap_snapshots.finalize(other)
+    assert len(client.volume_snapshots.list()) == count
+
+
+def test_policy_denies_callers_without_the_rule(cinder: CinderPeer, client: Any) -> None:
+    """noauth callers are admins: narrowing the rule to the service role must lock them out."""
+    vol = _volume(client)
+    sid = str(uuid.uuid4())
+    client.qsnap_snapshots.create_metadata(sid, vol.id)
+    cinder.set_policy({"qsnap:snapshot_metadata": "role:service"})
+    try:
+        with pytest.raises(cexc.Forbidden):
+            client.qsnap_snapshots.create_metadata(str(uuid.uuid4()), vol.id)
+        with pytest.raises(cexc.Forbidden):
+            client.qsnap_snapshots.finalize(sid)
+        with pytest.raises(cexc.Forbidden):
+            client.qsnap_snapshots.delete_metadata(sid)
+    finally:
+        cinder.set_policy({})
+    assert client.volume_snapshots.get(sid).status == "creating"
+    assert client.qsnap_snapshots.finalize(sid).status == "available"
