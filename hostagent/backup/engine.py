@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from bisect import bisect_right
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -434,6 +435,17 @@ def _write_sparse(fd: int, offset: int, data: bytes) -> int:
     return written
 
 
+def _restore_group(repo: Repository, fd: int, cid: str, exts: list[ManifestExtent]) -> int:
+    """Fetch + verify one chunk and write the extents that use it (pwrite is positional)."""
+    chunk = repo.read_chunk(cid)
+    written = 0
+    for e in exts:
+        if e.chunk_offset + e.length > len(chunk):
+            raise ValueError(f"extent at {e.offset} exceeds chunk {cid}")
+        written += _write_sparse(fd, e.offset, chunk[e.chunk_offset : e.chunk_offset + e.length])
+    return written
+
+
 def _restore_raw(
     repo: Repository,
     m: Manifest,
@@ -441,50 +453,44 @@ def _restore_raw(
     progress: Progress | None,
     cancel: Cancel | None,
 ) -> tuple[int, int]:
-    data_exts = [e for e in m.extents if e.kind == "data"]
-    order: list[str] = []
-    refs: dict[str, int] = {}
-    for e in data_exts:
+    """Write every data extent; runs of extents sharing a chunk fetch it once."""
+    groups: list[tuple[str, list[ManifestExtent]]] = []
+    for e in m.extents:
+        if e.kind != "data":
+            continue
         assert e.chunk is not None
-        if e.chunk not in refs:
-            order.append(e.chunk)
-        refs[e.chunk] = refs.get(e.chunk, 0) + 1
-    total = sum(e.length for e in data_exts)
+        if groups and groups[-1][0] == e.chunk:
+            groups[-1][1].append(e)
+        else:
+            groups.append((e.chunk, [e]))
+    total = sum(e.length for _, g in groups for e in g)
     done = written = 0
+    pending: deque[tuple[Future[int], int]] = deque()
     with ThreadPoolExecutor(2, thread_name_prefix="qsnap-restore") as pool:
-        futs: dict[str, Future[bytes]] = {}
-        ahead = 0
-
-        def fill() -> None:
-            nonlocal ahead
-            while ahead < len(order) and len(futs) < _INFLIGHT:
-                cid = order[ahead]
-                futs[cid] = pool.submit(repo.read_chunk, cid)
-                ahead += 1
-
         try:
-            for e in data_exts:
+            for cid, exts in groups:
                 if cancel is not None and cancel():
                     raise BackupCancelled("restore cancelled")
-                assert e.chunk is not None
-                fill()
-                chunk = futs[e.chunk].result()
-                if e.chunk_offset + e.length > len(chunk):
-                    raise ValueError(f"extent at {e.offset} exceeds chunk {e.chunk}")
-                piece = chunk[e.chunk_offset : e.chunk_offset + e.length]
-                written += _write_sparse(fd, e.offset, piece)
-                refs[e.chunk] -= 1
-                if refs[e.chunk] == 0:
-                    del futs[e.chunk]
-                done += e.length
+                if len(pending) >= _INFLIGHT:
+                    fut, n = pending.popleft()
+                    written += fut.result()
+                    done += n
+                    if progress is not None:
+                        progress(done, total)
+                fut = pool.submit(_restore_group, repo, fd, cid, exts)
+                pending.append((fut, sum(e.length for e in exts)))
+            while pending:
+                fut, n = pending.popleft()
+                written += fut.result()
+                done += n
                 if progress is not None:
                     progress(done, total)
         finally:
-            for f in futs.values():
-                f.cancel()
+            for fut, _ in pending:
+                fut.cancel()
     os.ftruncate(fd, m.virtual_size)
     os.fsync(fd)
-    return written, len(order)
+    return written, len({cid for cid, _ in groups})
 
 
 def restore(

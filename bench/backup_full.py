@@ -1,0 +1,167 @@
+"""Backup engine vs the stock pipe, incremental cost, restore vs ``qemu-img convert``; one run.
+
+Builds (once, kept in ``--dir``) a 4 GiB qcow2 with 2 GiB of data in 1 MiB extents with
+1 MiB holes between, half random, half real text (this repository's own source files).
+Then prints, each figure measured in this run (page cache warm for both sides):
+
+- P3 full backup time vs ``nbdcopy -- [ qemu-nbd -r -f qcow2 IMG ] - | zstd -T2 -3``
+  (target <= 0.5x) and stored size vs that pipe's output (target within 5 %);
+- P4 incremental after 40 scattered 1 MiB changes in a checkpoint overlay: bytes read vs
+  bytes changed (target <= 1.1x) and its time vs the full backup's;
+- P5 restore to raw vs ``qemu-img convert -f qcow2 -O raw`` (target >= 1.0x speed).
+
+Usage::
+
+    .venv/bin/python bench/backup_full.py [--dir /var/tmp/qsnap-bench-backup] [--size 4G]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hostagent.backup import Repository, backup_full, backup_incremental, restore
+
+MiB = 1 << 20
+VOL = str(uuid.uuid5(uuid.NAMESPACE_OID, "qsnap-bench-backup"))
+ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+
+
+def _run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+def _text_blocks(n: int) -> list[bytes]:
+    """Real text: the project's own sources, cut into 1 MiB blocks."""
+    corpus = b"".join(
+        p.read_bytes() for p in sorted(ROOT.glob("**/*.py")) if ".venv" not in p.parts
+    )
+    corpus += b"".join(
+        p.read_bytes() for p in sorted(ROOT.glob("**/*.md")) if ".venv" not in p.parts
+    )
+    while len(corpus) < (n + 1) * MiB:
+        corpus += corpus
+    return [corpus[i * MiB : (i + 1) * MiB] for i in range(n)]
+
+
+def build(d: Path, size: int) -> Path:
+    base = d / f"volume-{VOL}"
+    if base.exists():
+        return base
+    d.mkdir(parents=True, exist_ok=True)
+    rnd = random.Random(7)
+    text = _text_blocks(64)
+    raw = d / "src.raw"
+    with open(raw, "wb") as f:
+        f.truncate(size)
+        for k, i in enumerate(range(0, size // MiB, 2)):
+            f.seek(i * MiB)
+            f.write(rnd.randbytes(MiB) if k % 2 == 0 else text[k % len(text)])
+    _run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(base))
+    raw.unlink()
+    return base
+
+
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def stock_pipe(img: Path, out: Path) -> None:
+    """``nbdcopy -- [ qemu-nbd -r -f qcow2 IMG ] - | zstd -T2 -3 > out``."""
+    nbd = ["nbdcopy", "--", "[", "qemu-nbd", "-r", "-f", "qcow2", str(img), "]", "-"]
+    with open(out, "wb") as f:
+        src = subprocess.Popen(nbd, stdout=subprocess.PIPE)
+        z = subprocess.run(["zstd", "-q", "-T2", "-3"], stdin=src.stdout, stdout=f, check=True)
+        assert src.stdout is not None
+        src.stdout.close()
+        if src.wait() or z.returncode:
+            raise RuntimeError("stock pipe failed")
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(os.stat(os.path.join(a, n)).st_size for a, _, ns in os.walk(path) for n in ns)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default="/var/tmp/qsnap-bench-backup")
+    ap.add_argument("--size", default="4G")
+    args = ap.parse_args()
+    size = int(args.size[:-1]) << 30 if args.size.endswith("G") else int(args.size)
+    d = Path(args.dir)
+    share = d / "share"
+    t_build, base = timed(lambda: build(share, size))
+    print(f"image: {base} ({size >> 30} GiB virtual, built/reused in {t_build:.1f} s)")
+    work = d / "run"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    for p in share.iterdir():
+        if p != base:
+            p.unlink()
+    _run("cat", str(base))  # warm the page cache for both sides alike
+
+    zst = work / "out.zst"
+    t_pipe, _ = timed(lambda: stock_pipe(base, zst))
+    pipe_size = zst.stat().st_size
+    repo = Repository.create(work / "repo")
+    t_full, res = timed(lambda: backup_full(base, "qcow2", [share], repo, VOL))
+    full = res
+    stored = tree_bytes(Path(repo.path) / "chunks")
+    print(
+        f"P3 full: ours {t_full:.2f} s vs pipe {t_pipe:.2f} s -> {t_full / t_pipe:.2f}x "
+        f"(target <= 0.5x); stored {stored / MiB:.0f} MiB vs {pipe_size / MiB:.0f} MiB -> "
+        f"{stored / pipe_size:.3f}x (target <= 1.05x); read {full.bytes_read / MiB:.0f} MiB"
+    )
+
+    ov = share / f"volume-{VOL}.{uuid.uuid5(uuid.NAMESPACE_OID, 'checkpoint')}"
+    _run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(ov))
+    rnd = random.Random(40)
+    slots = rnd.sample(range(size // MiB), 40)
+    src = work / "chg"
+    src.write_bytes(rnd.randbytes(MiB))
+    cmds = [a for s in slots for a in ("-c", f"write -s {src} {s * MiB} {MiB}")]
+    _run("qemu-io", "-f", "qcow2", *cmds, str(ov))
+    changed = 40 * MiB
+    t_inc, ires = timed(
+        lambda: backup_incremental(ov, "qcow2", [share], repo, VOL, full.manifest, base.name)
+    )
+    inc = ires
+    print(
+        f"P4 incremental: read {inc.bytes_read / MiB:.1f} MiB for {changed / MiB:.0f} MiB "
+        f"changed -> {inc.bytes_read / changed:.3f}x (target <= 1.1x); {t_inc:.3f} s = "
+        f"{t_inc / t_full:.3f}x of our full, {t_inc / t_pipe:.3f}x of the pipe's full read"
+    )
+
+    ref = work / "ref.raw"
+    t_conv, _ = timed(
+        lambda: _run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(base), str(ref))
+    )
+    out = work / "restored.raw"
+    t_rest, _ = timed(lambda: restore(repo, full.manifest.backup_id, out))
+    same = subprocess.run(["cmp", "-s", str(ref), str(out)]).returncode == 0
+    blocks = out.stat().st_blocks * 512
+    print(
+        f"P5 restore: ours {t_rest:.2f} s vs qemu-img convert {t_conv:.2f} s -> "
+        f"{t_conv / t_rest:.2f}x speed (target >= 1.0x); identical={same}; "
+        f"allocated {blocks / MiB:.0f} MiB of {size / MiB:.0f} MiB"
+    )
+    shutil.rmtree(work)
+    ov.unlink()
+
+
+if __name__ == "__main__":
+    main()
