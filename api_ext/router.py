@@ -47,8 +47,19 @@ class Router:
         self._hosts: dict[str, _HostView] = {}
         self._lock = threading.Lock()
 
-    def update(self, host: str, volumes: Iterable[Mapping[str, Any]], generation: int) -> bool:
-        """Record one host's inventory; False when it was stale and dropped."""
+    def update(
+        self,
+        host: str,
+        volumes: Iterable[Mapping[str, Any]],
+        generation: int,
+        *,
+        probed: bool = False,
+    ) -> bool:
+        """Record one host's inventory; False when it was stale and dropped.
+
+        A probed inventory never replaces a newer published one (no restart exception:
+        a probe answering generation 1 is not news if generation 2 was heard already).
+        """
         vols = list(volumes)
         view = _HostView(
             generation,
@@ -57,7 +68,8 @@ class Router:
         )
         with self._lock:
             old = self._hosts.get(host)
-            if old is not None and generation < old.generation and generation > 1:
+            restart = generation <= 1 and not probed
+            if old is not None and generation < old.generation and not restart:
                 return False
             self._hosts[host] = view
         return True
@@ -83,7 +95,7 @@ class Router:
                 except Exception as exc:  # an unreachable host must not hide the others
                     LOG.warning("inventory probe of host %s failed: %s", static, exc)
                     continue
-                self.update(inv.host, (vars(v) for v in inv.volumes), inv.generation)
+                self.update(inv.host, (vars(v) for v in inv.volumes), inv.generation, probed=True)
             host = self._find(key, instance)
         if host is None:
             what = "instance" if instance else "volume"

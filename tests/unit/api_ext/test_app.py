@@ -354,5 +354,11 @@ def test_router_probes_static_hosts_once_per_miss() -> None:
     assert router.host_for_volume(VOL) == "up"
     assert router.host_for_volume(VOL) == "up"
     assert probed == ["down", "up"]
+    # a newer published inventory is not overwritten by a later probe's older answer
+    other = "66666666-6666-4666-8666-666666666666"
+    assert router.update("up", [{"volume_id": other, "instance_uuid": INST}], 2)
+    with pytest.raises(LookupError):
+        router.host_for_volume(VOL)  # probes again: "up" answers generation 1, dropped
+    assert router.host_for_volume(other) == "up"
     with pytest.raises(LookupError):
         router.host_for_volume(str(uuid.uuid4()))
