@@ -28,6 +28,7 @@ from hostagent.notifier import (
     PasswordSettings,
     RetryPolicy,
 )
+from hostagent.recovery import reconcile
 from hostagent.rpc_server import serve
 from hostagent.rpcapi import InventoryFanout, get_transport
 from hostagent.service import AssistedService, Located
@@ -36,8 +37,10 @@ from libvirt_ops import (
     Deadlines,
     DiskSnapshotSpec,
     JobOptions,
+    LibvirtOpsError,
     QuiescePolicy,
     SnapshotRequest,
+    agent_command,
     commit,
     domain_disks,
     flatten,
@@ -118,6 +121,23 @@ class LibvirtHypervisor:
     def inventory(self) -> api.Inventory:
         return api.Inventory(self._host, read_attachments(self._conn.get()))
 
+    def block_job(self, where: Located) -> dict[str, int]:
+        """For recovery: the disk's running block job (empty when none)."""
+        info = self._conn.lookup(where.domain_uuid).blockJobInfo(where.disk.target, 0)
+        return dict(info) if info else {}
+
+    def thaw_if_frozen(self, domain_uuid: str) -> bool:
+        """For recovery: a guest we may have frozen before a crash is thawed now."""
+        dom = self._conn.lookup(domain_uuid)
+        try:
+            if agent_command(dom, "guest-fsfreeze-status") != "frozen":
+                return False
+            dom.fsThaw()
+        except (LibvirtOpsError, libvirt.libvirtError) as exc:
+            LOG.warning("freeze state of %s unknown: %s", domain_uuid, exc)
+            return False
+        return True
+
 
 def cinder_auth(conf: Any) -> AuthSettings:
     """The notifier's auth from the [cinder] group."""
@@ -158,6 +178,10 @@ def main(config_files: Sequence[str], *, ready: Callable[[], None] | None = None
     transport = get_transport(conf)
     tracker = InventoryTracker(
         conn, conf.host, InventoryFanout(transport), interval=conf.agent.inventory_interval
+    )
+    # before any request is served and before the queue's first pass delivers what it owes
+    reconcile(
+        journal, hv, queue, submit=pool.submit, roots=roots, job_timeout=conf.agent.merge_timeout
     )
     queue.start()  # resends what an earlier run left pending
     tracker.start()

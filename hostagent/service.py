@@ -9,9 +9,11 @@ step before taking it. Merged files are never deleted here: Cinder deletes them 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -22,6 +24,7 @@ from hostagent import service_api as api
 from hostagent._notify_queue import NotifyQueue
 from hostagent._pool import KeyedPool
 from hostagent.notifier import Report
+from hostagent.recovery import crash_point
 from libvirt_ops import Disk
 from qcow2 import CINDER, Qcow2Error, inspect_chain
 from qcow2.naming import volume_base_name
@@ -241,17 +244,27 @@ class AssistedService:
         return self._hv.inventory()
 
     # -- workers --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _step(
+        self, op_id: uuid.UUID, name: str, data: dict[str, Any] | None = None
+    ) -> Iterator[jn.StepHandle]:
+        """``Journal.step`` plus the test-only crash points right after each journal write."""
+        with self._journal.step(op_id, name, data) as handle:
+            crash_point(name, "planned")
+            yield handle
+        crash_point(name, "done")
+
     def _report(self, op_id: uuid.UUID, snapshot_id: str, report: Report) -> None:
-        with self._journal.step(op_id, "notify", {"report": report.name}) as step:
+        with self._step(op_id, "notify", {"report": report.name}) as step:
             step.data["delivered"] = self._notify.send(snapshot_id, report, op_id)
 
     def _run_create(self, op_id: uuid.UUID, req: api.CreateSnapshotRequest) -> None:
         j = self._journal
         try:
-            with j.step(op_id, "validate") as step:
+            with self._step(op_id, "validate") as step:
                 where, plan = self._validate_create(req)
                 step.data.update(plan)
-            with j.step(op_id, "snapshot", {"new_file": req.new_file}) as step:
+            with self._step(op_id, "snapshot", {"new_file": req.new_file}) as step:
                 step.data.update(self._hv.snapshot(where, req.new_file))
         except Exception as exc:
             LOG.warning("create %s of volume %s failed: %s", req.snapshot_id, req.volume_id, exc)
@@ -271,11 +284,11 @@ class AssistedService:
                 LOG.debug("progress of %s not journaled", op_id, exc_info=True)
 
         try:
-            with j.step(op_id, "validate") as step:
+            with self._step(op_id, "validate") as step:
                 where, plan = self._validate_delete(req)
                 step.data.update(plan)
             data = {"file_to_merge": req.file_to_merge, "target": req.merge_target_file}
-            with j.step(op_id, "merge", data) as step:
+            with self._step(op_id, "merge", data) as step:
                 result = self._hv.merge(where, req.file_to_merge, req.merge_target_file, progress)
                 step.data.update(result)
         except Exception as exc:
