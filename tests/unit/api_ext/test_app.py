@@ -362,3 +362,25 @@ def test_router_probes_static_hosts_once_per_miss() -> None:
     assert router.host_for_volume(other) == "up"
     with pytest.raises(LookupError):
         router.host_for_volume(str(uuid.uuid4()))
+
+
+def test_keystone_strategy_rejects_missing_token_before_the_app(
+    agent: FakeAgent, tmp_path: Any
+) -> None:
+    """With auth_strategy=keystone, auth_token answers 401 itself (no Keystone needed)."""
+    conf = make_conf(overrides={"api.policy_file": str(tmp_path / "none.yaml")})
+    router = Router()
+    router.update("host-a", [{"volume_id": VOL, "instance_uuid": INST}], 1)
+    inner = ApiApp(router, lambda host: agent, auth.make_enforcer(conf))
+    from keystonemiddleware.opts import list_auth_token_opts
+
+    for group, opts in list_auth_token_opts():
+        conf.register_opts(opts, group=group)
+    keystone = "http://keystone.invalid/v3"
+    conf.set_override("www_authenticate_uri", keystone, group="keystone_authtoken")
+    app = webtest.TestApp(auth.wrap(inner, conf))
+    forged = {"X-Identity-Status": "Confirmed", "X-User-Id": "x", "X-Roles": "service"}
+    resp = app.post_json(URL, _create_body(), headers=forged, expect_errors=True)
+    assert resp.status_int == 401
+    assert resp.headers["WWW-Authenticate"] == f'Keystone uri="{keystone}"'
+    assert agent.calls == []
