@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hostagent.backup import Repository, backup_full, backup_incremental, restore
 
 MiB = 1 << 20
-VOL = str(uuid.uuid5(uuid.NAMESPACE_OID, "qsnap-bench-backup"))
+VOL = str(uuid.uuid5(uuid.NAMESPACE_OID, "qsnap-bench-backup-v2"))
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
 
@@ -44,16 +44,17 @@ def _run(*argv: str) -> None:
 
 
 def _text_blocks(n: int) -> list[bytes]:
-    """Real text: the project's own sources, cut into 1 MiB blocks."""
-    corpus = b"".join(
-        p.read_bytes() for p in sorted(ROOT.glob("**/*.py")) if ".venv" not in p.parts
-    )
-    corpus += b"".join(
-        p.read_bytes() for p in sorted(ROOT.glob("**/*.md")) if ".venv" not in p.parts
-    )
-    while len(corpus) < (n + 1) * MiB:
+    """Real text (this repository's sources), ``n`` distinct 1 MiB blocks.
+
+    Each block starts at its own offset of the corpus, so no two are identical: dedup cannot
+    flatter us, while the stock pipe's stream compressor may still match across blocks.
+    """
+    files = sorted(ROOT.glob("**/*.py")) + sorted(ROOT.glob("**/*.md"))
+    corpus = b"".join(p.read_bytes() for p in files if ".venv" not in p.parts)
+    while len(corpus) < 4 * MiB:
         corpus += corpus
-    return [corpus[i * MiB : (i + 1) * MiB] for i in range(n)]
+    span = len(corpus) - MiB
+    return [corpus[(k * 104729) % span :][:MiB] for k in range(n)]
 
 
 def build(d: Path, size: int) -> Path:
@@ -62,13 +63,13 @@ def build(d: Path, size: int) -> Path:
         return base
     d.mkdir(parents=True, exist_ok=True)
     rnd = random.Random(7)
-    text = _text_blocks(64)
+    text = _text_blocks(size // MiB // 4 + 1)
     raw = d / "src.raw"
     with open(raw, "wb") as f:
         f.truncate(size)
         for k, i in enumerate(range(0, size // MiB, 2)):
             f.seek(i * MiB)
-            f.write(rnd.randbytes(MiB) if k % 2 == 0 else text[k % len(text)])
+            f.write(rnd.randbytes(MiB) if k % 2 == 0 else text[k // 2])
     _run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(base))
     raw.unlink()
     return base
