@@ -14,6 +14,10 @@ fi
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || {
     echo "cinder_setup: Cinder needs Python >= 3.11 ($PY is older)" >&2; exit 1; }
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/pip" install -q --disable-pip-version-check "cinder>=29,<30" fixtures
+log=$(mktemp)
+if ! "$VENV/bin/pip" install -q --disable-pip-version-check "cinder>=29,<30" fixtures >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"; echo "cinder_setup: pip install failed" >&2; exit 1
+fi
+rm -f "$log"
 "$VENV/bin/python" -c 'import cinder.volume.drivers.nfs, fixtures'
 echo "cinder_setup: $("$VENV/bin/python" -c 'import importlib.metadata as m; print("cinder", m.version("cinder"))') in $VENV"
