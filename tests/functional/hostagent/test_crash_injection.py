@@ -104,6 +104,21 @@ class Bed:
 
 
 @pytest.fixture(scope="module")
+def share() -> Iterator[Any]:
+    """The dir share only, overriding the session-wide dir/gluster parametrization.
+
+    Recovery decides from the journal, the live XML and the file headers; none of that
+    depends on the share kind, and both kinds are exercised by test_agent_assisted.py.
+    One kind keeps the 12 kill -9 cycles (two agent starts each) inside the CI budget.
+    """
+    from tests.bed.shares import DirShare
+
+    s = DirShare()
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
 def bed(libvirt_host: Any, guest_image: Any, share: Any, rabbitmq: Any) -> Iterator[Bed]:
     from tests.bed import procs
     from tests.bed.guest import GuestFactory
