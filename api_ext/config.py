@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from oslo_config import cfg
-from oslo_log import log as oslo_log
 
-from hostagent._messaging import register_messaging_opts
+from hostagent.config import build_conf
 
 api_opts: list[cfg.Opt] = [
     cfg.HostAddressOpt("bind_host", default="127.0.0.1", help="Address the API listens on."),
@@ -71,25 +70,15 @@ def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:
     return [("api", list(api_opts))]
 
 
+def _register(conf: cfg.ConfigOpts) -> None:
+    conf.register_opts(api_opts, group="api")
+
+
 def make_conf(
     args: Sequence[str] = (),
     *,
     config_files: Sequence[str] | None = None,
     overrides: dict[str, object] | None = None,
 ) -> cfg.ConfigOpts:
-    """A parsed private ``ConfigOpts``; ``overrides`` maps ``"group.name"`` to a value."""
-    conf = cfg.ConfigOpts()
-    conf.register_opts(api_opts, group="api")
-    register_messaging_opts(conf)
-    oslo_log.register_options(conf)
-    conf(
-        list(args),
-        project="qsnap",
-        prog="qsnap-api",
-        default_config_files=list(config_files) if config_files is not None else [],
-        default_config_dirs=[],
-    )
-    for key, value in (overrides or {}).items():
-        group, _, name = key.rpartition(".")
-        conf.set_override(name, value, group=group or None)
-    return conf
+    """The API's parsed private ``ConfigOpts``; ``overrides`` maps ``"group.name"`` to a value."""
+    return build_conf("qsnap-api", _register, args, config_files=config_files, overrides=overrides)

@@ -11,7 +11,7 @@ Embedded defaults work on a single machine: ``qemu:///system``, state under /var
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from oslo_config import cfg
 from oslo_log import log as oslo_log
@@ -157,24 +157,29 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
         conf.register_opts(opts, group=group)
 
 
-def make_conf(
+def build_conf(
+    prog: str,
+    register: Callable[[cfg.ConfigOpts], None],
     args: Sequence[str] = (),
     *,
     config_files: Sequence[str] | None = None,
     overrides: dict[str, object] | None = None,
 ) -> cfg.ConfigOpts:
-    """A parsed private ``ConfigOpts`` with ours, oslo.messaging's and oslo.log's options.
+    """A parsed private ``ConfigOpts`` for one qsnap service (agent or API).
 
-    ``overrides`` maps ``"group.name"`` (or ``"name"`` for [DEFAULT]) to a value; for tests.
+    ``register`` adds the service's own options; oslo.messaging's (including the tracing and
+    metrics groups it registers only on the global CONF) and oslo.log's are always added, so
+    several services can live in one process without sharing state. ``overrides`` maps
+    ``"group.name"`` (or ``"name"`` for [DEFAULT]) to a value; for tests.
     """
     conf = cfg.ConfigOpts()
-    register_opts(conf)
+    register(conf)
     register_messaging_opts(conf)
     oslo_log.register_options(conf)
     conf(
         list(args),
         project="qsnap",
-        prog="qsnap-agent",
+        prog=prog,
         default_config_files=list(config_files) if config_files is not None else [],
         default_config_dirs=[],
     )
@@ -182,3 +187,15 @@ def make_conf(
         group, _, name = key.rpartition(".")
         conf.set_override(name, value, group=group or None)
     return conf
+
+
+def make_conf(
+    args: Sequence[str] = (),
+    *,
+    config_files: Sequence[str] | None = None,
+    overrides: dict[str, object] | None = None,
+) -> cfg.ConfigOpts:
+    """The agent's parsed private ``ConfigOpts`` (see :func:`build_conf`)."""
+    return build_conf(
+        "qsnap-agent", register_opts, args, config_files=config_files, overrides=overrides
+    )

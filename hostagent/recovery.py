@@ -30,45 +30,23 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from hostagent import journal as jn
 from hostagent import operations as ops
 from hostagent import service_api as api
+from hostagent._crash import CRASH_ENV as CRASH_ENV  # re-exported for tests and tools
+from hostagent._crash import crash_point as crash_point
 from hostagent._notify_queue import NotifyQueue
 from hostagent.notifier import Report
+from hostagent.service import Hypervisor, Located
 from qcow2 import CINDER, Qcow2Error, inspect_chain
-
-if TYPE_CHECKING:  # service.py imports crash_point from here: no runtime cycle
-    from hostagent.service import Located
 
 LOG = logging.getLogger(__name__)
 
-#: TEST ONLY. ``"<step>:<planned|done>"`` makes the agent ``os._exit(137)`` right after that
-#: journal write, like a kill -9 at that instant. Unset (production): no effect at all.
-CRASH_ENV = "QSNAP_TEST_CRASH_AT"
 
-
-def crash_point(step: str, phase: str) -> None:
-    """Die now if :data:`CRASH_ENV` names this step and phase (test-only crash injection)."""
-    if os.environ.get(CRASH_ENV) == f"{step}:{phase}":
-        LOG.error("%s=%s: exiting 137 (test crash injection)", CRASH_ENV, f"{step}:{phase}")
-        logging.shutdown()
-        os._exit(137)
-
-
-class RecoveryHypervisor(Protocol):
-    """The service's hypervisor (locate, merge) plus what recovery must observe directly."""
-
-    def locate(self, volume_id: str) -> Located: ...
-
-    def merge(
-        self,
-        where: Located,
-        file_to_merge: str | None,
-        merge_target_file: str | None,
-        progress: Any,
-    ) -> dict[str, Any]: ...
+class RecoveryHypervisor(Hypervisor, Protocol):
+    """The service's hypervisor plus what recovery must observe directly."""
 
     def block_job(self, where: Located) -> dict[str, int]:
         """``blockJobInfo`` of the disk; empty when it has no job."""

@@ -21,10 +21,10 @@ from typing import Any, Protocol
 from hostagent import journal as jn
 from hostagent import operations as ops
 from hostagent import service_api as api
+from hostagent._crash import crash_point
 from hostagent._notify_queue import NotifyQueue
 from hostagent._pool import KeyedPool
 from hostagent.notifier import Report
-from hostagent.recovery import crash_point
 from libvirt_ops import Disk
 from qcow2 import CINDER, Qcow2Error, inspect_chain
 from qcow2.naming import volume_base_name
