@@ -54,6 +54,17 @@ def _next_used(raw: bytes, first: int, stop: int, width: int) -> int:
     return m.start() // width if m else stop
 
 
+def _empty_run(raw: bytes, l2i: int, pos: int, end: int, cb: int, width: int) -> tuple[int, int]:
+    """Skip the run of empty L2 entries starting at ``l2i`` (guest offset ``pos``) at once.
+
+    Returns the guest offset where the run stops (``end`` at most) and the L2 index after it.
+    """
+    cend = min(end, ((pos >> cb) + 1) << cb)
+    nxt = _next_used(raw, l2i, l2i + ((end - 1) >> cb) - (pos >> cb) + 1, width)
+    stop = min(end, cend + ((nxt - l2i - 1) << cb))
+    return stop, l2i + ((stop - 1) >> cb) - (pos >> cb) + 1
+
+
 def _be_u64(data: bytes) -> array[int]:
     """Big-endian u64 table to an array (8 bytes per entry, not a Python int per entry)."""
     arr = array("Q")
@@ -238,11 +249,9 @@ class Qcow2Layer(Layer):
         while pos < end:
             cend = min(end, ((pos >> cb) + 1) << cb)
             e = tbl[l2i]
-            if e == 0:  # skip the whole run of empty entries at once
-                nxt = _next_used(raw, l2i, l2i + ((end - 1) >> cb) - (pos >> cb) + 1, 8)
-                stop = min(end, cend + ((nxt - l2i - 1) << cb))
+            if e == 0:
+                stop, l2i = _empty_run(raw, l2i, pos, end, cb, 8)
                 out.append((pos, stop - pos, K_UNALLOC, 0))
-                l2i += ((stop - 1) >> cb) - (pos >> cb) + 1
                 pos = stop
                 continue
             l2i += 1
@@ -275,10 +284,8 @@ class Qcow2Layer(Layer):
             e = tbl[2 * l2i]
             bitmap = tbl[2 * l2i + 1]
             if e == 0 and bitmap == 0:
-                nxt = _next_used(raw, l2i, l2i + ((end - 1) >> cb) - (pos >> cb) + 1, 16)
-                stop = min(end, cend + ((nxt - l2i - 1) << cb))
+                stop, l2i = _empty_run(raw, l2i, pos, end, cb, 16)
                 out.append((pos, stop - pos, K_UNALLOC, 0))
-                l2i += ((stop - 1) >> cb) - (pos >> cb) + 1
                 pos = stop
                 continue
             l2i += 1
