@@ -10,14 +10,15 @@ PKGS=(qemu-system-x86 qemu-utils qemu-guest-agent libvirt-daemon-system libvirt-
       glusterfs-server glusterfs-client rabbitmq-server libnbd-bin zstd procps iproute2
       psmisc python3-venv lz4)
 
-missing=()
-# One dpkg-query for all packages: fast path when everything is installed.
+# One dpkg-query for all packages (fast path when everything is installed): a package is
+# missing unless dpkg reports it "installed"; unknown ones are not listed at all.
+declare -A installed=()
 while read -r name status; do
-    [[ "$status" == "installed" ]] || missing+=("$name")
+    [[ "$status" == "installed" ]] && installed[$name]=1
 done < <(dpkg-query -W -f='${Package} ${db:Status-Status}\n' "${PKGS[@]}" 2>/dev/null || true)
+missing=()
 for p in "${PKGS[@]}"; do
-    dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null | grep -q '^installed$' || {
-        [[ " ${missing[*]-} " == *" $p "* ]] || missing+=("$p"); }
+    [[ -n "${installed[$p]-}" ]] || missing+=("$p")
 done
 if ((${#missing[@]})); then
     echo "host-setup: installing ${missing[*]}"

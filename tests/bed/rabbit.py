@@ -12,7 +12,6 @@ import socket
 import subprocess
 import time
 import uuid
-from pathlib import Path
 
 from tests.bed import procs
 
@@ -120,7 +119,3 @@ class RabbitNode:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def cleanup_stale(base: Path) -> None:  # pragma: no cover - manual helper
-    shutil.rmtree(base, ignore_errors=True)
