@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import routes
@@ -47,6 +48,22 @@ _AGENT_ERRORS: tuple[tuple[type[api.AgentRpcError], int], ...] = (
     (api.DiskBusy, 409),
     (api.InvalidRequest, 400),
 )
+# Errors known by name only: the agent side may add them after this API (RPC 1.1's
+# SnapshotNotFound), and a RemoteError naming them still deserves its status.
+_AGENT_ERRORS_BY_NAME = {"SnapshotNotFound": 404, "VolumeNotFound": 404, "DiskBusy": 409}
+#: Hosts asked at once by the operations listing (each call blocks one thread).
+_FANOUT_THREADS = 8
+
+
+def _agent_error_status(exc: Exception) -> int | None:
+    """HTTP status of a typed agent error (by class, then by class name), None if unknown."""
+    for cls, status in _AGENT_ERRORS:
+        if isinstance(exc, cls):
+            return status
+    names = [c.__name__ for c in type(exc).__mro__]
+    if isinstance(exc, om.RemoteError):
+        names.insert(0, str(exc.exc_type))
+    return next((_AGENT_ERRORS_BY_NAME[n] for n in names if n in _AGENT_ERRORS_BY_NAME), None)
 
 
 class AgentClient(Protocol):
@@ -73,6 +90,19 @@ class AgentClient(Protocol):
     ) -> api.Operation: ...
 
     def get_operation(self, ctxt: Mapping[str, Any], op_id: str) -> api.Operation: ...
+
+    def list_operations(
+        self, ctxt: Mapping[str, Any], filters: api.OperationFilters | None = None
+    ) -> list[api.Operation]: ...
+
+    def delete_snapshot(
+        self, ctxt: Mapping[str, Any], volume_id: str, snapshot_id: str
+    ) -> api.Operation:
+        """RPC 1.1: merge away a snapshot the agent manages (its ledger names it).
+
+        Raises SnapshotNotFound / VolumeNotFound (404), DiskBusy (409), InvalidRequest (400).
+        """
+        ...
 
 
 class HttpError(Exception):
@@ -119,7 +149,13 @@ class ApiApp:
         m.connect(
             base + "/{snapshot_id}", action="delete_assisted", conditions={"method": ["DELETE"]}
         )
+        m.connect("/v1/operations", action="list_operations", conditions={"method": ["GET"]})
         m.connect("/v1/operations/{op_id}", action="get_operation", conditions={"method": ["GET"]})
+        m.connect(
+            "/v1/volumes/{volume_id}/snapshots/{snapshot_id}",
+            action="delete_snapshot",
+            conditions={"method": ["DELETE"]},
+        )
         m.connect(
             "/v1/instances/{instance_uuid}/snapshots",
             action="snapshot_instance",
@@ -152,13 +188,16 @@ class ApiApp:
         except NotRouted as exc:
             resp = _fault(404, str(exc))
         except api.AgentRpcError as exc:
-            status = next((s for cls, s in _AGENT_ERRORS if isinstance(exc, cls)), 500)
-            resp = _fault(status, exc.message or type(exc).__name__)
+            resp = _fault(_agent_error_status(exc) or 500, exc.message or type(exc).__name__)
         except om.MessagingTimeout:
             resp = _fault(503, "The host agent did not answer in time; retry later.")
         except om.RemoteError as exc:
-            LOG.error("agent failed: %s", exc)
-            resp = _fault(500, "The host agent failed unexpectedly.")
+            status = _agent_error_status(exc)
+            if status is not None:
+                resp = _fault(status, str(exc.value) or str(exc.exc_type))
+            else:
+                LOG.error("agent failed: %s", exc)
+                resp = _fault(500, "The host agent failed unexpectedly.")
         except om.MessagingException as exc:
             LOG.warning("agent unreachable: %s", exc)
             resp = _fault(503, "The host agent is unreachable; retry later.")
@@ -253,3 +292,64 @@ class ApiApp:
             self._rpc_ctxt(ctx), ireq.instance_uuid, ireq.volume_ids, ireq.quiesce
         )
         return _json_response(202, {"operation": op.to_wire()})
+
+    def _delete_snapshot(
+        self, req: webob.Request, ctx: Any, volume_id: str, snapshot_id: str
+    ) -> webob.Response:
+        self._authorize(auth.DELETE_SNAPSHOT, ctx)
+        vol, snap = schemas.snapshot_ids(volume_id, snapshot_id)
+        host = self._router.host_for_volume(vol)
+        op = self._agents(host).delete_snapshot(self._rpc_ctxt(ctx), vol, snap)
+        return _json_response(202, {"operation": op.to_wire()})
+
+    def _list_operations(self, req: webob.Request, ctx: Any) -> webob.Response:
+        """Every known host's operations merged, newest first, ``limit`` applied last.
+
+        Agents are asked for up to the maximum (their journal returns the OLDEST matches
+        first), so the newest ``limit`` of the merge are right for up to that many operations
+        per host. A host whose agent fails or does not answer is reported in ``failed_hosts``
+        (host -> reason) instead of failing the whole listing, unless ``host=`` named it.
+        """
+        self._authorize(auth.LIST_OPERATIONS, ctx)
+        host, filters = schemas.list_request(req.query_string)
+        hosts = self._router.known_hosts()
+        if host is not None and host not in hosts:
+            raise HttpError(404, f"unknown host {host!r}")
+        asked = api.OperationFilters(
+            filters.state, filters.kind, filters.volume_id, schemas.MAX_LIST_LIMIT
+        )
+        rpc_ctxt = self._rpc_ctxt(ctx)
+        if host is not None:
+            ops = self._agents(host).list_operations(rpc_ctxt, asked)
+            failed: dict[str, str] = {}
+        else:
+            ops, failed = self._fan_out(hosts, rpc_ctxt, asked)
+        ops.sort(key=lambda op: (op.created_at or "", op.id), reverse=True)
+        body: dict[str, Any] = {"operations": [op.to_wire() for op in ops[: filters.limit]]}
+        if failed:
+            body["failed_hosts"] = failed
+        return _json_response(200, body)
+
+    def _fan_out(
+        self, hosts: Sequence[str], rpc_ctxt: dict[str, Any], filters: api.OperationFilters
+    ) -> tuple[list[api.Operation], dict[str, str]]:
+        def one(host: str) -> list[api.Operation]:
+            return self._agents(host).list_operations(rpc_ctxt, filters)
+
+        ops: list[api.Operation] = []
+        failed: dict[str, str] = {}
+        if not hosts:
+            return ops, failed
+        with ThreadPoolExecutor(min(_FANOUT_THREADS, len(hosts))) as pool:
+            futures = [(h, pool.submit(one, h)) for h in hosts]
+            for host, future in futures:
+                try:
+                    ops.extend(future.result())
+                except (om.MessagingException, api.AgentRpcError) as exc:
+                    LOG.warning("listing operations of host %s failed: %s", host, exc)
+                    failed[host] = (
+                        "no answer in time"
+                        if isinstance(exc, om.MessagingTimeout)
+                        else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    )
+        return ops, failed

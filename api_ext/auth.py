@@ -8,8 +8,9 @@ its roles (``[api] noauth_roles`` when absent). Either way the app sees keystone
 headers and builds an ``oslo_context`` RequestContext from them.
 
 Policy defaults follow Nova: the assisted-snapshot API is for the volume service
-(``role:service or role:admin``); instance snapshots and operations are for admins (and
-the service, for operations it started). Deployers override them in ``[api] policy_file``.
+(``role:service or role:admin``); every native ``/v1`` call (instance snapshots, agent-owned
+snapshot deletes, operations) is for admins: the volume service never calls ``/v1``.
+Deployers override them in ``[api] policy_file``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ CREATE_ASSISTED = "qsnap:assisted_snapshot:create"
 DELETE_ASSISTED = "qsnap:assisted_snapshot:delete"
 INSTANCE_SNAPSHOT = "qsnap:instance_snapshot:create"
 GET_OPERATION = "qsnap:operation:get"
+LIST_OPERATIONS = "qsnap:operation:list"
+DELETE_SNAPSHOT = "qsnap:snapshot:delete"
 
 RULES = [
     policy.DocumentedRuleDefault(
@@ -52,10 +55,22 @@ RULES = [
         [{"method": "POST", "path": "/v1/instances/{instance_uuid}/snapshots"}],
     ),
     policy.DocumentedRuleDefault(
+        DELETE_SNAPSHOT,
+        ADMIN,
+        "Delete a snapshot the agent manages (merge it away, update the ledger).",
+        [{"method": "DELETE", "path": "/v1/volumes/{volume_id}/snapshots/{snapshot_id}"}],
+    ),
+    policy.DocumentedRuleDefault(
         GET_OPERATION,
-        SERVICE_OR_ADMIN,
+        ADMIN,
         "Show an operation's state, progress and error.",
         [{"method": "GET", "path": "/v1/operations/{operation_id}"}],
+    ),
+    policy.DocumentedRuleDefault(
+        LIST_OPERATIONS,
+        ADMIN,
+        "List operations of every known host (or one), newest first.",
+        [{"method": "GET", "path": "/v1/operations"}],
     ),
 ]
 

@@ -16,6 +16,7 @@ from urllib.parse import parse_qs
 import jsonschema
 
 from hostagent import service_api as api
+from qcow2.naming import is_uuid
 
 # nova/api/openstack/compute/schemas/assisted_volume_snapshots.py (v2.1)
 SNAPSHOTS_CREATE: dict[str, Any] = {
@@ -159,3 +160,60 @@ def instance_request(instance_uuid: str, body: object) -> api.InstanceSnapshotRe
         snap.get("quiesce", "preferred"),
     )
     return req
+
+
+#: Query parameters of ``GET /v1/operations``; anything else is refused (a typo must not
+#: silently widen the listing).
+LIST_PARAMS = ("host", "state", "kind", "volume_id", "limit")
+MAX_LIST_LIMIT = 1000
+
+
+def _one_param(params: dict[str, list[str]], name: str) -> str | None:
+    values = params.get(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BadRequest(f"Invalid input: query parameter {name} given more than once")
+    if not values[0]:
+        raise BadRequest(f"Invalid input for field/attribute {name}: must not be empty")
+    return values[0]
+
+
+def _choice(value: str | None, name: str, allowed: list[str]) -> str | None:
+    if value is not None and value not in allowed:
+        raise BadRequest(
+            f"Invalid input for field/attribute {name}: {value!r} is not one of {allowed}"
+        )
+    return value
+
+
+def list_request(query_string: str) -> tuple[str | None, api.OperationFilters]:
+    """``(host or None, filters)`` from ``GET /v1/operations``'s query string."""
+    params = parse_qs(query_string, keep_blank_values=True)
+    if unknown := sorted(set(params) - set(LIST_PARAMS)):
+        raise BadRequest(f"Invalid input: unknown query parameters {unknown}")
+    host = _one_param(params, "host")
+    if host is not None and (len(host) > 255 or not host.isprintable()):
+        raise BadRequest("Invalid input for field/attribute host: not a host name")
+    state = _choice(_one_param(params, "state"), "state", [s.value for s in api.OperationState])
+    kind = _choice(_one_param(params, "kind"), "kind", [k.value for k in api.OperationKind])
+    volume_id = _one_param(params, "volume_id")
+    raw_limit = _one_param(params, "limit")
+    limit = 100
+    if raw_limit is not None:
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
+            raise BadRequest(
+                f"Invalid input for field/attribute limit: an integer in 1..{MAX_LIST_LIMIT}"
+            )
+        limit = int(raw_limit)
+    wire = {"state": state, "kind": kind, "volume_id": volume_id, "limit": limit}
+    filters: api.OperationFilters = _typed(api.OperationFilters.from_wire, wire)
+    return host, filters
+
+
+def snapshot_ids(volume_id: str, snapshot_id: str) -> tuple[str, str]:
+    """Both path ids of ``DELETE /v1/volumes/{v}/snapshots/{s}`` as lower-case UUIDs."""
+    for field, value in (("volume_id", volume_id), ("snapshot_id", snapshot_id)):
+        if not is_uuid(value):
+            raise BadRequest(f"Invalid input for field/attribute {field}: must be a UUID")
+    return volume_id.lower(), snapshot_id.lower()
