@@ -4,7 +4,8 @@ Cinder waits for ``creating``/``deleting`` + ``90%`` (up to 600 s / 7200 s); a r
 because Cinder's API blinked would leave it waiting to its timeout and then fail a snapshot
 that exists. So every report is written to the journal before it is sent, a failed one
 stays PENDING with a backoff, a background thread resends due ones, and on agent start
-everything still pending is resent.
+everything still pending is resent. Record changes owed for agent-owned snapshots
+(:class:`hostagent.cinder_meta.MetaAction`: finalize, delete-metadata) travel the same way.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 import uuid
 from typing import Protocol
 
+from hostagent.cinder_meta import MetaAction, MetaError
 from hostagent.journal import Journal, backoff
 from hostagent.notifier import NotifyError, NotifyRejected, Report, Reported
 
@@ -27,6 +29,13 @@ class Notifier(Protocol):
     def report_create_failed(self, snapshot_id: str) -> Reported: ...
     def report_delete_done(self, snapshot_id: str) -> Reported: ...
     def report_delete_failed(self, snapshot_id: str) -> Reported: ...
+
+
+class MetaClient(Protocol):
+    """The part of :class:`hostagent.cinder_meta.CinderMeta` the agent uses."""
+
+    def create(self, snapshot_id: str, volume_id: str, description: str) -> None: ...
+    def apply(self, snapshot_id: str, action: MetaAction) -> None: ...
 
 
 def _send(notifier: Notifier, snapshot_id: str, report: Report) -> Reported:
@@ -47,11 +56,13 @@ class NotifyQueue:
         journal: Journal,
         notifier: Notifier,
         *,
+        meta: MetaClient | None = None,
         poll_interval: float = 1.0,
         rejected_retry: float = 300.0,
     ) -> None:
         self._journal = journal
         self._notifier = notifier
+        self._meta = meta
         self._poll = poll_interval
         self._rejected_retry = rejected_retry
         self._send_lock = threading.Lock()  # one delivery at a time: no duplicate sends
@@ -65,17 +76,39 @@ class NotifyQueue:
         note = self._journal.enqueue(snapshot_id, status, progress, op_id)
         return self._deliver(note.id, snapshot_id, report)
 
-    def _deliver(self, note_id: int, snapshot_id: str, report: Report) -> bool:
+    @property
+    def meta(self) -> MetaClient | None:
+        """Cinder's record client for agent-owned snapshots; None when ``[cinder] enabled``
+        is false (no volume service: ledgers are still kept, no call is made)."""
+        return self._meta
+
+    def send_meta(self, snapshot_id: str, action: MetaAction, op_id: uuid.UUID | None) -> bool:
+        """Journal a record change then try it once; False = left pending for a resend."""
+        if self._meta is None:
+            raise RuntimeError("no Cinder record client: [cinder] enabled is false")
+        note = self._journal.enqueue(snapshot_id, action.value, None, op_id)
+        return self._deliver(note.id, snapshot_id, action)
+
+    def _do(self, snapshot_id: str, what: Report | MetaAction) -> None:
+        if isinstance(what, Report):
+            _send(self._notifier, snapshot_id, what)
+        elif self._meta is None:  # journaled by an agent that had Cinder enabled
+            raise MetaError(snapshot_id, what.value, "[cinder] enabled is false", rejected=True)
+        else:
+            self._meta.apply(snapshot_id, what)
+
+    def _deliver(self, note_id: int, snapshot_id: str, report: Report | MetaAction) -> bool:
         with self._send_lock:
             if self._journal.notification(note_id).state.value != "pending":
                 return True  # sent meanwhile by the other path
             try:
-                _send(self._notifier, snapshot_id, report)
-            except NotifyError as exc:
+                self._do(snapshot_id, report)
+            except (NotifyError, MetaError) as exc:
                 attempts = self._journal.notification(note_id).attempts + 1
-                retry = (
-                    self._rejected_retry if isinstance(exc, NotifyRejected) else backoff(attempts)
+                rejected = isinstance(exc, NotifyRejected) or (
+                    isinstance(exc, MetaError) and exc.rejected
                 )
+                retry = self._rejected_retry if rejected else backoff(attempts)
                 self._journal.mark_failed(note_id, exc, retry_in=retry)
                 LOG.error(
                     "report %s for %s not delivered (retry in %.0fs): %s",
@@ -98,8 +131,8 @@ class NotifyQueue:
         for note in self._journal.pending_notifications(due_only=due_only):
             if self._stop.is_set():
                 break
-            report = Report((note.status, note.progress))
-            sent += self._deliver(note.id, note.snapshot_id, report)
+            what = MetaAction.of(note.status) or Report((note.status, note.progress))
+            sent += self._deliver(note.id, note.snapshot_id, what)
         return sent
 
     def start(self) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from hostagent._notify_queue import NotifyQueue
 from hostagent._pool import KeyedPool
+from hostagent.cinder_meta import CinderMeta
 from hostagent.config import make_conf
 from hostagent.hypervisor import LibvirtHypervisor
 from hostagent.inventory import InventoryTracker
@@ -61,7 +62,8 @@ def main(config_files: Sequence[str], *, ready: Callable[[], None] | None = None
     conn = Connection(conf.libvirt.uri, open_timeout=conf.libvirt.open_timeout)
     journal = Journal(os.path.join(conf.state_path, "journal.sqlite"), host=conf.host)
     retry = RetryPolicy(deadline=30.0, request_timeout=conf.cinder.timeout)
-    queue = NotifyQueue(journal, CinderNotifier(cinder_auth(conf), retry))
+    meta = CinderMeta(cinder_auth(conf), retry) if conf.cinder.enabled else None
+    queue = NotifyQueue(journal, CinderNotifier(cinder_auth(conf), retry), meta=meta)
     pool = KeyedPool(conf.agent.workers)
     hv = LibvirtHypervisor(
         conn,
@@ -77,8 +79,9 @@ def main(config_files: Sequence[str], *, ready: Callable[[], None] | None = None
     )
     # before any request is served and before the queue's first pass delivers what it owes
     reconcile(
-        journal, hv, queue, submit=pool.submit, roots=roots, job_timeout=conf.agent.merge_timeout
-    )
+        journal, hv, queue, submit=pool.submit, roots=roots, job_timeout=conf.agent.merge_timeout,
+        owned=service.owned,
+    )  # fmt: skip
     queue.start()  # resends what an earlier run left pending
     tracker.start()
     try:

@@ -97,6 +97,13 @@ shares_opts: list[cfg.Opt] = [
 ]
 
 cinder_opts: list[cfg.Opt] = [
+    cfg.BoolOpt(
+        "enabled",
+        default=True,
+        help="Whether a volume service exists. When false (a host without Cinder, the demo) "
+        "the agent still keeps the .info ledgers of the snapshots it takes itself but "
+        "makes no Cinder record calls, and journals that it skipped them.",
+    ),
     cfg.StrOpt(
         "auth_type",
         default="none",

@@ -7,6 +7,7 @@ place that reads like the Protocol it implements.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from libvirt_ops import (
     LibvirtOpsError,
     QuiescePolicy,
     SnapshotRequest,
+    active_commit,
     agent_command,
     commit,
     domain_disks,
@@ -30,8 +32,15 @@ from libvirt_ops import (
     pull,
     take_snapshot,
 )
+from qcow2.naming import is_uuid
 
 LOG = logging.getLogger(__name__)
+
+_QUIESCE = {
+    api.Quiesce.REQUIRED: QuiescePolicy.REQUIRE,
+    api.Quiesce.PREFERRED: QuiescePolicy.PREFER,
+    api.Quiesce.NONE: QuiescePolicy.OFF,
+}
 
 
 class LibvirtHypervisor:
@@ -73,6 +82,56 @@ class LibvirtHypervisor:
             "quiesced": res.quiesced,
             "fallback_reason": res.fallback_reason,
             "chain": [layer.path for layer in res.disks[0].chain],
+        }
+
+    def instance_volumes(self, instance_uuid: str) -> list[Located]:
+        """Every volume disk (serial is a UUID) of the running domain ``instance_uuid``."""
+        try:
+            dom = self._conn.get().lookupByUUIDString(instance_uuid)
+            if not dom.isActive():
+                raise api.InstanceNotFound(f"instance {instance_uuid} is not running")
+            disks, dom_uuid = domain_disks(dom), dom.UUIDString()
+        except libvirt.libvirtError as exc:
+            raise api.InstanceNotFound(f"instance {instance_uuid} is not on {self._host}") from exc
+        return [Located(dom_uuid, d) for d in disks if is_uuid((d.serial or "").lower())]
+
+    def snapshot_disks(
+        self, domain_uuid: str, files: list[tuple[str, str]], quiesce: api.Quiesce
+    ) -> dict[str, Any]:
+        """ONE atomic snapshot of ``(volume_id, new_file)`` disks onto overlays WE made."""
+        specs = tuple(DiskSnapshotSpec(f, volume_id=v, reuse_existing=True) for v, f in files)
+        request = SnapshotRequest(
+            domain_uuid,
+            specs,
+            quiesce=_QUIESCE[quiesce],
+            deadlines=Deadlines(max_frozen=self._freeze),
+        )
+        res = take_snapshot(self._conn, request, roots=self._roots)
+        return {
+            "quiesced": res.quiesced,
+            "method": res.method.value,
+            "fallback_reason": res.fallback_reason,
+            "frozen_s": res.timings.frozen,
+            "chains": {d.volume_id: [lay.path for lay in d.chain] for d in res.disks},
+        }
+
+    def merge_owned(
+        self, where: Located, file: str, progress: Callable[[int, int], None]
+    ) -> dict[str, Any]:
+        """Merge ``file`` into its backing file: active commit + pivot when it is the top
+        (copies only the overlay), a plain commit when it is an inner layer."""
+        dom = self._conn.lookup(where.domain_uuid)
+        opts = JobOptions(timeout=self._merge, progress=progress)
+        target, roots = where.disk.target, self._roots
+        if os.path.basename(where.disk.source) == file:
+            res = active_commit(self._conn, dom, target, roots=roots, options=opts)
+        else:
+            res = commit(self._conn, dom, target, top=file, roots=roots, options=opts)
+        return {
+            "kind": res.kind.value,
+            "chain_after": list(res.chain_after),
+            "merged_away": list(res.merged_away),
+            "job_bytes": res.job_bytes,
         }
 
     def merge(

@@ -122,7 +122,8 @@ Sleep = Callable[[float], None]
 Clock = Callable[[], float]
 
 
-def _session(auth: AuthSettings, timeout: float) -> Any:
+def make_session(auth: AuthSettings, timeout: float) -> Any:
+    """A keystoneauth session for ``auth`` (shared by the status notifier and cinder_meta)."""
     from keystoneauth1 import session
 
     plugin: Any
@@ -168,7 +169,7 @@ class CinderNotifier:
         if isinstance(auth, PasswordSettings):
             kwargs = {"region_name": auth.region_name, "endpoint_type": auth.interface}
         self._client: Any = cclient.Client(
-            "3.0", session=_session(auth, self._retry.request_timeout), **kwargs
+            "3.0", session=make_session(auth, self._retry.request_timeout), **kwargs
         )
 
     def report_create_done(self, snapshot_id: str) -> Reported:
@@ -184,29 +185,70 @@ class CinderNotifier:
         return self._report(snapshot_id, Report.DELETE_FAILED)
 
     def _report(self, snapshot_id: str, report: Report) -> Reported:
-        from cinderclient import exceptions as cexc
-        from keystoneauth1 import exceptions as kexc
-
         if not is_uuid(snapshot_id):
             raise ValueError(f"snapshot id {snapshot_id!r} is not a UUID")
-        deadline = self._clock() + self._retry.deadline
-        delay = self._retry.first_delay
-        attempts = 0
-        while True:
-            attempts += 1
-            try:
-                self._client.volume_snapshots.update_snapshot_status(snapshot_id, report.body)
-                return Reported(snapshot_id, report, attempts)
-            except cexc.ClientException as exc:
-                code = int(getattr(exc, "code", 0) or 0)
-                if 400 <= code < 500:
-                    msg = str(getattr(exc, "message", "") or exc)
-                    raise NotifyRejected(snapshot_id, report, attempts, code, msg) from exc
-                last = f"HTTP {code}: {exc}"
-            except (kexc.ConnectionError, kexc.RetriableConnectionFailure) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                raise NotifyUnreachable(snapshot_id, report, attempts, last)
-            self._sleep(min(delay, remaining))
-            delay = min(delay * self._retry.factor, self._retry.max_delay)
+        try:
+            _, attempts = retry_call(
+                lambda: self._client.volume_snapshots.update_snapshot_status(
+                    snapshot_id, report.body
+                ),
+                self._retry,
+                sleep=self._sleep,
+                clock=self._clock,
+            )
+        except CallRejected as exc:
+            raise NotifyRejected(snapshot_id, report, exc.attempts, exc.code, exc.msg) from exc
+        except CallUnreachable as exc:
+            raise NotifyUnreachable(snapshot_id, report, exc.attempts, exc.last) from exc
+        return Reported(snapshot_id, report, attempts)
+
+
+class CallRejected(Exception):
+    """A Cinder call answered 4xx: retrying cannot help (``code``, Cinder's ``msg``)."""
+
+    def __init__(self, code: int, msg: str, attempts: int) -> None:
+        super().__init__(f"HTTP {code}: {msg}")
+        self.code, self.msg, self.attempts = code, msg, attempts
+
+
+class CallUnreachable(Exception):
+    """Connection errors or 5xx until the retry deadline passed; ``last`` is the last one."""
+
+    def __init__(self, last: str, attempts: int) -> None:
+        super().__init__(last)
+        self.last, self.attempts = last, attempts
+
+
+def retry_call(
+    call: Callable[[], Any],
+    retry: RetryPolicy,
+    *,
+    sleep: Sleep = time.sleep,
+    clock: Clock = time.monotonic,
+) -> tuple[Any, int]:
+    """``call()`` retried with backoff on connection errors and 5xx: (result, attempts).
+
+    One loop for every Cinder call the agent makes, so each backs off the same way.
+    """
+    from cinderclient import exceptions as cexc
+    from keystoneauth1 import exceptions as kexc
+
+    deadline = clock() + retry.deadline
+    delay = retry.first_delay
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return call(), attempts
+        except cexc.ClientException as exc:
+            code = int(getattr(exc, "code", 0) or 0)
+            if 400 <= code < 500:
+                raise CallRejected(code, str(getattr(exc, "message", "") or exc), attempts) from exc
+            last = f"HTTP {code}: {exc}"
+        except (kexc.ConnectionError, kexc.RetriableConnectionFailure) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        remaining = deadline - clock()
+        if remaining <= 0:
+            raise CallUnreachable(last, attempts)
+        sleep(min(delay, remaining))
+        delay = min(delay * retry.factor, retry.max_delay)

@@ -23,6 +23,8 @@ class OperationKind(enum.StrEnum):
     ASSISTED_CREATE = "assisted_create"
     ASSISTED_DELETE = "assisted_delete"
     INSTANCE_SNAPSHOT = "instance_snapshot"
+    #: Delete of a snapshot the agent took itself (ledger and Cinder record are ours).
+    OWNED_DELETE = "owned_delete"
     BACKUP = "backup"
     RESTORE = "restore"
 

@@ -19,6 +19,12 @@ files), because a PLANNED step may or may not have taken effect. Decisions:
   pending one; one already delivered may be sent twice, which Cinder accepts while it waits).
 Guests of unfinished creates are thawed if ``guest-fsfreeze-status`` says frozen.
 
+Operations the agent owns end to end (instance snapshots, owned deletes) are resumed in the
+pool by :meth:`hostagent._owned.OwnedOps.resume`, which shares the step code of a fresh run:
+overlays made but no snapshot -> overlays removed + Cinder record ``error``; snapshot taken
+-> ledger + record ``available``; delete: a running job is awaited, a finished merge gets
+its ledger, file removal and delete-metadata, an unchanged chain is merged again.
+
 Also here: :func:`crash_point`, a TEST-ONLY kill switch read by the service's step wrapper.
 """
 
@@ -38,6 +44,7 @@ from hostagent import service_api as api
 from hostagent._crash import CRASH_ENV as CRASH_ENV  # re-exported for tests and tools
 from hostagent._crash import crash_point as crash_point
 from hostagent._notify_queue import NotifyQueue
+from hostagent._owned import OwnedOps
 from hostagent.notifier import Report
 from hostagent.service import Hypervisor, Located
 from qcow2 import CINDER, Qcow2Error, inspect_chain
@@ -78,7 +85,9 @@ class _Recovery:
         submit: Submit,
         roots: list[str],
         job_timeout: float,
+        owned: OwnedOps | None = None,
     ) -> None:
+        self.owned = owned
         self.j = journal
         self.hv = hv
         self.queue = queue
@@ -118,6 +127,10 @@ class _Recovery:
     # -- one operation --------------------------------------------------------------------
     def recover(self, rec: ops.OperationRecord) -> str:
         op, steps = rec.operation, rec.steps
+        if op.kind in _OWNED and self.owned is not None:
+            owned, hv, timeout = self.owned, self.hv, self.job_timeout
+            self.submit(f"recover:{op.id}", lambda: _resume(owned, rec, hv, timeout))
+            return "agent-owned: resumed in the pool"
         sid = str(op.request.get("snapshot_id"))
         notify = [s for s in steps if s.name == "notify"]
         if notify:  # the outcome was decided; only its report/finish may be missing
@@ -291,6 +304,17 @@ class _Recovery:
         self.close(op_id, report, {k: result[k] for k in keys if k in result}, why)
 
 
+_OWNED = (ops.OperationKind.INSTANCE_SNAPSHOT, ops.OperationKind.OWNED_DELETE)
+
+
+def _resume(owned: OwnedOps, rec: ops.OperationRecord, hv: RecoveryHypervisor, t: float) -> None:
+    """Pool job: one owned operation; an error leaves it unfinished for the next start."""
+    try:
+        owned.resume(rec, hv, t)
+    except Exception:
+        LOG.exception("resuming %s %s failed", rec.operation.kind, rec.operation.id)
+
+
 def _noop(cur: int, end: int) -> None:
     """Progress of a recovered merge is not journaled (it is advisory)."""
 
@@ -314,13 +338,16 @@ def reconcile(
     submit: Submit,
     roots: list[str],
     job_timeout: float = 3600.0,
+    owned: OwnedOps | None = None,
 ) -> list[Outcome]:
     """Decide every unfinished operation; long work (merges) goes to ``submit``.
 
     Call before the RPC server starts and before ``notifier_queue.start()`` (which then
     delivers every report owed here). One operation's error never stops the others.
+    ``owned`` (the service's :class:`OwnedOps`) resumes instance snapshots and owned
+    deletes; without it they are failed as not recoverable.
     """
-    rec = _Recovery(journal, hypervisor, notifier_queue, submit, roots, job_timeout)
+    rec = _Recovery(journal, hypervisor, notifier_queue, submit, roots, job_timeout, owned)
     out: list[Outcome] = []
     for record in journal.unfinished():
         op = record.operation

@@ -50,7 +50,7 @@ def to_rpc_error(exc: BaseException) -> api.AgentRpcError:
 
 
 class AgentEndpoint:
-    """RPC API 1.0. Every method returns plain JSON-able data (dicts, lists)."""
+    """RPC API 1.1 (1.1 added ``delete_snapshot``). Methods return plain JSON-able data."""
 
     target = om.Target(version=api.RPC_VERSION)
 
@@ -102,6 +102,16 @@ class AgentEndpoint:
             return self._service.snapshot_instance(c, req).to_wire()
 
         return self._run("snapshot_instance", call)
+
+    def delete_snapshot(
+        self, ctxt: dict[str, Any], volume_id: object, snapshot_id: object
+    ) -> dict[str, Any]:
+        def call() -> dict[str, Any]:
+            req = api.DeleteOwnedSnapshotRequest.from_wire(volume_id, snapshot_id)
+            c = api.CallContext.from_wire(ctxt)
+            return self._service.delete_snapshot(c, req).to_wire()
+
+        return self._run("delete_snapshot", call)
 
     def get_operation(self, ctxt: dict[str, Any], op_id: object) -> dict[str, Any]:
         def call() -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Client side of the agent's RPC API (1.0) and the inventory fan-out.
+"""Client side of the agent's RPC API (1.1) and the inventory fan-out.
 
 Callers get typed results (``Operation``, ``Inventory``) and typed errors from
 ``hostagent.service_api``. Typed errors need the transport to allow that module
@@ -34,9 +34,10 @@ class AgentAPI:
     API version history:
         1.0 - create/delete assisted snapshot, snapshot_instance, get/list operations,
               get_inventory
+        1.1 - delete_snapshot (a snapshot the agent took itself: ledger + Cinder record)
     """
 
-    VERSION_CAP = "1.0"
+    VERSION_CAP = "1.1"
 
     def __init__(self, transport: Any, host: str, *, timeout: float = 60.0) -> None:
         target = om.Target(topic=api.RPC_TOPIC, version="1.0")
@@ -45,8 +46,10 @@ class AgentAPI:
             transport, target, version_cap=self.VERSION_CAP, timeout=timeout
         )
 
-    def _call(self, ctxt: Mapping[str, Any], method: str, **kwargs: Any) -> Any:
-        cctxt = self._client.prepare(server=self.host, version="1.0")
+    def _call(
+        self, ctxt: Mapping[str, Any], method: str, *, version: str = "1.0", **kwargs: Any
+    ) -> Any:
+        cctxt = self._client.prepare(server=self.host, version=version)
         try:
             return cctxt.call(dict(ctxt), method, **kwargs)
         except om.RemoteError as exc:
@@ -93,6 +96,15 @@ class AgentAPI:
             instance_uuid=instance_uuid,
             volume_ids=list(volume_ids) if volume_ids is not None else None,
             quiesce=q,
+        )
+        return api.Operation.from_wire(out)
+
+    def delete_snapshot(
+        self, ctxt: Mapping[str, Any], volume_id: str, snapshot_id: str
+    ) -> api.Operation:
+        """Merge away an agent-owned snapshot (1.1); ``SnapshotNotFound`` if not in the ledger."""
+        out = self._call(
+            ctxt, "delete_snapshot", version="1.1", volume_id=volume_id, snapshot_id=snapshot_id
         )
         return api.Operation.from_wire(out)
 

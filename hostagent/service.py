@@ -14,59 +14,32 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from hostagent import journal as jn
 from hostagent import operations as ops
 from hostagent import service_api as api
 from hostagent._crash import crash_point
+from hostagent._located import DiskLocks, Hypervisor, Located, chain_names
 from hostagent._notify_queue import NotifyQueue
+from hostagent._owned import OwnedOps
 from hostagent._pool import KeyedPool
 from hostagent.notifier import Report
-from libvirt_ops import Disk
 from qcow2 import CINDER, Qcow2Error, inspect_chain
 from qcow2.naming import volume_base_name
 
+__all__ = ["AssistedService", "Hypervisor", "Located"]
+
 LOG = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Located:
-    """Where a volume is attached: the domain (by UUID) and its disk as the live XML says."""
-
-    domain_uuid: str
-    disk: Disk
-
-    @property
-    def key(self) -> str:
-        """The per-disk serialization key."""
-        return f"{self.domain_uuid}/{self.disk.target}"
-
-
-class Hypervisor(Protocol):
-    """The libvirt side, narrowed to what the service needs (faked in unit tests)."""
-
-    def locate(self, volume_id: str) -> Located: ...
-
-    def snapshot(self, where: Located, new_file: str) -> dict[str, Any]: ...
-
-    def merge(
-        self,
-        where: Located,
-        file_to_merge: str | None,
-        merge_target_file: str | None,
-        progress: Any,
-    ) -> dict[str, Any]: ...
-
-    def inventory(self) -> api.Inventory: ...
 
 
 _KINDS = {
     ops.OperationKind.ASSISTED_CREATE: api.OperationKind.CREATE_ASSISTED,
     ops.OperationKind.ASSISTED_DELETE: api.OperationKind.DELETE_ASSISTED,
     ops.OperationKind.INSTANCE_SNAPSHOT: api.OperationKind.INSTANCE_SNAPSHOT,
+    ops.OperationKind.OWNED_DELETE: api.OperationKind.DELETE_OWNED,
 }
 _STATES = {
     ops.OperationState.PENDING: api.OperationState.QUEUED,
@@ -98,25 +71,15 @@ class AssistedService:
         self._notify = notify
         self._pool = pool
         self._roots = roots
+        self._locks = DiskLocks()
+        #: Instance snapshots and owned deletes (also resumed by recovery after a crash).
+        self.owned = OwnedOps(
+            journal, hypervisor, notify, pool, self._locks, roots=roots, step=self._step
+        )
 
     # -- validation (touches nothing) -----------------------------------------------------
     def _chain_names(self, where: Located) -> list[str]:
-        """Basenames of the disk's chain, top first, after qcow2 agreed with libvirt."""
-        disk = where.disk
-        if not disk.snapshot_capable:
-            raise api.InvalidRequest(f"disk {disk.target} is read-only or shareable")
-        try:
-            with inspect_chain(disk.source, roots=self._roots, naming=CINDER, fmt=disk.fmt) as c:
-                on_disk = [os.path.realpath(info.path) for info in c.layers]
-        except Qcow2Error as exc:
-            raise api.InvalidRequest(f"chain of {disk.target} refused: {exc}") from exc
-        live = [os.path.realpath(layer.path) for layer in disk.chain]
-        if on_disk != live:
-            raise api.InvalidRequest(f"libvirt's chain {live} differs from the files {on_disk}")
-        names = [os.path.basename(p) for p in live]
-        if len(set(names)) != len(names):
-            raise api.InvalidRequest(f"chain of {disk.target} repeats a file name: {names}")
-        return names
+        return chain_names(where, self._roots)
 
     def _validate_create(self, req: api.CreateSnapshotRequest) -> tuple[Located, dict[str, Any]]:
         where = self._hv.locate(req.volume_id)
@@ -188,8 +151,13 @@ class AssistedService:
             raise api.InvalidRequest(f"snapshot id reused with another request: {exc}") from exc
         if begun.created:
             assert where is not None
-            op_id = begun.operation.id
-            self._pool.submit(where.key, lambda: run(op_id, req))
+            op_id, key = begun.operation.id, where.key
+
+            def job() -> None:
+                with self._locks.hold([key]):  # instance snapshots hold several disks
+                    run(op_id, req)
+
+            self._pool.submit(key, job)
         return self._to_api(begun.operation)
 
     def create_assisted_snapshot(
@@ -217,7 +185,12 @@ class AssistedService:
     def snapshot_instance(
         self, ctxt: api.CallContext, req: api.InstanceSnapshotRequest
     ) -> api.Operation:
-        raise api.InvalidRequest("snapshot_instance is not implemented by this agent yet")
+        return self._to_api(self.owned.snapshot_instance(req))
+
+    def delete_snapshot(
+        self, ctxt: api.CallContext, req: api.DeleteOwnedSnapshotRequest
+    ) -> api.Operation:
+        return self._to_api(self.owned.delete_snapshot(req))
 
     def get_operation(self, ctxt: api.CallContext, op_id: str) -> api.Operation:
         try:
@@ -308,14 +281,15 @@ class AssistedService:
         result: dict[str, Any] = dict(op.result or {})
         result["steps"] = steps
         result["progress"] = {"cur": op.progress.cur, "end": op.progress.end}
-        vol = op.request.get("volume_id")
+        vols = tuple(k.split(":", 1)[1] for k in op.locks if k.startswith("volume:"))
         return api.Operation(
             id=str(op.id),
             kind=_KINDS[op.kind],
             state=_STATES[op.state],
             host=op.host,
-            volume_ids=(vol,) if isinstance(vol, str) else (),
+            volume_ids=vols,
             snapshot_id=op.request.get("snapshot_id"),
+            instance_uuid=op.request.get("instance_uuid"),
             created_at=_iso(op.created_at),
             updated_at=_iso(op.updated_at),
             error=None

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from qcow2.naming import CINDER, is_uuid
 
 RPC_TOPIC = "qsnap-agent"
-RPC_VERSION = "1.0"
+RPC_VERSION = "1.1"
 #: Module the client must allow for typed errors to come back as themselves.
 ERRORS_MODULE = __name__
 
@@ -56,6 +56,12 @@ class DiskBusy(AgentRpcError):
     code = "disk_busy"
 
 
+class SnapshotNotFound(AgentRpcError):
+    """The snapshot is not in the volume's ``.info`` ledger (so the agent does not own it)."""
+
+    code = "snapshot_not_found"
+
+
 class AgentInternalError(AgentRpcError):
     """An unexpected failure in the agent (logged there with its traceback)."""
 
@@ -68,6 +74,7 @@ RPC_ERRORS: tuple[type[AgentRpcError], ...] = (
     InstanceNotFound,
     OperationNotFound,
     DiskBusy,
+    SnapshotNotFound,
     AgentInternalError,
 )
 
@@ -173,6 +180,18 @@ class DeleteSnapshotRequest:
         return cls(vol, _uuid(snapshot_id, "snapshot_id"), to_merge, target)
 
 
+@dataclass(frozen=True)
+class DeleteOwnedSnapshotRequest:
+    """Delete a snapshot the agent took itself (instance snapshot), found in the ledger."""
+
+    volume_id: str
+    snapshot_id: str
+
+    @classmethod
+    def from_wire(cls, volume_id: object, snapshot_id: object) -> DeleteOwnedSnapshotRequest:
+        return cls(_uuid(volume_id, "volume_id"), _uuid(snapshot_id, "snapshot_id"))
+
+
 class Quiesce(enum.Enum):
     """REQUIRED fails without a frozen guest; PREFERRED falls back to a crash-consistent one."""
 
@@ -225,6 +244,7 @@ class OperationKind(enum.Enum):
     CREATE_ASSISTED = "create_assisted_snapshot"
     DELETE_ASSISTED = "delete_assisted_snapshot"
     INSTANCE_SNAPSHOT = "snapshot_instance"
+    DELETE_OWNED = "delete_snapshot"
 
 
 @dataclass(frozen=True)
@@ -340,6 +360,10 @@ class AgentService(Protocol):
     ) -> Operation: ...
 
     def snapshot_instance(self, ctxt: CallContext, req: InstanceSnapshotRequest) -> Operation: ...
+
+    def delete_snapshot(self, ctxt: CallContext, req: DeleteOwnedSnapshotRequest) -> Operation:
+        """RPC 1.1: merge away a snapshot the agent owns (ledger + Cinder record follow)."""
+        ...
 
     def get_operation(self, ctxt: CallContext, op_id: str) -> Operation: ...
 

@@ -1,0 +1,113 @@
+"""Where a volume disk is, what the service needs from libvirt, and per-disk locks.
+
+Shared by the assisted service, the agent-owned operations and recovery (which import one
+another's users, so these names live apart to keep imports one-way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from hostagent import service_api as api
+from libvirt_ops import Disk
+from qcow2 import CINDER, Qcow2Error, inspect_chain
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where a volume is attached: the domain (by UUID) and its disk as the live XML says."""
+
+    domain_uuid: str
+    disk: Disk
+
+    @property
+    def key(self) -> str:
+        """The per-disk serialization key."""
+        return f"{self.domain_uuid}/{self.disk.target}"
+
+
+class Hypervisor(Protocol):
+    """The libvirt side, narrowed to what the service needs (faked in unit tests)."""
+
+    def locate(self, volume_id: str) -> Located: ...
+
+    def snapshot(self, where: Located, new_file: str) -> dict[str, Any]: ...
+
+    def merge(
+        self,
+        where: Located,
+        file_to_merge: str | None,
+        merge_target_file: str | None,
+        progress: Any,
+    ) -> dict[str, Any]: ...
+
+    def inventory(self) -> api.Inventory: ...
+
+    def instance_volumes(self, instance_uuid: str) -> list[Located]:
+        """Every volume disk of a running instance (InstanceNotFound otherwise)."""
+        ...
+
+    def snapshot_disks(
+        self, domain_uuid: str, files: list[tuple[str, str]], quiesce: api.Quiesce
+    ) -> dict[str, Any]:
+        """One atomic snapshot of ``(volume_id, new_file)`` disks onto pre-made overlays."""
+        ...
+
+    def merge_owned(self, where: Located, file: str, progress: Any) -> dict[str, Any]:
+        """Merge ``file`` into its backing file (active commit + pivot if it is the top)."""
+        ...
+
+
+def chain_names(where: Located, roots: list[str]) -> list[str]:
+    """Basenames of the disk's chain, top first, after qcow2 agreed with libvirt.
+
+    Every file is inspected (whole chain) before any tool touches it, and libvirt's view
+    must match the headers', so names from callers are checked against the REAL chain.
+    """
+    disk = where.disk
+    if not disk.snapshot_capable:
+        raise api.InvalidRequest(f"disk {disk.target} is read-only or shareable")
+    try:
+        with inspect_chain(disk.source, roots=roots, naming=CINDER, fmt=disk.fmt) as c:
+            on_disk = [os.path.realpath(info.path) for info in c.layers]
+    except Qcow2Error as exc:
+        raise api.InvalidRequest(f"chain of {disk.target} refused: {exc}") from exc
+    live = [os.path.realpath(layer.path) for layer in disk.chain]
+    if on_disk != live:
+        raise api.InvalidRequest(f"libvirt's chain {live} differs from the files {on_disk}")
+    names = [os.path.basename(p) for p in live]
+    if len(set(names)) != len(names):
+        raise api.InvalidRequest(f"chain of {disk.target} repeats a file name: {names}")
+    return names
+
+
+class DiskLocks:
+    """Per-disk mutual exclusion for operations spanning several disks.
+
+    The pool serializes one key per job; an instance snapshot spans several disks, so every
+    operation also holds the locks of its disks here, taken in sorted order (no deadlock).
+    A waiter blocks only behind a job that is running, so it always makes progress.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    @contextlib.contextmanager
+    def hold(self, keys: Iterable[str]) -> Iterator[None]:
+        with self._guard:
+            locks = [self._locks.setdefault(k, threading.Lock()) for k in sorted(set(keys))]
+        taken: list[threading.Lock] = []
+        try:
+            for lock in locks:
+                lock.acquire()
+                taken.append(lock)
+            yield
+        finally:
+            for lock in reversed(taken):
+                lock.release()
