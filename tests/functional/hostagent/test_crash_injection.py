@@ -103,13 +103,12 @@ class Bed:
         self.cinder.close()
 
 
-@pytest.fixture(scope="module")
-def share() -> Iterator[Any]:
+def dir_share() -> Iterator[Any]:
     """The dir share only, overriding the session-wide dir/gluster parametrization.
 
     Recovery decides from the journal, the live XML and the file headers; none of that
     depends on the share kind, and both kinds are exercised by test_agent_assisted.py.
-    One kind keeps the 12 kill -9 cycles (two agent starts each) inside the CI budget.
+    One kind keeps the kill -9 cycles (two agent starts each) inside the CI budget.
     """
     from tests.bed.shares import DirShare
 
@@ -118,8 +117,8 @@ def share() -> Iterator[Any]:
     s.close()
 
 
-@pytest.fixture(scope="module")
-def bed(libvirt_host: Any, guest_image: Any, share: Any, rabbitmq: Any) -> Iterator[Bed]:
+def open_bed(libvirt_host: Any, guest_image: Any, share: Any, rabbitmq: Any) -> Iterator[Bed]:
+    """One single-disk guest + recorder + agent identity (a module fixture's body)."""
     from tests.bed import procs
     from tests.bed.guest import GuestFactory
 
@@ -132,6 +131,16 @@ def bed(libvirt_host: Any, guest_image: Any, share: Any, rabbitmq: Any) -> Itera
     finally:
         b.close()
         factory.close()
+
+
+@pytest.fixture(scope="module")
+def share() -> Iterator[Any]:
+    yield from dir_share()
+
+
+@pytest.fixture(scope="module")
+def bed(libvirt_host: Any, guest_image: Any, share: Any, rabbitmq: Any) -> Iterator[Bed]:
+    yield from open_bed(libvirt_host, guest_image, share, rabbitmq)
 
 
 def _crash_then_recover(bed: Bed, at: str, send: Any) -> api.Operation:
