@@ -5,13 +5,8 @@ incremental backups of a frozen layer's guest view, restore, and the error types
 online orchestration (quiesced snapshot, checkpoint overlay, merge back) calls these.
 """
 
-from hostagent.backup.engine import (
-    BackupResult,
-    RestoreResult,
-    backup_full,
-    backup_incremental,
-    restore,
-)
+from hostagent.backup._restore import RestoreResult, restore
+from hostagent.backup.engine import BackupResult, backup_full, backup_incremental
 from hostagent.backup.format import (
     BackupCancelled,
     BackupError,

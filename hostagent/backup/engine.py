@@ -13,31 +13,28 @@ manifest, so each manifest stays logically full.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import os
-import secrets
-import subprocess
 import threading
 import time
 import uuid
 from bisect import bisect_right
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import zstandard
 
+from hostagent.backup._codec import Buffer, raw_frame, worth_compressing
 from hostagent.backup.format import (
     BackupCancelled,
     Manifest,
     ManifestExtent,
     SourceLayer,
 )
-from hostagent.backup.repository import FILE_MODE, Repository
-from qcow2 import CINDER, Chain, ExtentKind, Naming, QemuImgError, open_chain
+from hostagent.backup.repository import Repository
+from qcow2 import CINDER, Chain, ExtentKind, Naming, open_chain
 
 Progress = Callable[[int, int], None]
 Cancel = Callable[[], bool]
@@ -55,15 +52,6 @@ class BackupResult:
     bytes_stored: int
     seconds: float
     fallback_reason: str | None = None
-
-
-@dataclass(frozen=True)
-class RestoreResult:
-    path: str
-    fmt: str
-    virtual_size: int
-    bytes_written: int
-    chunks: int
 
 
 class _ChunkWriter:
@@ -103,11 +91,16 @@ class _ChunkWriter:
         cctx: zstandard.ZstdCompressor | None = getattr(self._tls, "cctx", None)
         if cctx is None:
             cctx = self._tls.cctx = zstandard.ZstdCompressor(level=self._repo.config.zstd_level)
-        packed = cctx.compress(data)
-        self._repo.put_chunk(cid, packed)
+            self._tls.probe = zstandard.ZstdCompressor(level=1)
+        frame: list[Buffer]
+        if worth_compressing(data, self._tls.probe):
+            frame = [cctx.compress(data)]
+        else:
+            frame = raw_frame(data)
+        self._repo.put_chunk(cid, frame)
         with self._lock:
             self.new += 1
-            self.stored += len(packed)
+            self.stored += sum(len(p) for p in frame)
         return cid
 
     def close(self, cancel: bool) -> None:
@@ -406,133 +399,3 @@ def backup_incremental(
             cancel=cancel,
             total=sum(n for _, _, r in plan if r for _, n, d in r if d),
         )
-
-
-# --- restore ------------------------------------------------------------------------------
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:
-        k = os.pwrite(fd, view, offset)
-        view = view[k:]
-        offset += k
-
-
-def _write_sparse(fd: int, offset: int, data: bytes) -> int:
-    """pwrite only the non-zero 64 KiB blocks of ``data`` (zeros stay holes)."""
-    written = 0
-    n = len(data)
-    run_start = -1
-    for i in range(0, n + _SPARSE_BLOCK, _SPARSE_BLOCK):
-        zero = i >= n or data[i : i + _SPARSE_BLOCK] == _ZERO_BLOCK[: min(_SPARSE_BLOCK, n - i)]
-        if zero and run_start >= 0:
-            stop = min(i, n)
-            _pwrite_all(fd, memoryview(data)[run_start:stop], offset + run_start)
-            written += stop - run_start
-            run_start = -1
-        elif not zero and run_start < 0:
-            run_start = i
-    return written
-
-
-def _restore_group(repo: Repository, fd: int, cid: str, exts: list[ManifestExtent]) -> int:
-    """Fetch + verify one chunk and write the extents that use it (pwrite is positional)."""
-    chunk = repo.read_chunk(cid)
-    written = 0
-    for e in exts:
-        if e.chunk_offset + e.length > len(chunk):
-            raise ValueError(f"extent at {e.offset} exceeds chunk {cid}")
-        written += _write_sparse(fd, e.offset, chunk[e.chunk_offset : e.chunk_offset + e.length])
-    return written
-
-
-def _restore_raw(
-    repo: Repository,
-    m: Manifest,
-    fd: int,
-    progress: Progress | None,
-    cancel: Cancel | None,
-) -> tuple[int, int]:
-    """Write every data extent; runs of extents sharing a chunk fetch it once."""
-    groups: list[tuple[str, list[ManifestExtent]]] = []
-    for e in m.extents:
-        if e.kind != "data":
-            continue
-        assert e.chunk is not None
-        if groups and groups[-1][0] == e.chunk:
-            groups[-1][1].append(e)
-        else:
-            groups.append((e.chunk, [e]))
-    total = sum(e.length for _, g in groups for e in g)
-    done = written = 0
-    pending: deque[tuple[Future[int], int]] = deque()
-    with ThreadPoolExecutor(2, thread_name_prefix="qsnap-restore") as pool:
-        try:
-            for cid, exts in groups:
-                if cancel is not None and cancel():
-                    raise BackupCancelled("restore cancelled")
-                if len(pending) >= _INFLIGHT:
-                    fut, n = pending.popleft()
-                    written += fut.result()
-                    done += n
-                    if progress is not None:
-                        progress(done, total)
-                fut = pool.submit(_restore_group, repo, fd, cid, exts)
-                pending.append((fut, sum(e.length for e in exts)))
-            while pending:
-                fut, n = pending.popleft()
-                written += fut.result()
-                done += n
-                if progress is not None:
-                    progress(done, total)
-        finally:
-            for fut, _ in pending:
-                fut.cancel()
-    os.ftruncate(fd, m.virtual_size)
-    os.fsync(fd)
-    return written, len({cid for cid, _ in groups})
-
-
-def restore(
-    repo: Repository,
-    backup_id: str,
-    dest_path: str | os.PathLike[str],
-    *,
-    fmt: str = "raw",
-    volume_id: str | None = None,
-    progress: Progress | None = None,
-    cancel: Cancel | None = None,
-) -> RestoreResult:
-    """Restore a backup to a NEW file (never overwritten), sparse, every chunk verified.
-
-    Written under a temporary name and linked into place only when complete, so a failed
-    restore (e.g. :class:`CorruptChunk`) leaves no file at ``dest_path``.
-    """
-    if fmt not in ("raw", "qcow2"):
-        raise ValueError(f"restore format {fmt!r} not supported")
-    m = repo.load(volume_id, backup_id) if volume_id else repo.find(backup_id)
-    dest = os.path.abspath(os.fspath(dest_path))
-    if os.path.lexists(dest):
-        raise FileExistsError(dest)
-    d, name = os.path.split(dest)
-    tmp = os.path.join(d, f".{name}.restore-{secrets.token_hex(4)}")
-    tmp_q = tmp + ".qcow2"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-    try:
-        try:
-            written, chunks = _restore_raw(repo, m, fd, progress, cancel)
-        finally:
-            os.close(fd)
-        final = tmp
-        if fmt == "qcow2":
-            argv = ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", tmp, tmp_q]
-            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-            if proc.returncode:
-                raise QemuImgError(argv, proc.returncode, proc.stderr)
-            final = tmp_q
-        os.link(final, dest)  # fails rather than overwrite a file created meanwhile
-    finally:
-        for p in (tmp, tmp_q):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
-    return RestoreResult(dest, fmt, m.virtual_size, written, chunks)

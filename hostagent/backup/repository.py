@@ -29,6 +29,7 @@ Garbage collection rule (safe against a concurrent backup, also across hosts):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -38,12 +39,13 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
 import zstandard
 
+from hostagent.backup._codec import Buffer
 from hostagent.backup.format import (
     BackupError,
     BackupNotFound,
@@ -91,7 +93,19 @@ def _mkdir(path: str) -> bool:
     return True
 
 
-def atomic_write(path: str, data: bytes | memoryview, *, sync_dir: bool = True) -> None:
+def _write_all(fd: int, parts: Sequence[Buffer]) -> None:
+    """writev every buffer (one syscall in the common case; no join copy)."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        k = os.writev(fd, views)
+        while views and k >= len(views[0]):
+            k -= len(views[0])
+            views.pop(0)
+        if views and k:
+            views[0] = views[0][k:]
+
+
+def atomic_write(path: str, data: Buffer | Sequence[Buffer], *, sync_dir: bool = True) -> None:
     """temp + fsync + rename (+ fsync dir). ENOSPC leaves nothing behind."""
     d, name = os.path.split(path)
     tmp = os.path.join(d, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
@@ -102,9 +116,10 @@ def atomic_write(path: str, data: bytes | memoryview, *, sync_dir: bool = True) 
     try:
         try:
             os.fchmod(fd, FILE_MODE)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            if isinstance(data, bytes | bytearray | memoryview):
+                _write_all(fd, [data])
+            else:
+                _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -168,7 +183,8 @@ class Repository:
         cfg_path = os.path.join(p, "config.json")
         if os.path.exists(cfg_path):
             repo = cls.open(p)
-            if repo.config != cfg:
+            # The level only affects new chunks' size, never their ids: keep the existing one.
+            if dataclasses.replace(repo.config, zstd_level=cfg.zstd_level) != cfg:
                 raise FormatError(f"{p} already holds a repository with another config")
             return repo
         for sub in ("chunks", "backups", "inprogress"):
@@ -201,14 +217,15 @@ class Repository:
             return False
         return True
 
-    def put_chunk(self, chunk_id: str, compressed: bytes) -> None:
-        """Store a compressed chunk (durable once :meth:`sync_chunk_dirs` returns)."""
+    def put_chunk(self, chunk_id: str, frame: Buffer | Sequence[Buffer]) -> None:
+        """Store a chunk's zstd frame, whole or in pieces (durable once
+        :meth:`sync_chunk_dirs` returns)."""
         path = self.chunk_path(chunk_id)
         d = os.path.dirname(path)
         if d not in self._dirs:
             _mkdir(os.path.dirname(d))
             _mkdir(d)
-        atomic_write(path, compressed, sync_dir=False)
+        atomic_write(path, frame, sync_dir=False)
         with self._dirs_lock:
             self._dirs.add(d)
 

@@ -51,7 +51,7 @@ def test_create_lays_out_config_with_group_modes(tmp_path: Path) -> None:
         "chunk_size": 4 << 20,
         "hash": "sha256",
         "compression": "zstd",
-        "zstd_level": 3,
+        "zstd_level": 1,
     }
     assert stat.S_IMODE(os.stat(repo.path).st_mode) == 0o770
     assert stat.S_IMODE(os.stat(repo.path + "/config.json").st_mode) == 0o660
