@@ -45,11 +45,12 @@ _AGENT_ERRORS: tuple[tuple[type[api.AgentRpcError], int], ...] = (
     (api.VolumeNotFound, 404),
     (api.InstanceNotFound, 404),
     (api.OperationNotFound, 404),
+    (api.SnapshotNotFound, 404),
     (api.DiskBusy, 409),
     (api.InvalidRequest, 400),
 )
-# Errors known by name only: the agent side may add them after this API (RPC 1.1's
-# SnapshotNotFound), and a RemoteError naming them still deserves its status.
+# The same by name: a RemoteError naming one (an agent newer or older than this API, or a
+# transport that does not rebuild typed errors) still deserves its status.
 _AGENT_ERRORS_BY_NAME = {"SnapshotNotFound": 404, "VolumeNotFound": 404, "DiskBusy": 409}
 #: Hosts asked at once by the operations listing (each call blocks one thread).
 _FANOUT_THREADS = 8

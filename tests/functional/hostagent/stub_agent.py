@@ -2,14 +2,20 @@
 
 Run: ``python -m tests.functional.hostagent.stub_agent --transport-url URL --host H``.
 Prints ``READY`` once it consumes. The stub keeps operations in memory and raises the
-errors the tests expect for special volume ids (see the constants).
+errors the tests expect for special volume ids (see the constants). Instance snapshots and
+agent-owned deletes advance one stage per ``get_operation`` (steps and progress as the real
+agent reports them), so a waiting client sees them run and finish; an instance snapshot with
+quiesce ``required`` fails (the stub's guest cannot freeze). Assisted operations stay queued.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 import uuid
+from datetime import UTC, datetime
+from typing import Any
 
 from hostagent import service_api as api
 from hostagent.config import make_conf
@@ -26,6 +32,8 @@ class StubService:
     def __init__(self, host: str) -> None:
         self.host = host
         self._ops: dict[str, api.Operation] = {}
+        self._stages: dict[str, list[api.Operation]] = {}
+        self._owned: set[tuple[str, str]] = set()  # (volume, snapshot) the stub "took"
         self._lock = threading.Lock()
 
     def _check_volume(self, volume_id: str) -> None:
@@ -42,6 +50,7 @@ class StubService:
             kind=kind,
             state=api.OperationState.QUEUED,
             host=self.host,
+            created_at=datetime.now(UTC).isoformat(),
             result={"request_id": ctxt.request_id},
             **kw,  # type: ignore[arg-type]
         )
@@ -79,15 +88,67 @@ class StubService:
             raise api.InstanceNotFound(f"no domain {req.instance_uuid} on {self.host}")
         for vol in req.volume_ids or (VOL_OK,):
             self._check_volume(vol)
-        return self._new(
+        op = self._new(
             ctxt,
             api.OperationKind.INSTANCE_SNAPSHOT,
             volume_ids=req.volume_ids or (VOL_OK,),
             instance_uuid=req.instance_uuid,
         )
+        snaps = [
+            {"volume_id": v, "snapshot_id": str(uuid.uuid4()), "file": ""} for v in op.volume_ids
+        ]
+        for snap in snaps:
+            snap["file"] = f"volume-{snap['volume_id']}.{snap['snapshot_id']}"
+        plan, shot = _step("plan"), _step("snapshot")
+        stages = [
+            _stage(op, "running", [plan]),
+            _stage(op, "running", [_done(plan), shot], (1, 2)),
+        ]
+        if req.quiesce is api.Quiesce.REQUIRED:
+            error = {"code": "QuiesceFailed", "message": "the stub guest cannot freeze"}
+            shot_failed = {**shot, "state": "failed"}
+            stages.append(_stage(op, "failed", [_done(plan), shot_failed], (1, 2), error=error))
+        else:
+            steps = [_done(plan), _done(shot), _done(_step("ledger"))]
+            final = {"snapshots": snaps, "quiesced": req.quiesce is not api.Quiesce.NONE}
+            stages.append(_stage(op, "succeeded", steps, (2, 2), final=final))
+            with self._lock:
+                self._owned.update((s["volume_id"], s["snapshot_id"]) for s in snaps)
+        with self._lock:
+            self._stages[op.id] = stages
+        return op
+
+    def delete_snapshot(
+        self, ctxt: api.CallContext, req: api.DeleteOwnedSnapshotRequest
+    ) -> api.Operation:
+        self._check_volume(req.volume_id)
+        with self._lock:
+            if (req.volume_id, req.snapshot_id) not in self._owned:
+                raise api.SnapshotNotFound(
+                    f"snapshot {req.snapshot_id} is not in the ledger of volume {req.volume_id}"
+                )
+            self._owned.discard((req.volume_id, req.snapshot_id))
+        op = self._new(
+            ctxt,
+            api.OperationKind.DELETE_OWNED,
+            volume_ids=(req.volume_id,),
+            snapshot_id=req.snapshot_id,
+        )
+        merge = _step("merge")
+        stages = [
+            _stage(op, "running", [merge], (1, 4)),
+            _stage(op, "running", [merge], (3, 4)),
+            _stage(op, "succeeded", [_done(merge), _done(_step("ledger"))], (4, 4)),
+        ]
+        with self._lock:
+            self._stages[op.id] = stages
+        return op
 
     def get_operation(self, ctxt: api.CallContext, op_id: str) -> api.Operation:
         with self._lock:
+            stages = self._stages.get(op_id)
+            if stages:  # one stage further per look
+                self._ops[op_id] = stages.pop(0)
             op = self._ops.get(op_id)
         if op is None:
             raise api.OperationNotFound(f"no operation {op_id}")
@@ -109,6 +170,29 @@ class StubService:
     def get_inventory(self, ctxt: api.CallContext) -> api.Inventory:
         vol = api.VolumeAttachment(VOL_OK, INSTANCE, "instance-0001", "vdb", "/x/volume-" + VOL_OK)
         return api.Inventory(self.host, (vol,), generation=1)
+
+
+def _step(name: str) -> dict[str, Any]:
+    return {"name": name, "state": "planned", "data": {}}
+
+
+def _done(step: dict[str, Any]) -> dict[str, Any]:
+    return {**step, "state": "done"}
+
+
+def _stage(
+    op: api.Operation,
+    state: str,
+    steps: list[dict[str, Any]],
+    progress: tuple[int, int] = (0, 0),
+    error: dict[str, str] | None = None,
+    final: dict[str, Any] | None = None,
+) -> api.Operation:
+    """``op`` as the real agent reports it at some point: steps, progress, final result."""
+    body = {**op.result, "steps": steps, "progress": {"cur": progress[0], "end": progress[1]}}
+    return dataclasses.replace(
+        op, state=api.OperationState(state), error=error, result={**body, **(final or {})}
+    )
 
 
 def main() -> int:
