@@ -1,16 +1,24 @@
 """Assembly of the real agent: config, libvirt, journal, Cinder notifier, RPC server.
 
 Everything long-lived is built here and nowhere else, so the service itself stays a plain
-object over injected parts (faked in unit tests). SIGTERM/SIGINT stop the RPC server first
-(no new work), then the pool drains, then notices and libvirt are closed.
+object over injected parts (faked in unit tests). :class:`Agent` is the whole daemon as an
+object, so ``make demo`` and tests can run it inside their own process (one ``fake://``
+transport shared with an in-process API); :func:`main` is that object plus signals and
+oslo.log. Stopping takes the RPC server down first (no new work), then the pool drains, then
+notices, notifications and libvirt are closed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from oslo_config import cfg
+from oslo_log import log as oslo_log
 
 from hostagent._notify_queue import NotifyQueue
 from hostagent._pool import KeyedPool
@@ -27,8 +35,9 @@ from hostagent.notifier import (
     PasswordSettings,
     RetryPolicy,
 )
+from hostagent.op_events import make_events
 from hostagent.recovery import reconcile
-from hostagent.rpc_server import serve
+from hostagent.rpc_server import get_server
 from hostagent.rpcapi import InventoryFanout, get_transport
 from hostagent.service import AssistedService
 from libvirt_ops import Connection
@@ -53,44 +62,127 @@ def cinder_auth(conf: Any) -> AuthSettings:
     )  # fmt: skip
 
 
-def main(config_files: Sequence[str], *, ready: Callable[[], None] | None = None) -> int:
-    """Run the agent until SIGTERM/SIGINT."""
-    conf = make_conf(config_files=config_files)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    os.makedirs(conf.state_path, mode=0o700, exist_ok=True)
-    roots = list(conf.shares.allowed_roots)
-    conn = Connection(conf.libvirt.uri, open_timeout=conf.libvirt.open_timeout)
-    journal = Journal(os.path.join(conf.state_path, "journal.sqlite"), host=conf.host)
-    retry = RetryPolicy(deadline=30.0, request_timeout=conf.cinder.timeout)
-    meta = CinderMeta(cinder_auth(conf), retry) if conf.cinder.enabled else None
-    queue = NotifyQueue(journal, CinderNotifier(cinder_auth(conf), retry), meta=meta)
-    pool = KeyedPool(conf.agent.workers)
-    hv = LibvirtHypervisor(
-        conn,
-        conf.host,
-        roots=roots,
-        freeze=conf.agent.freeze_timeout,
-        merge=conf.agent.merge_timeout,
-    )
-    service = AssistedService(journal, hv, queue, pool, roots=roots)
-    transport = get_transport(conf)
-    tracker = InventoryTracker(
-        conn, conf.host, InventoryFanout(transport), interval=conf.agent.inventory_interval
-    )
-    # before any request is served and before the queue's first pass delivers what it owes
-    reconcile(
-        journal, hv, queue, submit=pool.submit, roots=roots, job_timeout=conf.agent.merge_timeout,
-        owned=service.owned,
-    )  # fmt: skip
-    queue.start()  # resends what an earlier run left pending
-    tracker.start()
+class Agent:
+    """One host's agent, built from ``conf``; :meth:`start` serves, :meth:`stop` drains.
+
+    ``transport`` (RPC and inventory) and ``notification_transport`` may be given to share
+    them with other parts of one process; the agent then leaves their cleanup to the caller.
+    """
+
+    def __init__(
+        self,
+        conf: cfg.ConfigOpts,
+        *,
+        transport: Any = None,
+        notification_transport: Any = None,
+    ) -> None:
+        self.conf = conf
+        self.host: str = conf.host
+        os.makedirs(conf.state_path, mode=0o700, exist_ok=True)
+        roots = list(conf.shares.allowed_roots)
+        self._roots = roots
+        self._owned: list[Any] = []
+        self.events, made = make_events(conf, transport=notification_transport)
+        if made is not None:
+            self._owned.append(made)
+        self.connection = conn = Connection(
+            conf.libvirt.uri, open_timeout=conf.libvirt.open_timeout
+        )
+        journal = Journal(
+            os.path.join(conf.state_path, "journal.sqlite"), host=conf.host, listener=self.events
+        )
+        self.journal = journal
+        retry = RetryPolicy(deadline=30.0, request_timeout=conf.cinder.timeout)
+        meta = CinderMeta(cinder_auth(conf), retry) if conf.cinder.enabled else None
+        queue = NotifyQueue(journal, CinderNotifier(cinder_auth(conf), retry), meta=meta)
+        self.queue = queue
+        pool = KeyedPool(conf.agent.workers)
+        self.pool = pool
+        hv = LibvirtHypervisor(
+            conn,
+            conf.host,
+            roots=roots,
+            freeze=conf.agent.freeze_timeout,
+            merge=conf.agent.merge_timeout,
+        )
+        self.hypervisor = hv
+        service = AssistedService(journal, hv, queue, pool, roots=roots)
+        self.service = service
+        if transport is None:
+            transport = get_transport(conf)
+            self._owned.append(transport)
+        self.transport = transport
+        self.tracker = InventoryTracker(
+            conn, conf.host, InventoryFanout(transport), interval=conf.agent.inventory_interval
+        )
+        self._server: Any = None
+
+    def start(self) -> None:
+        """Reconcile unfinished work, then start the queue, tracker and RPC server threads."""
+        if self.events is not None:
+            self.events.start()
+        # before any request is served and before the queue's first pass delivers what it owes
+        reconcile(
+            self.journal,
+            self.hypervisor,
+            self.queue,
+            submit=self.pool.submit,
+            roots=self._roots,
+            job_timeout=self.conf.agent.merge_timeout,
+            owned=self.service.owned,
+        )
+        self.queue.start()  # resends what an earlier run left pending
+        self.tracker.start()
+        self._server = get_server(self.transport, self.host, self.service)
+        self._server.start()
+        LOG.info("qsnap-agent %s serving", self.host)
+
+    def stop(self) -> None:
+        """Stop taking requests, finish running operations, close everything it owns."""
+        if self._server is not None:
+            self._server.stop()
+            self._server.wait()
+            self._server = None
+        self.pool.shutdown(wait=True)
+        self.tracker.stop()
+        self.queue.stop()
+        if self.events is not None:
+            self.events.stop()
+        for transport in self._owned:
+            transport.cleanup()
+        self._owned.clear()
+        self.journal.close()
+        self.connection.close()
+
+    def __enter__(self) -> Agent:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(
+    argv: Sequence[str] = (),
+    *,
+    config_files: Sequence[str] | None = None,
+    ready: Callable[[], None] | None = None,
+) -> int:
+    """Run the agent until SIGTERM/SIGINT; ``argv`` are oslo.config/oslo.log options."""
+    conf = make_conf(argv, config_files=config_files)
+    oslo_log.setup(conf, "qsnap")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    agent = Agent(conf)
     try:
-        serve(conf, service, ready=ready or (lambda: LOG.info("qsnap-agent %s ready", conf.host)))
+        agent.start()
+        (ready or (lambda: LOG.info("qsnap-agent %s ready", conf.host)))()
+        stop.wait()
     finally:
-        pool.shutdown(wait=True)
-        tracker.stop()
-        queue.stop()
-        transport.cleanup()
-        journal.close()
-        conn.close()
+        agent.stop()
     return 0

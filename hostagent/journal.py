@@ -7,6 +7,10 @@ readers (status queries) from blocking the workers' writes. Every public call is
 transaction; one connection guarded by a lock makes the object safe to share between
 threads, and ``BEGIN IMMEDIATE`` makes it safe to share the file between processes.
 Nothing is deleted except by :meth:`Journal.prune`.
+
+An optional :class:`OperationListener` hears every new operation and every final state after
+the transaction committed (this is where operation notifications hook in, so no service code
+has to remember to send them); a listener that raises is logged and never fails the journal.
 """
 
 # S608: SQL text is built only from this module's column-list constants and "?" placeholders;
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import sqlite3
 import threading
@@ -24,7 +29,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from hostagent._journal_schema import SchemaError, migrate, schema_version
 from hostagent.operations import (
@@ -48,11 +53,22 @@ __all__ = [
     "InvalidTransition",
     "Journal",
     "JournalError",
+    "OperationListener",
     "SchemaError",
     "StepHandle",
     "UnknownOperation",
     "backoff",
 ]
+
+LOG = logging.getLogger(__name__)
+
+
+class OperationListener(Protocol):
+    """Told of each operation journaled anew and of each final state, after commit."""
+
+    def operation_begun(self, op: Operation) -> None: ...
+
+    def operation_finished(self, op: Operation) -> None: ...
 
 
 class JournalError(Exception):
@@ -175,8 +191,10 @@ class Journal:
         host: str | None = None,
         clock: Callable[[], float] = time.time,
         busy_timeout: float = 30.0,
+        listener: OperationListener | None = None,
     ) -> None:
         self.path = path
+        self._listener = listener
         self.host = host or socket.gethostname()
         self._clock = clock
         self._lock = threading.RLock()
@@ -207,6 +225,15 @@ class Journal:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _tell(self, event: str, op: Operation) -> None:
+        """Call the listener outside every lock; its failure is logged, never raised."""
+        if self._listener is None:
+            return
+        try:
+            getattr(self._listener, event)(op)
+        except Exception:
+            LOG.exception("operation listener failed on %s of %s", event, op.id)
 
     @property
     def schema_version(self) -> int:
@@ -294,7 +321,9 @@ class Journal:
                 "INSERT INTO operation_locks (op_id, lock_key) VALUES (?, ?)",
                 [(str(op_id), key) for key in lock_keys],
             )
-            return Begun(_operation(self._op_row(conn, op_id)), created=True)
+            begun = Begun(_operation(self._op_row(conn, op_id)), created=True)
+        self._tell("operation_begun", begun.operation)
+        return begun
 
     def start(self, op_id: uuid.UUID) -> Operation:
         """PENDING -> RUNNING (a no-op if already RUNNING)."""
@@ -349,7 +378,9 @@ class Journal:
                     str(op_id),
                 ),
             )
-            return _operation(self._op_row(conn, op_id))
+            final = _operation(self._op_row(conn, op_id))
+        self._tell("operation_finished", final)
+        return final
 
     def get(self, op_id: uuid.UUID) -> Operation:
         with self._lock:

@@ -541,3 +541,68 @@ def test_processes_write_one_file_concurrently(tmp_path: Path) -> None:
     assert len(j.list_operations(kind=OperationKind.ASSISTED_CREATE)) == 20
     # Identical pending notices were not duplicated either.
     assert len(j.pending_notifications(due_only=False)) == 20
+
+
+# -- the operation listener (notifications hook in here) -----------------------------------
+
+
+class Recorder:
+    def __init__(self, fail: bool = False) -> None:
+        self.events: list[tuple[str, Operation]] = []
+        self.fail = fail
+
+    def operation_begun(self, op: Operation) -> None:
+        self.events.append(("begun", op))
+        if self.fail:
+            raise RuntimeError("bus down")
+
+    def operation_finished(self, op: Operation) -> None:
+        self.events.append(("finished", op))
+        if self.fail:
+            raise RuntimeError("bus down")
+
+
+def test_listener_hears_new_operations_and_final_states(tmp_path: Path) -> None:
+    rec = Recorder()
+    j = Journal(str(tmp_path / "j.db"), host="hostA", listener=rec)
+    op = j.begin(OperationKind.ASSISTED_CREATE, CREATE, SNAP).operation
+    j.begin(OperationKind.ASSISTED_CREATE, CREATE, SNAP)  # a retry: not a new operation
+    j.plan_step(op.id, "snapshot")
+    j.set_progress(op.id, 1, 2)
+    assert [e for e, _ in rec.events] == ["begun"]
+    assert rec.events[0][1].state is OperationState.PENDING
+    j.finish(op.id, OperationState.FAILED, error=ErrorInfo("X", "boom"))
+    assert [e for e, _ in rec.events] == ["begun", "finished"]
+    final = rec.events[1][1]
+    assert final.state is OperationState.FAILED and final.error == ErrorInfo("X", "boom")
+    assert j.get(op.id) == final  # the listener saw what was committed
+
+
+def test_listener_failure_never_fails_the_journal(tmp_path: Path) -> None:
+    rec = Recorder(fail=True)
+    j = Journal(str(tmp_path / "j.db"), host="hostA", listener=rec)
+    op = j.begin(OperationKind.ASSISTED_CREATE, CREATE, SNAP).operation
+    done = j.finish(op.id, OperationState.SUCCEEDED, result={"active": "f"})
+    assert done.state is OperationState.SUCCEEDED
+    assert j.get(op.id).state is OperationState.SUCCEEDED
+    assert len(rec.events) == 2
+
+
+def test_listener_called_after_commit_outside_the_lock(tmp_path: Path) -> None:
+    """A listener reading the journal from another thread must not deadlock or see old data."""
+    seen: list[OperationState] = []
+    path = str(tmp_path / "j.db")
+
+    class Reader:
+        def operation_begun(self, op: Operation) -> None:
+            pass
+
+        def operation_finished(self, op: Operation) -> None:
+            t = threading.Thread(target=lambda: seen.append(j.get(op.id).state))
+            t.start()
+            t.join(5)
+
+    j = Journal(path, host="hostA", listener=Reader())
+    op = j.begin(OperationKind.ASSISTED_DELETE, {"snapshot_id": SNAP}, SNAP).operation
+    j.finish(op.id, OperationState.CANCELLED)
+    assert seen == [OperationState.CANCELLED]
