@@ -36,13 +36,14 @@ api_opts: list[cfg.Opt] = [
         "noauth_roles",
         default=[],
         help="noauth only: roles given to a request that sends no X-Roles header. Cinder with "
-        "'[nova] auth_type = none' sends none; set 'service' for it.",
+        "'[nova] auth_type = none' sends none, nor does 'qsnap --os-auth-type none'; set "
+        "'service' for Cinder, 'admin' for the CLI.",
     ),
     cfg.StrOpt(
         "policy_file",
         default="policy.yaml",
         help="oslo.policy overrides file (defaults live in code: assisted snapshots for "
-        "'role:service or role:admin', instance snapshots for 'role:admin').",
+        "'role:service or role:admin', every native /v1 call for 'role:admin').",
     ),
     cfg.IntOpt(
         "max_request_body_size",
