@@ -1,0 +1,155 @@
+"""What "right" means after every end-to-end step, checked from every side.
+
+Cinder's view (snapshot statuses, the ``.info`` ledger), the files (``qemu-img info
+--backing-chain`` with formats pinned, ``qemu-img check``, no stray file), libvirt's view
+(the live domain XML chain) and the guest's view (record log a clean, growing log; files
+keep their checksums) must all agree; any one of them alone could be fooled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from typing import Any
+
+from cinderclient import exceptions as cinder_exc
+
+from libvirt_ops import find_disk
+from tests.bed.records import RecordLog
+from tests.functional.e2e.conftest import Deployment
+
+
+def qemu_chain(top: str, fmt: str) -> list[tuple[str, str]]:
+    """(basename, format) top first, as qemu-img reads the headers; every backing format
+    must be recorded (never probed) and match what the layer below really is."""
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "-f", fmt, "--backing-chain", "--output=json", top],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    layers = json.loads(out.stdout)
+    chain = []
+    for i, layer in enumerate(layers):
+        chain.append((os.path.basename(layer["filename"]), layer["format"]))
+        if "backing-filename" in layer:
+            assert "/" not in layer["backing-filename"], layer  # Cinder's relative names
+            assert layer.get("backing-filename-format") == layers[i + 1]["format"], layer
+        else:
+            assert i == len(layers) - 1, layers
+    return chain
+
+
+def live_chain(d: Deployment) -> list[tuple[str, str]]:
+    disk = find_disk(d.guest.dom, volume_id=d.volume_id)
+    return [(os.path.basename(layer.path), layer.fmt) for layer in disk.chain]
+
+
+def ledger(d: Deployment) -> dict[str, str] | None:
+    path = d.vol_dir / f"volume-{d.volume_id}.info"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _qemu_img_check(d: Deployment, name: str) -> None:
+    res = subprocess.run(
+        ["qemu-img", "check", "-U", "-f", "qcow2", str(d.vol_dir / name)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, f"{name}: {res.stdout}{res.stderr}"
+
+
+def check_image_files(d: Deployment, snapshots: list[str]) -> list[str]:
+    """Chain, ledger and files agree; ``snapshots`` are the live ones, oldest first.
+
+    The ledger maps each snapshot to the file created when it was taken (its point in
+    time is that file's backing), so: ``active`` is the top, the ledger's files are exactly
+    the chain's overlays, and a later snapshot never maps below an earlier one.
+    """
+    live = live_chain(d)
+    chain = qemu_chain(str(d.vol_dir / live[0][0]), live[0][1])
+    assert chain == live, f"files say {chain}, libvirt says {live}"
+    names = [n for n, _ in chain]
+    info = ledger(d)
+    if info is None:
+        assert not snapshots and names == [f"volume-{d.volume_id}"], names
+    else:
+        assert info["active"] == names[0], (info, names)
+        assert set(info) - {"active"} == set(snapshots), (info, snapshots)
+        assert set(info.values()) == set(names[:-1]) | {names[0]}, (info, names)
+        depth = [names.index(info[s]) for s in snapshots]
+        assert depth == sorted(depth, reverse=True), (info, names)
+    for name, fmt in chain[1:]:
+        if fmt == "qcow2":
+            _qemu_img_check(d, name)
+    if chain[0][1] == "qcow2":
+        # the active file is being written: only a frozen guest (QEMU flushed its qcow2
+        # caches, nothing in flight) gives a consistent on-disk image to check
+        d.guest.agent("guest-fsfreeze-freeze", timeout=30)
+        try:
+            _qemu_img_check(d, names[0])
+        finally:
+            d.guest.agent("guest-fsfreeze-thaw", timeout=30)
+    mine = {n for n in os.listdir(d.vol_dir) if n.startswith(f"volume-{d.volume_id}")}
+    expected = set(names) | ({f"volume-{d.volume_id}.info"} if info is not None else set())
+    assert mine == expected, f"stray or missing files: {sorted(mine ^ expected)}"
+    return names
+
+
+def check_cinder(d: Deployment, available: list[str], gone: list[str]) -> None:
+    c = d.client()
+    for sid in available:
+        s = c.volume_snapshots.get(sid)
+        assert (s.status, s.progress) == ("available", "100%"), (sid, s.status, s.progress)
+    for sid in gone:
+        try:
+            s = c.volume_snapshots.get(sid)
+        except cinder_exc.NotFound:
+            continue
+        raise AssertionError(f"snapshot {sid} still there: {s.status}")
+    assert c.volumes.get(d.volume_id).status == "in-use"
+
+
+class GuestData:
+    """Files of known checksum in the guest plus its record writer's log."""
+
+    def __init__(self, guest: Any, mount: str = "/data") -> None:
+        self.g = guest
+        self.mount = mount
+        self.files: dict[str, str] = {}
+        self.log: RecordLog | None = None
+
+    def add_file(self) -> None:
+        path = f"{self.mount}/f-{uuid.uuid4().hex[:8]}"
+        self.g.check(["dd", "if=/dev/urandom", f"of={path}", "bs=64k", "count=4"], 60)
+        self.files[path] = self._sha(path)
+
+    def _sha(self, path: str) -> str:
+        return bytes(self.g.check(["sha256sum", path], 60)).split()[0].decode()
+
+    def check(self) -> None:
+        """Reread from the disk (caches dropped): checksums kept, the record log clean and
+        an extension of what it was at the previous check."""
+        self.g.check(["/bin/sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], 60)
+        for path, sha in self.files.items():
+            assert self._sha(path) == sha, f"{path} changed in the guest"
+        log = self.g.records(self.mount)
+        assert log.clean, log.problems
+        if self.log is not None:
+            assert self.log.is_prefix_of(log), "the record log lost or rewrote records"
+        self.log = log
+
+
+def agent_op(d: Deployment, snapshot_id: str, kind: str) -> Any:
+    """The agent's journaled operation for this snapshot (proves the request went the
+    whole way: Cinder -> qsnap-api -> RabbitMQ -> agent)."""
+    ctx = {"request_id": "req-e2e"}
+    found = [
+        op
+        for op in d.agent.list_operations(ctx)
+        if op.snapshot_id == snapshot_id and op.kind.value == kind
+    ]
+    assert len(found) == 1, (snapshot_id, kind, found)
+    return found[0]
