@@ -29,6 +29,7 @@ import zstandard
 from hostagent.backup._codec import Buffer, raw_frame, worth_compressing
 from hostagent.backup.format import (
     BackupCancelled,
+    Checkpoint,
     Manifest,
     ManifestExtent,
     SourceLayer,
@@ -221,6 +222,7 @@ def _execute(
     progress: Progress | None,
     cancel: Cancel | None,
     total: int,
+    checkpoint: Checkpoint | None = None,
 ) -> BackupResult:
     t0 = time.monotonic()
     backup_id = str(uuid.uuid4())
@@ -248,6 +250,7 @@ def _execute(
             read_bytes=run.read,
             extents=extents,
             fallback_reason=fallback_reason,
+            checkpoint=checkpoint,
         )
         session.publish(manifest)
     w = run.writer
@@ -268,6 +271,7 @@ def backup_full(
     cancel: Cancel | None = None,
     parent: Manifest | None = None,
     fallback_reason: str | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> BackupResult:
     """Back up the whole guest view of the (frozen) chain under ``layer_path``.
 
@@ -287,10 +291,13 @@ def backup_full(
             progress=progress,
             cancel=cancel,
             total=sum(n for _, n, d in ranges if d),
+            checkpoint=checkpoint,
         )
 
 
-def _boundary_depth(chain: Chain, boundary: int | str, parent: Manifest) -> int | str:
+def _boundary_depth(
+    chain: Chain, boundary: int | str, parent: Manifest, expect: str | None
+) -> int | str:
     """Depth of the boundary layer, or the reason an incremental is impossible."""
     names = [os.path.basename(li.path) for li in chain.layers]
     if isinstance(boundary, str):
@@ -301,7 +308,9 @@ def _boundary_depth(chain: Chain, boundary: int | str, parent: Manifest) -> int 
         if not 0 <= boundary < len(names):
             return f"boundary depth {boundary} outside a chain of {len(names)} layers"
         depth = boundary
-    read_top = parent.source_chain[0].name if parent.source_chain else None
+    read_top = expect
+    if read_top is None:
+        read_top = parent.source_chain[0].name if parent.source_chain else None
     if names[depth] != read_top:
         return (
             f"boundary {names[depth]} is not the layer parent {parent.backup_id} read ({read_top})"
@@ -334,17 +343,21 @@ def backup_incremental(
     naming: Naming = CINDER,
     progress: Progress | None = None,
     cancel: Cancel | None = None,
+    parent_boundary: str | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> BackupResult:
     """Read only what is allocated above ``boundary`` (a depth, or the boundary file's name).
 
-    ``boundary`` must be the layer the parent backup read (its ``source_chain[0]``), still
-    in the chain and unchanged since. If it is not, this falls back to a full read with
-    deduplication and says why in ``fallback_reason``.
+    ``boundary`` must be the layer whose guest view equals the parent backup's, still in the
+    chain and unchanged since: by default the layer the parent read (its
+    ``source_chain[0]``), or ``parent_boundary`` when the parent's read layer was merged
+    into it since (the online checkpoint). If it is not, this falls back to a full read
+    with deduplication and says why in ``fallback_reason``.
     """
     if parent.volume_id != volume_id:
         raise ValueError(f"parent {parent.backup_id} belongs to volume {parent.volume_id}")
     with open_chain(layer_path, roots=roots, naming=naming, fmt=fmt) as chain:
-        depth = _boundary_depth(chain, boundary, parent)
+        depth = _boundary_depth(chain, boundary, parent, parent_boundary)
         if isinstance(depth, str):
             chain.close()
             return backup_full(
@@ -358,6 +371,7 @@ def backup_incremental(
                 cancel=cancel,
                 parent=parent,
                 fallback_reason=depth,
+                checkpoint=checkpoint,
             )
         size = chain.virtual_size
         changed_raw: list[tuple[int, int]] = []
@@ -398,4 +412,5 @@ def backup_incremental(
             progress=progress,
             cancel=cancel,
             total=sum(n for _, _, r in plan if r for _, n, d in r if d),
+            checkpoint=checkpoint,
         )

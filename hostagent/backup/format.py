@@ -155,6 +155,35 @@ class SourceLayer:
     fmt: str
 
 
+def check_basename(value: Any, what: str) -> str:
+    if not isinstance(value, str) or value in ("", ".", "..") or "/" in value or "\0" in value:
+        raise FormatError(f"bad {what} {value!r}: must be a plain file name")
+    return value
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where the next incremental may start: ``overlay`` (the live top after this backup)
+    must still sit directly on ``boundary``, whose guest view equals this backup's."""
+
+    overlay: str
+    boundary: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"overlay": self.overlay, "boundary": self.boundary}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Checkpoint | None:
+        if doc is None:
+            return None
+        if not isinstance(doc, dict):
+            raise FormatError(f"bad checkpoint {doc!r}")
+        return cls(
+            check_basename(doc.get("overlay"), "checkpoint overlay"),
+            check_basename(doc.get("boundary"), "checkpoint boundary"),
+        )
+
+
 @dataclass(frozen=True)
 class Manifest:
     """One backup. Holds Cinder-style metadata (volume id, size, created_at, parent)."""
@@ -169,6 +198,8 @@ class Manifest:
     read_bytes: int
     extents: tuple[ManifestExtent, ...]
     fallback_reason: str | None = None
+    #: Optional (absent in manifests of offline backups): see :class:`Checkpoint`.
+    checkpoint: Checkpoint | None = None
     version: int = field(default=VERSION)
 
     def chunk_ids(self) -> set[str]:
@@ -190,6 +221,7 @@ class Manifest:
             "source_chain": [{"name": s.name, "format": s.fmt} for s in self.source_chain],
             "read_bytes": self.read_bytes,
             "fallback_reason": self.fallback_reason,
+            "checkpoint": None if self.checkpoint is None else self.checkpoint.to_json(),
             "extents": [e.to_json() for e in self.extents],
         }
 
@@ -227,6 +259,7 @@ class Manifest:
                 read_bytes=int(doc["read_bytes"]),
                 extents=extents,
                 fallback_reason=doc.get("fallback_reason"),
+                checkpoint=Checkpoint.from_json(doc.get("checkpoint")),
             )
         except (KeyError, TypeError) as exc:
             raise FormatError(f"manifest field missing or mistyped: {exc}") from None
