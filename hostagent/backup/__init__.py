@@ -1,8 +1,9 @@
-"""hostagent.backup: the chunked backup repository and the offline engine core.
+"""hostagent.backup: the chunked backup repository, the engine, online orchestration.
 
 Public face: the repository (on-disk format in :mod:`hostagent.backup.format`), full and
-incremental backups of a frozen layer's guest view, restore, and the error types. The
-online orchestration (quiesced snapshot, checkpoint overlay, merge back) calls these.
+incremental backups of a frozen layer's guest view, restore, online backups of attached
+volumes (:func:`backup_volume`: quiesced snapshot, checkpoint overlay, merge back, all
+journaled; :func:`recover_backup` for crash recovery), retention (:func:`prune`), errors.
 """
 
 from hostagent.backup._restore import RestoreResult, restore
@@ -11,6 +12,7 @@ from hostagent.backup.format import (
     BackupCancelled,
     BackupError,
     BackupNotFound,
+    Checkpoint,
     CorruptChunk,
     FormatError,
     Manifest,
@@ -21,28 +23,49 @@ from hostagent.backup.format import (
     RepositoryFull,
     SourceLayer,
 )
+from hostagent.backup.online import (
+    BACKUP_NAMING,
+    BackupRequest,
+    ChainChanged,
+    OnlineBackupResult,
+    backup_volume,
+    recover_backup,
+    release_checkpoint,
+)
 from hostagent.backup.repository import BackupSession, GcResult, Repository, VerifyReport
+from hostagent.backup.retention import PruneResult, RetentionPolicy, prune
 
 __all__ = [
+    "BACKUP_NAMING",
     "BackupCancelled",
     "BackupError",
     "BackupNotFound",
+    "BackupRequest",
     "BackupResult",
     "BackupSession",
+    "ChainChanged",
+    "Checkpoint",
     "CorruptChunk",
     "FormatError",
     "GcResult",
     "Manifest",
     "ManifestExtent",
     "MissingChunk",
+    "OnlineBackupResult",
+    "PruneResult",
     "RepoConfig",
     "Repository",
     "RepositoryBusy",
     "RepositoryFull",
     "RestoreResult",
+    "RetentionPolicy",
     "SourceLayer",
     "VerifyReport",
     "backup_full",
     "backup_incremental",
+    "backup_volume",
+    "prune",
+    "recover_backup",
+    "release_checkpoint",
     "restore",
 ]

@@ -226,7 +226,11 @@ def _execute(
 ) -> BackupResult:
     t0 = time.monotonic()
     backup_id = str(uuid.uuid4())
-    with repo.session(backup_id, volume_id) as session:
+    with repo.session(
+        backup_id, volume_id, parent_id if kind == "incremental" else None
+    ) as session:
+        if parent_id is not None and kind == "incremental":
+            repo.load(volume_id, parent_id)  # still there now that our marker pins it
         run = _Run(chain, repo, progress, cancel)
         run.total = total
         ok = False

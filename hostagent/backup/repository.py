@@ -6,7 +6,8 @@ Layout (version 1)::
     lock                              flock: backups hold it shared, GC exclusive
     chunks/ab/cd/<sha256>             zstd frame of the chunk's bytes; id = sha256(bytes)
     backups/<volume-id>/<backup-id>.json   Manifest (logically full)
-    inprogress/<backup-id>.json       marker of a running backup (started_at, host, pid)
+    inprogress/<backup-id>.json       marker of a running backup (started_at, host, pid,
+                                      parent_id: the manifest an incremental builds on)
 
 Every file is written to a temporary name, fsynced, renamed, and its directory fsynced, so
 a killed writer leaves at most unreferenced chunks and temp files, never a visible partial
@@ -319,8 +320,29 @@ class Repository:
         return VerifyReport(m.backup_id, len(ids), total)
 
     # --- concurrency: backup sessions and GC ------------------------------------------
-    def session(self, backup_id: str, volume_id: str) -> BackupSession:
-        return BackupSession(self, backup_id, volume_id)
+    def session(
+        self, backup_id: str, volume_id: str, parent_id: str | None = None
+    ) -> BackupSession:
+        return BackupSession(self, backup_id, volume_id, parent_id)
+
+    def running(self, stale_after: float = 86400.0) -> list[dict[str, object]]:
+        """In-progress markers of backups that may still be running (dead ones skipped)."""
+        d = os.path.join(self.path, "inprogress")
+        now, host, out = time.time(), socket.gethostname(), []
+        for name in sorted(os.listdir(d)):
+            if name.startswith("."):
+                continue
+            try:
+                with open(os.path.join(d, name), "rb") as f:
+                    doc = json.loads(f.read())
+                dead = now - float(doc["started_at"]) > stale_after or (
+                    doc.get("host") == host and not _pid_alive(int(doc["pid"]))
+                )
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if not dead and isinstance(doc, dict):
+                out.append(doc)
+        return out
 
     def _lock_fd(self) -> int:
         return os.open(
@@ -423,10 +445,13 @@ def _pid_alive(pid: int) -> bool:
 class BackupSession:
     """One running backup: shared repository lock + in-progress marker until publish/abort."""
 
-    def __init__(self, repo: Repository, backup_id: str, volume_id: str) -> None:
+    def __init__(
+        self, repo: Repository, backup_id: str, volume_id: str, parent_id: str | None = None
+    ) -> None:
         self.repo = repo
         self.backup_id = check_uuid(backup_id, "backup id")
         self.volume_id = check_uuid(volume_id, "volume id")
+        self.parent_id = None if parent_id is None else check_uuid(parent_id, "parent id")
         self._marker = os.path.join(repo.path, "inprogress", f"{backup_id}.json")
         self._fd: int | None = None
 
@@ -437,6 +462,7 @@ class BackupSession:
         doc = {
             "backup_id": self.backup_id,
             "volume_id": self.volume_id,
+            "parent_id": self.parent_id,  # prune never deletes it while this runs
             "started_at": time.time(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
