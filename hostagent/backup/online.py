@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import subprocess
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from hostagent.backup.format import BackupError, Checkpoint, Manifest
 from hostagent.backup.repository import Repository
 from hostagent.journal import Journal
 from hostagent.operations import OperationKind, OperationRecord, OperationState, StepState
+from qcow2 import Qcow2Error, QemuImgError, inspect_chain
 from qcow2.naming import DEFAULT_IMAGE_PATTERN, Naming, is_uuid
 
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
@@ -58,15 +60,26 @@ def is_backup_overlay(name: str, volume_id: str) -> bool:
 
 @dataclass(frozen=True)
 class BackupRequest:
-    """One volume's backup. ``incremental`` asks for the checkpoint; it is a wish, not a
-    guarantee (see ``OnlineBackupResult.result.fallback_reason``)."""
+    """One volume's backup.
+
+    ``incremental``: build on the previous backup's checkpoint if it is intact (else a full
+    read with dedup; ``result.fallback_reason`` says why) and, unless ``keep_checkpoint``
+    is False, leave a checkpoint overlay as the live top for the next one. The default is a
+    plain backup that leaves the chain exactly as it was: a checkpoint overlay is invisible
+    to Cinder and Nova, so the agent must :func:`release_checkpoint` before a Cinder
+    snapshot, a detach or a Nova hard reboot of that volume (see the README).
+    """
 
     domain: str
     volume_id: str
     repository: str
-    incremental: bool = True
-    keep_checkpoint: bool = True
+    incremental: bool = False
+    keep_checkpoint: bool | None = None  # None: keep one iff incremental
     quiesce: lo.QuiescePolicy = lo.QuiescePolicy.PREFER
+
+    @property
+    def keeps_checkpoint(self) -> bool:
+        return self.incremental if self.keep_checkpoint is None else self.keep_checkpoint
 
 
 @dataclass(frozen=True)
@@ -129,7 +142,7 @@ def backup_volume(
         "volume_id": req.volume_id,
         "repository": repo.path,
         "incremental": req.incremental,
-        "keep_checkpoint": req.keep_checkpoint,
+        "keep_checkpoint": req.keeps_checkpoint,
         "target": disk.target,
         "chain_before": before,
         "overlay": k_new,
@@ -177,7 +190,7 @@ def _run(
 
     frozen = os.path.join(share, k_old if k_old is not None else boundary)
     parent = _latest(repo, req.volume_id)
-    cp = Checkpoint(k_new, boundary) if req.keep_checkpoint else None
+    cp = Checkpoint(k_new, boundary) if req.keeps_checkpoint else None
     reason: str | None = None
     if not req.incremental:
         reason = None
@@ -200,7 +213,7 @@ def _run(
         with journal.step(op, "merge", {"kind": "commit", "top": k_old, "base": boundary}):
             lo.commit(conn, dom, disk.target, top=k_old, roots=roots, naming=BACKUP_NAMING)
         _remove(journal, op, share, k_old, conn, req.domain, disk.target)
-    if not req.keep_checkpoint:
+    if not req.keeps_checkpoint:
         with journal.step(op, "merge", {"kind": "active_commit", "top": k_new}):
             lo.active_commit(conn, dom, disk.target, roots=roots, naming=BACKUP_NAMING)
         _remove(journal, op, share, k_new, conn, req.domain, disk.target)
@@ -214,7 +227,7 @@ def _run(
     }
     journal.finish(op, OperationState.SUCCEEDED, result=result)
     return OnlineBackupResult(
-        str(op), res, snap.quiesced, k_new if req.keep_checkpoint else None, tuple(after)
+        str(op), res, snap.quiesced, k_new if req.keeps_checkpoint else None, tuple(after)
     )
 
 
@@ -389,3 +402,44 @@ def release_checkpoint(
     if top not in live:
         os.unlink(os.path.join(share, top))
     return top
+
+
+def release_checkpoint_offline(
+    directory: str, volume_id: str, *, roots: Sequence[str] = ()
+) -> list[str]:
+    """Merge down every checkpoint overlay of a volume no running guest uses (after a
+    detach or a stop), so Cinder's active file holds all the data again.
+
+    Each overlay's whole chain is inspected first; one that another file backs onto (not a
+    top) is refused. ``qemu-img commit`` takes QEMU's write lock, so an image still open
+    by a guest is refused too. Returns the released overlays' names.
+    """
+    if not is_uuid(volume_id):
+        raise ValueError(f"bad volume id {volume_id!r}")
+    rts = list(roots) or [directory]
+    files = sorted(n for n in os.listdir(directory) if n.startswith(f"volume-{volume_id}"))
+    released: list[str] = []
+    for name in files:
+        if not is_backup_overlay(name, volume_id):
+            continue
+        path = os.path.join(directory, name)
+        for other in files:
+            if other == name or not BACKUP_NAMING.is_image_name(other):
+                continue
+            try:
+                with inspect_chain(
+                    os.path.join(directory, other), roots=rts, naming=BACKUP_NAMING
+                ) as chain:
+                    if chain.layers[0].backing_name == name:
+                        raise ChainChanged(f"{other} backs onto {name}: not a top, not released")
+            except Qcow2Error:
+                continue  # raw base or not ours to judge: it cannot back onto an overlay
+        with inspect_chain(path, roots=rts, naming=BACKUP_NAMING):
+            pass
+        argv = ["qemu-img", "commit", "-q", "-f", "qcow2", path]
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise QemuImgError(argv, proc.returncode, proc.stderr)
+        os.unlink(path)
+        released.append(name)
+    return released

@@ -26,7 +26,9 @@ def main(argv: list[str]) -> int:
             said = True
         time.sleep(1.0)
 
-    backup_volume(conn, journal, BackupRequest(domain, volume, repo), progress=progress)
+    backup_volume(
+        conn, journal, BackupRequest(domain, volume, repo, incremental=True), progress=progress
+    )
     print("done", flush=True)
     return 0
 

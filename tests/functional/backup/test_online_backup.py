@@ -72,14 +72,14 @@ def test_online_backup_lifecycle(guest: Any, libvirt_host: Any, bed_dir: Path) -
     vol = g.disks[0].volume_id
     repo = Repository.create(bed_dir / "repo")
     journal = Journal(str(bed_dir / "journal.sqlite"))
-    req = BackupRequest(g.uuid, vol, repo.path)
+    req = BackupRequest(g.uuid, vol, repo.path, incremental=True)
     base = _chain(g)
     assert len(base) == 1
 
     # 1. full backup while the guest writes; no checkpoint: the chain is exactly as before
     g.start_writers(interval_ms=10)
     g.check(["sh", "-c", "sleep 1"])
-    r1 = backup_volume(conn, journal, BackupRequest(g.uuid, vol, repo.path, keep_checkpoint=False))
+    r1 = backup_volume(conn, journal, BackupRequest(g.uuid, vol, repo.path))
     assert _chain(g) == base and r1.checkpoint is None
     assert not [n for n in os.listdir(g.dir) if is_backup_overlay(n, vol)]
     assert r1.result.manifest.kind == "full" and r1.quiesced
@@ -196,7 +196,7 @@ def test_online_backup_lifecycle(guest: Any, libvirt_host: Any, bed_dir: Path) -
         tiny = Repository.create(small / "repo")
         chain_before = _chain(g)
         with pytest.raises(RepositoryFull):
-            backup_volume(conn, journal, BackupRequest(g.uuid, vol, tiny.path))
+            backup_volume(conn, journal, BackupRequest(g.uuid, vol, tiny.path, incremental=True))
         assert _chain(g) == chain_before
         assert tiny.manifests() == []
     finally:
@@ -206,7 +206,11 @@ def test_online_backup_lifecycle(guest: Any, libvirt_host: Any, bed_dir: Path) -
     # 8. releasing the checkpoint gives Cinder its chain back; the next backup says why
     assert release_checkpoint(conn, g.uuid, vol) == r6.checkpoint
     assert _chain(g) == base
-    r8 = backup_volume(conn, journal, BackupRequest(g.uuid, vol, repo.path, keep_checkpoint=False))
+    r8 = backup_volume(
+        conn,
+        journal,
+        BackupRequest(g.uuid, vol, repo.path, incremental=True, keep_checkpoint=False),
+    )
     assert r8.result.manifest.kind == "full" and "no longer the live top" in (
         r8.result.fallback_reason or ""
     )
