@@ -10,6 +10,8 @@ Cinder's URL and project.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,9 +26,8 @@ import pytest
 from hostagent.config import make_conf
 from hostagent.rpcapi import AgentAPI, get_transport
 from tests.bed import procs
-from tests.bed.cinder import CinderPeer
+from tests.bed.cinder import REPO, CinderPeer
 from tests.bed.guest import Guest, GuestDisk, GuestError, _Dispatcher, _EventLatch, domain_xml
-from tests.functional.api_ext.test_nova_compat import _spawn, _stop
 
 CONNECTOR = {
     "host": "qsnap-e2e-host",
@@ -150,10 +151,50 @@ def _attached_volume(cinder: CinderPeer, conn: Any, image: Any, logdir: Path) ->
     return v.id, guest
 
 
-def _stopped(name: str, proc: Any, logdir: Path) -> None:
-    """SIGTERM must end the service cleanly (0): a crash on shutdown is a bug too."""
-    rc = _stop(name, proc)
-    assert rc == 0, f"{name} exited {rc}: " + (logdir / f"{name}.stderr").read_text()[-3000:]
+def _spawn(name: str, argv: list[str], logdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a service that prints a READY line; all its output goes to ``logdir/name.log``
+    (kept for post-mortems). faulthandler is on so a hung shutdown can be made to talk."""
+    log = logdir / f"{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONFAULTHANDLER": "1"},
+        )
+    procs.record(name, proc.pid)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("READY"):
+                return proc, line
+        time.sleep(0.1)
+    _stopped(name, proc, logdir, expect_ok=False)
+    raise RuntimeError(f"{name} did not start: {log.read_text(errors='replace')[-3000:]}")
+
+
+def _stopped(
+    name: str, proc: subprocess.Popen[bytes], logdir: Path, expect_ok: bool = True
+) -> None:
+    """SIGTERM must end the service cleanly (0): a crash or hang on shutdown is a bug too.
+    A hang gets SIGABRT, which makes faulthandler dump every thread into the log."""
+    log = logdir / f"{name}.log"
+    proc.terminate()
+    try:
+        rc = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        rc = None
+    finally:
+        procs.forget(name, proc.pid)
+    assert rc == 0 or not expect_ok, f"{name} exited {rc}: {log.read_text()[-6000:]}"
 
 
 @pytest.fixture(scope="module")
