@@ -18,6 +18,7 @@ Run: ``.venv/bin/python -m bench.snapshot_stall [--reps N] [--share dir|gluster]
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import subprocess
 import sys
@@ -48,7 +49,26 @@ def _max_gaps(g: Any, t0: int, t1: int) -> dict[str, float]:
     return {d.mountpoint: g.records(d.mountpoint).max_gap_ns(t0, t1) / MS for d in g.disks}
 
 
-def _ours(g: Any, idx: list[int], roots: list[str]) -> Callable[[], None]:
+PHASES = ("freeze", "to_call", "snapshot_call", "to_thaw", "thaw", "frozen")
+
+
+def _stall_interval(g: Any, mount: str, t0: int, t1: int) -> tuple[int, int]:
+    """The longest gap of ``mount``'s writer inside [t0, t1] (guest ns): its freeze."""
+    times = [t0, *(t for t in g.records(mount).times_ns if t0 <= t <= t1), t1]
+    return max(itertools.pairwise(times), key=lambda ab: ab[1] - ab[0])
+
+
+def _overlapping_gap(g: Any, mount: str, lo_ns: int, hi_ns: int) -> float:
+    """Longest gap (ms) of ``mount``'s writer that overlaps [lo_ns, hi_ns]: what another
+    filesystem suffered while the snapshotted one was frozen (guest clock, no mapping)."""
+    t = g.records(mount).times_ns
+    gaps = [b - a for a, b in itertools.pairwise(t) if b > lo_ns and a < hi_ns]
+    return max(gaps, default=0) / MS
+
+
+def _ours(
+    g: Any, idx: list[int], roots: list[str], timings: list[lo.SnapshotTimings] | None = None
+) -> Callable[[], None]:
     def run() -> None:
         specs = tuple(
             lo.DiskSnapshotSpec(
@@ -62,6 +82,8 @@ def _ours(g: Any, idx: list[int], roots: list[str]) -> Callable[[], None]:
         )
         if not res.quiesced or res.method is not lo.FreezeMethod.FREEZE_LIST:
             raise RuntimeError(f"not quiesced by freeze-list: {res}")
+        if timings is not None:
+            timings.append(res.timings)
 
     return run
 
@@ -93,18 +115,26 @@ def _measure_guest(bed: TestBed, ndisks: int, reps: int, method: str) -> dict[st
     inspection rightly refuses, so the two cannot share a chain."""
     g = bed.make_guest(ndisks=ndisks)
     roots = [str(bed.share.root)]
-    out: dict[str, list[float]] = {"quiet": [], "snap": [], "others": []}
+    out: dict[str, list[float]] = {"quiet": [], "snap": [], "others": [], "during": []}
+    out |= {p: [] for p in PHASES}
+    timings: list[lo.SnapshotTimings] = []
     try:
         g.start_writers(interval_ms=10, sync_every=1)
         time.sleep(1.0)
-        snap = _ours(g, list(range(ndisks)), roots) if method == "ours" else _virsh(g)
+        snap = _ours(g, list(range(ndisks)), roots, timings) if method == "ours" else _virsh(g)
         for _ in range(reps):
             out["quiet"].append(max(_max_gaps(g, *_window(g, lambda: None)).values()))
             out["snap"].append(max(_max_gaps(g, *_window(g, snap)).values()))
             if ndisks > 1 and method == "ours":
-                gaps = _max_gaps(g, *_window(g, _ours(g, [0], roots)))
+                t0, t1 = _window(g, _ours(g, [0], roots))
+                gaps = _max_gaps(g, t0, t1)
                 out["others"].append(max(v for k, v in gaps.items() if k != "/data"))
+                lo_ns, hi_ns = _stall_interval(g, "/data", t0, t1)
+                others = [d.mountpoint for d in g.disks if d.mountpoint != "/data"]
+                out["during"].append(max(_overlapping_gap(g, m, lo_ns, hi_ns) for m in others))
         g.stop_writers()
+        for p in PHASES:
+            out[p] = [getattr(t, p) * 1000 for t in timings]
     finally:
         g.close()
     return out
@@ -153,6 +183,15 @@ def main() -> int:
         f"(quiet window, same length) {q4:6.1f}  -> {oth / q4:4.2f}x "
         f"(all {[round(x) for x in four['others']]})"
     )
+    during = res[(4, "ours")]["during"]
+    print(
+        f"    their longest gap overlapping /data's freeze: {_med(during):6.1f} "
+        f"({[round(x) for x in during]})"
+    )
+    print("  inside our freeze window (host monotonic, medians ms; 'frozen' spans all):")
+    for n in (1, 4):
+        row = "  ".join(f"{p} {_med(res[(n, 'ours')][p]):6.1f}" for p in PHASES)
+        print(f"    {n} disk(s): {row}")
     return 0
 
 

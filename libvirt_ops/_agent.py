@@ -40,7 +40,7 @@ class AgentCommandFailed(LibvirtOpsError):
     """qemu-ga answered, with an error (e.g. freezing an already frozen guest)."""
 
 
-def _agent_error(exc: libvirt.libvirtError, what: str) -> LibvirtOpsError:
+def agent_error(exc: libvirt.libvirtError, what: str) -> LibvirtOpsError:
     """Unreachable agent -> AgentUnavailable; an error answered by the guest -> failed."""
     code = exc.get_error_code()
     msg = exc.get_error_message() or str(exc)
@@ -74,7 +74,7 @@ def call_with_deadline(fn: Callable[[], T], timeout: float, what: str) -> T:
     if "error" in box:
         err = box["error"]
         if isinstance(err, libvirt.libvirtError):
-            raise _agent_error(err, what) from err
+            raise agent_error(err, what) from err
         raise err
     value: T = box["value"]
     return value
@@ -95,7 +95,7 @@ def agent_command(
     try:
         raw = libvirt_qemu.qemuAgentCommand(dom, json.dumps(payload), secs, 0)
     except libvirt.libvirtError as exc:
-        raise _agent_error(exc, command) from exc
+        raise agent_error(exc, command) from exc
     if raw is None:
         raise AgentCommandFailed(f"{command}: no reply")
     return json.loads(raw).get("return")

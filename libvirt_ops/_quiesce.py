@@ -13,17 +13,20 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import libvirt
 
-from libvirt_ops._agent import GuestFilesystem, fs_freeze, fs_thaw
+from libvirt_ops._agent import GuestFilesystem, agent_error, fs_freeze, fs_thaw
 from libvirt_ops._thaw_watchdog import ThawWatchdog
 from libvirt_ops.errors import LibvirtOpsError, Timeout
 
 LOG = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Watchdogs left armed after a freeze that timed out; they exit on their own.
 _DETACHED: list[ThawWatchdog] = []
@@ -76,12 +79,17 @@ def plan_freeze(filesystems: Iterable[GuestFilesystem], targets: Iterable[str]) 
 
 @dataclass
 class FreezeWindow:
-    """Times (monotonic seconds) and outcome of one freeze, filled in by :class:`Frozen`."""
+    """Times (monotonic seconds) and outcome of one freeze, filled in by :func:`frozen_call`
+    (or :class:`Frozen`). A writer on the first-frozen filesystem stalls from inside the
+    freeze call to inside the thaw call, so every phase between counts."""
 
     frozen: int = 0
     deadline: float = 0.0
     t_freeze_start: float = 0.0
     t_frozen: float = 0.0
+    t_action_start: float = 0.0
+    t_action_end: float = 0.0
+    t_thaw_start: float = 0.0
     t_thawed: float = 0.0
     thaw_by: str = ""  # "us", "watchdog", or "" while still frozen
 
@@ -89,9 +97,131 @@ class FreezeWindow:
         """True if ``t_end`` lies before the deadline: the watchdog had not thawed yet."""
         return self.frozen > 0 and t_end < self.deadline
 
+    def breakdown_ms(self) -> dict[str, float]:
+        """Milliseconds per phase: where the guest's stall goes (logged, printed by bench/)."""
+
+        def ms(a: float, b: float) -> float:
+            return round((b - a) * 1000.0, 1) if a and b else 0.0
+
+        return {
+            "freeze": ms(self.t_freeze_start, self.t_frozen),
+            "to_action": ms(self.t_frozen, self.t_action_start),
+            "action": ms(self.t_action_start, self.t_action_end),
+            "to_thaw": ms(self.t_action_end, self.t_thaw_start),
+            "thaw": ms(self.t_thaw_start, self.t_thawed),
+            "window": ms(self.t_freeze_start, self.t_thawed),
+        }
+
+
+def frozen_call(
+    dom: libvirt.virDomain,
+    uri: str,
+    mountpoints: tuple[str, ...],
+    action: Callable[[], T],
+    *,
+    freeze_timeout: float,
+    max_frozen: float,
+) -> tuple[T, FreezeWindow]:
+    """Freeze ``mountpoints``, run ``action``, thaw: back to back on ONE worker thread.
+
+    Why one thread: every hand-off between threads (or a thread started for the thaw) is a
+    scheduler wake-up inside the window, and on a loaded host each costs milliseconds of
+    guest stall. The caller only waits, with deadlines: the freeze is bounded by
+    ``freeze_timeout`` (a freeze that lands after that is thawed at once, the action never
+    runs, :class:`Timeout` is raised); the thaw by the watchdog, armed before the freeze,
+    which thaws at ``max_frozen`` even if this process dies. The action itself (the
+    snapshot call) is not abandoned half-way: it runs to its end, then the thaw follows.
+    Raises what the freeze raised (AgentUnavailable, AgentCommandFailed, Timeout), else
+    what the action raised, after the thaw.
+    """
+    dog = ThawWatchdog(uri, dom.UUIDString())
+    w = FreezeWindow()
+    w.deadline = dog.arm(max_frozen)
+    lock = threading.Lock()
+    phase = ["freezing"]
+    out: dict[str, Any] = {}
+    froze, acted, thawed = threading.Event(), threading.Event(), threading.Event()
+
+    def worker() -> None:
+        w.t_freeze_start = time.monotonic()
+        try:
+            n = dom.fsFreeze(list(mountpoints), 0)
+        except BaseException as exc:
+            out["freeze_error"] = exc
+            froze.set()
+            return
+        w.t_frozen = time.monotonic()
+        with lock:
+            late = phase[0] == "abandoned"
+        w.frozen = int(n)
+        froze.set()
+        if late:  # the caller gave up on this freeze: no action, thaw at once
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.fsThaw(None, 0)
+            return
+        w.t_action_start = time.monotonic()
+        try:
+            out["value"] = action()
+        except BaseException as exc:
+            out["error"] = exc
+        w.t_action_end = w.t_thaw_start = time.monotonic()
+        acted.set()
+        try:
+            dom.fsThaw(None, 0)
+        except BaseException as exc:
+            out["thaw_error"] = exc
+        w.t_thawed = time.monotonic()
+        thawed.set()
+
+    threading.Thread(target=worker, name="freeze-window", daemon=True).start()
+    try:
+        if not froze.wait(freeze_timeout):
+            with lock:
+                gave_up = not froze.is_set()
+                if gave_up:
+                    phase[0] = "abandoned"
+            if gave_up:
+                # It may still land: the worker then thaws; the watchdog stays armed (its
+                # pipe kept open, EOF would thaw at once) and thaws again at the deadline.
+                _DETACHED.append(dog)
+                w.thaw_by = "watchdog"
+                w.t_thawed = time.monotonic()
+                raise Timeout(f"fsfreeze: no answer within {freeze_timeout:.1f} s")
+        if "freeze_error" in out:
+            dog.thaw_now()
+            w.thaw_by = "watchdog"
+            w.t_thawed = time.monotonic()
+            err = out["freeze_error"]
+            if isinstance(err, libvirt.libvirtError):
+                raise agent_error(err, "fsfreeze") from err
+            raise err
+        # The action is never abandoned (see above); the thaw after it is bounded.
+        acted.wait()
+        if not thawed.wait(max(1.0, w.deadline - time.monotonic() + 1.0)) or "thaw_error" in out:
+            why = out.get("thaw_error", "no answer")
+            LOG.warning("our thaw failed (%s); the watchdog thaws: %s", why, dog.thaw_now())
+            w.thaw_by = "watchdog"
+            w.t_thawed = w.t_thawed or time.monotonic()
+        else:
+            w.thaw_by = "us"
+            dog.done()
+    except BaseException:
+        if not w.thaw_by:
+            dog.thaw_now()
+            w.thaw_by = "watchdog"
+        raise
+    LOG.debug("freeze window of %s %s (ms): %s", dom.name(), mountpoints, w.breakdown_ms())
+    if "error" in out:
+        raise out["error"]
+    value: T = out["value"]
+    return value, w
+
 
 class Frozen:
     """Context manager: watchdog armed, mountpoints frozen; thawed on exit, always.
+
+    For holding a freeze open across caller code (tests, tools); a snapshot uses
+    :func:`frozen_call`, which keeps the whole window on one thread.
 
     Entering raises what the freeze raised (AgentUnavailable, AgentCommandFailed,
     Timeout); the watchdog is then told to thaw in case a late freeze still lands.

@@ -23,7 +23,14 @@ from lxml import etree
 from libvirt_ops._agent import AgentCommandFailed, agent_connected, guest_fsinfo
 from libvirt_ops._connection import Connection
 from libvirt_ops._domain import ChainLayer, Disk, domain_disks
-from libvirt_ops._quiesce import FreezeMethod, FreezePlan, Frozen, QuiescePolicy, plan_freeze
+from libvirt_ops._quiesce import (
+    FreezeMethod,
+    FreezePlan,
+    FreezeWindow,
+    QuiescePolicy,
+    frozen_call,
+    plan_freeze,
+)
 from libvirt_ops.errors import (
     AgentUnavailable,
     DiskNotFound,
@@ -89,13 +96,22 @@ class DiskSnapshotResult:
 
 @dataclass(frozen=True)
 class SnapshotTimings:
-    """Seconds: overlays+validation, the freeze call, time frozen, the snapshot call, total."""
+    """Seconds: overlays+validation, the freeze call, time frozen, the snapshot call, total.
+
+    Inside the freeze window (freeze-list method): ``freeze`` (qemu-ga freezing, last
+    filesystem first), ``to_call`` (freeze answer -> snapshot call), ``snapshot_call``
+    (libvirt: blockdev-add of the overlays + the QMP transaction), ``to_thaw`` and ``thaw``.
+    ``frozen`` spans them all.
+    """
 
     prepare: float = 0.0
     freeze: float = 0.0
     frozen: float = 0.0
     snapshot_call: float = 0.0
     total: float = 0.0
+    to_call: float = 0.0
+    to_thaw: float = 0.0
+    thaw: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -292,7 +308,7 @@ def take_snapshot(
     except BaseException:
         _remove_unused(created, dom)
         raise
-    quiesced, method, mounts, fallback, freeze_s, frozen_s, call_s, warns = result
+    quiesced, method, mounts, fallback, window, call_s, warns = result
 
     after = {d.target: d for d in domain_disks(dom)}
     out: list[DiskSnapshotResult] = []
@@ -319,19 +335,32 @@ def take_snapshot(
         method=method,
         frozen_mountpoints=mounts,
         disks=tuple(out),
-        timings=SnapshotTimings(
-            prepare=t_prepared - t_start,
-            freeze=freeze_s,
-            frozen=frozen_s,
-            snapshot_call=call_s,
-            total=t_end - t_start,
-        ),
+        timings=_timings(t_prepared - t_start, t_end - t_start, window, call_s),
         fallback_reason=fallback,
         warnings=tuple(warns),
     )
 
 
-_Outcome = tuple[bool, FreezeMethod, tuple[str, ...], str | None, float, float, float, list[str]]
+_Outcome = tuple[
+    bool, FreezeMethod, tuple[str, ...], str | None, FreezeWindow | None, float, list[str]
+]
+
+
+def _timings(
+    prepare: float, total: float, w: FreezeWindow | None, call_s: float
+) -> SnapshotTimings:
+    if w is None:  # no freeze of ours (libvirt's flag: the call is the whole window)
+        return SnapshotTimings(prepare=prepare, snapshot_call=call_s, total=total)
+    return SnapshotTimings(
+        prepare=prepare,
+        freeze=w.t_frozen - w.t_freeze_start,
+        frozen=w.t_thawed - w.t_freeze_start,
+        snapshot_call=call_s,
+        total=total,
+        to_call=w.t_action_start - w.t_frozen,
+        to_thaw=w.t_thaw_start - w.t_action_end,
+        thaw=w.t_thawed - w.t_thaw_start,
+    )
 
 
 def _snapshot_with_plan(
@@ -342,54 +371,43 @@ def _snapshot_with_plan(
     if plan.method is FreezeMethod.NONE:
         call_s = _call(dom, xml, BASE_FLAGS)
         reason = plan.reason if policy is not QuiescePolicy.OFF else None
-        return False, FreezeMethod.NONE, (), reason, 0.0, 0.0, call_s, []
+        return False, FreezeMethod.NONE, (), reason, None, call_s, []
 
     if plan.method is FreezeMethod.LIBVIRT:
         try:
             call_s = _call(dom, xml, BASE_FLAGS | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE)
-            return True, FreezeMethod.LIBVIRT, (), plan.reason, 0.0, call_s, call_s, []
+            return True, FreezeMethod.LIBVIRT, (), plan.reason, None, call_s, []
         except SnapshotFailed as exc:
             if policy is QuiescePolicy.REQUIRE:
                 raise QuiesceFailed(f"libvirt quiesced snapshot failed: {exc}") from exc
             call_s = _call(dom, xml, BASE_FLAGS)  # Nova's retry, but only under prefer
-            return False, FreezeMethod.NONE, (), f"{plan.reason}; {exc}", 0.0, 0.0, call_s, []
+            return False, FreezeMethod.NONE, (), f"{plan.reason}; {exc}", None, call_s, []
 
     if not plan.mountpoints:  # nothing mounted on these disks: nothing to flush
         call_s = _call(dom, xml, BASE_FLAGS)
-        return True, FreezeMethod.FREEZE_LIST, (), None, 0.0, 0.0, call_s, []
+        return True, FreezeMethod.FREEZE_LIST, (), None, None, call_s, []
 
-    frozen = Frozen(
-        dom,
-        conn.uri,
-        plan.mountpoints,
-        freeze_timeout=request.deadlines.agent,
-        max_frozen=request.deadlines.max_frozen,
-    )
     try:
-        with frozen:
-            call_s = _call(dom, xml, BASE_FLAGS)
-            t_done = time.monotonic()
+        # ``_call`` is looked up when the worker runs it (tests stretch the window there).
+        call_s, w = frozen_call(
+            dom,
+            conn.uri,
+            plan.mountpoints,
+            lambda: _call(dom, xml, BASE_FLAGS),
+            freeze_timeout=request.deadlines.agent,
+            max_frozen=request.deadlines.max_frozen,
+        )
     except _AGENT_ERRORS as exc:  # raised by the freeze: the snapshot was not taken
         if policy is QuiescePolicy.REQUIRE:
             raise QuiesceFailed(f"freezing {plan.mountpoints} failed: {exc}") from exc
         call_s = _call(dom, xml, BASE_FLAGS)
-        return False, FreezeMethod.NONE, (), str(exc), 0.0, 0.0, call_s, []
-    w = frozen.window
+        return False, FreezeMethod.NONE, (), str(exc), None, call_s, []
     warns: list[str] = []
-    held = w.held(t_done)
+    held = w.held(w.t_action_end)
     if not held:
         warns.append("the freeze deadline passed before the snapshot returned")
     if w.frozen < len(plan.mountpoints):
         warns.append(f"froze {w.frozen} of {len(plan.mountpoints)} filesystems")
     if w.thaw_by != "us":
         warns.append(f"thawed by {w.thaw_by or 'nobody'}")
-    return (
-        held,
-        FreezeMethod.FREEZE_LIST,
-        plan.mountpoints,
-        None,
-        w.t_frozen - w.t_freeze_start,
-        w.t_thawed - w.t_freeze_start,
-        call_s,
-        warns,
-    )
+    return held, FreezeMethod.FREEZE_LIST, plan.mountpoints, None, w, call_s, warns
