@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("QSNAP_BED_RUN", f"demo{int(time.time())}{os.getpid()}")
     logging.basicConfig(level=logging.WARNING, format="  %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)  # also when started with SIGINT ignored (&)
     from demo._scenario import run_demo  # heavy imports after the warning filter
 
     print("qsnap demo: API + agent in one process, a TCG guest writing on 3 disks\n")
