@@ -402,8 +402,13 @@ class Journal:
         host: str | None = None,
         since: float | None = None,
         limit: int | None = None,
+        newest_first: bool = False,
     ) -> list[Operation]:
-        """Operations matching every given filter, oldest first."""
+        """Operations matching every given filter, oldest first unless ``newest_first``.
+
+        ``newest_first`` with ``limit`` gives the newest matches, which is what a listing
+        wants; recovery walks them oldest first.
+        """
         where: list[str] = []
         args: list[Any] = []
         if kind is not None:
@@ -425,7 +430,11 @@ class Journal:
         sql = f"SELECT {_OP_COLUMNS} FROM operations"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at, rowid"
+        sql += (
+            " ORDER BY created_at DESC, rowid DESC"
+            if newest_first
+            else " ORDER BY created_at, rowid"
+        )
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)

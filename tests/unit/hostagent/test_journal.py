@@ -236,6 +236,7 @@ def test_list_filters(journal: Journal, clock: FakeClock) -> None:
     assert ids(journal.list_operations(lock="other", states=[OperationState.PENDING])) == [b.id]
     assert ids(journal.list_operations(since=1010.0)) == [b.id, c.id]
     assert ids(journal.list_operations(limit=1)) == [a.id]
+    assert ids(journal.list_operations(limit=2, newest_first=True)) == [c.id, b.id]
     assert ids(journal.list_operations(host="hostB")) == []
     assert ids(journal.list_operations(host="hostA")) == [a.id, b.id, c.id]
     assert journal.find(OperationKind.ASSISTED_CREATE, SNAP) == journal.get(a.id)
