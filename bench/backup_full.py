@@ -8,7 +8,8 @@ Then prints, each figure measured in this run (page cache warm for both sides):
   (target <= 0.5x) and stored size vs that pipe's output (target within 5 %);
 - P4 incremental after 40 scattered 1 MiB changes in a checkpoint overlay: bytes read vs
   bytes changed (target <= 1.1x) and its time vs the full backup's;
-- P5 restore to raw vs ``qemu-img convert -f qcow2 -O raw`` (target >= 1.0x speed).
+- P5 restore to raw vs ``qemu-img convert -f qcow2 -O raw`` (target >= 1.0x speed), like
+  for like: both left in the page cache (convert never fsyncs), then both fsynced.
 
 Usage::
 
@@ -26,6 +27,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -116,16 +118,24 @@ def main() -> None:
     _run("cat", str(base))  # warm the page cache for both sides alike
 
     zst = work / "out.zst"
-    t_pipe, _ = timed(lambda: stock_pipe(base, zst))
+    # Alternate the two sides twice and keep each side's best: on a shared host a burst of
+    # someone else's load then hits both sides alike.
+    t_pipes: list[float] = []
+    t_fulls: list[float] = []
+    for _ in range(2):
+        t_pipes.append(timed(lambda: stock_pipe(base, zst))[0])
+        shutil.rmtree(work / "repo", ignore_errors=True)
+        repo = Repository.create(work / "repo")
+        t, full = timed(partial(backup_full, base, "qcow2", [share], repo, VOL))
+        t_fulls.append(t)
+    t_pipe, t_full = min(t_pipes), min(t_fulls)
     pipe_size = zst.stat().st_size
-    repo = Repository.create(work / "repo")
-    t_full, res = timed(lambda: backup_full(base, "qcow2", [share], repo, VOL))
-    full = res
     stored = tree_bytes(Path(repo.path) / "chunks")
     print(
         f"P3 full: ours {t_full:.2f} s vs pipe {t_pipe:.2f} s -> {t_full / t_pipe:.2f}x "
-        f"(target <= 0.5x); stored {stored / MiB:.0f} MiB vs {pipe_size / MiB:.0f} MiB -> "
-        f"{stored / pipe_size:.3f}x (target <= 1.05x); read {full.bytes_read / MiB:.0f} MiB"
+        f"(target <= 0.5x; best of {len(t_fulls)}: ours {t_fulls}, pipe {t_pipes}); stored "
+        f"{stored / MiB:.0f} MiB vs {pipe_size / MiB:.0f} MiB -> {stored / pipe_size:.3f}x "
+        f"(target <= 1.05x); read {full.bytes_read / MiB:.0f} MiB"
     )
 
     ov = share / f"volume-{VOL}.{uuid.uuid5(uuid.NAMESPACE_OID, 'checkpoint')}"
@@ -148,18 +158,29 @@ def main() -> None:
     )
 
     ref = work / "ref.raw"
-    t_conv, _ = timed(
-        lambda: _run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(base), str(ref))
-    )
     out = work / "restored.raw"
-    t_rest, _ = timed(lambda: restore(repo, full.manifest.backup_id, out))
-    same = subprocess.run(["cmp", "-s", str(ref), str(out)]).returncode == 0
-    blocks = out.stat().st_blocks * 512
-    print(
-        f"P5 restore: ours {t_rest:.2f} s vs qemu-img convert {t_conv:.2f} s -> "
-        f"{t_conv / t_rest:.2f}x speed (target >= 1.0x); identical={same}; "
-        f"allocated {blocks / MiB:.0f} MiB of {size / MiB:.0f} MiB"
-    )
+
+    def convert(sync: bool) -> None:
+        _run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(base), str(ref))
+        if sync:
+            _run("sync", str(ref))
+
+    bid = full.manifest.backup_id
+    for durable in (False, True):
+        t_conv, _ = timed(partial(convert, durable))
+        _run("sync")
+        t_rest, _ = timed(partial(restore, repo, bid, out, durable=durable))
+        same = subprocess.run(["cmp", "-s", str(ref), str(out)]).returncode == 0
+        blocks = out.stat().st_blocks * 512
+        what = "both fsynced" if durable else "page cache, no fsync (convert's default)"
+        print(
+            f"P5 restore ({what}): ours {t_rest:.2f} s vs qemu-img convert {t_conv:.2f} s -> "
+            f"{t_conv / t_rest:.2f}x speed (target >= 1.0x); identical={same}; "
+            f"allocated {blocks / MiB:.0f} MiB of {size / MiB:.0f} MiB"
+        )
+        ref.unlink()
+        out.unlink()
+        _run("sync")
     shutil.rmtree(work)
     ov.unlink()
 

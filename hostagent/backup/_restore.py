@@ -69,7 +69,7 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         offset += k
 
 
-def _write_sparse(fd: int, offset: int, data: memoryview) -> int:
+def _write_sparse(fd: int, offset: int, data: memoryview, durable: bool) -> int:
     """pwrite only the non-zero 64 KiB blocks of ``data`` (zeros stay holes)."""
     written = 0
     n = len(data)
@@ -79,7 +79,8 @@ def _write_sparse(fd: int, offset: int, data: memoryview) -> int:
         if zero and run_start >= 0:
             stop = min(i, n)
             _pwrite_all(fd, data[run_start:stop], offset + run_start)
-            _start_writeback(fd, offset + run_start, stop - run_start)
+            if durable:
+                _start_writeback(fd, offset + run_start, stop - run_start)
             written += stop - run_start
             run_start = -1
         elif not zero and run_start < 0:
@@ -87,14 +88,17 @@ def _write_sparse(fd: int, offset: int, data: memoryview) -> int:
     return written
 
 
-def _restore_group(repo: Repository, fd: int, cid: str, exts: list[ManifestExtent]) -> int:
+def _restore_group(
+    repo: Repository, fd: int, cid: str, exts: list[ManifestExtent], durable: bool
+) -> int:
     """Fetch + verify one chunk and write the extents that use it (pwrite is positional)."""
     chunk = memoryview(repo.read_chunk(cid))
     written = 0
     for e in exts:
         if e.chunk_offset + e.length > len(chunk):
             raise ValueError(f"extent at {e.offset} exceeds chunk {cid}")
-        written += _write_sparse(fd, e.offset, chunk[e.chunk_offset : e.chunk_offset + e.length])
+        view = chunk[e.chunk_offset : e.chunk_offset + e.length]
+        written += _write_sparse(fd, e.offset, view, durable)
     return written
 
 
@@ -104,6 +108,7 @@ def _restore_raw(
     fd: int,
     progress: Progress | None,
     cancel: Cancel | None,
+    durable: bool,
 ) -> tuple[int, int]:
     """Write every data extent; runs of extents sharing a chunk fetch it once."""
     groups: list[tuple[str, list[ManifestExtent]]] = []
@@ -129,7 +134,7 @@ def _restore_raw(
                     done += n
                     if progress is not None:
                         progress(done, total)
-                fut = pool.submit(_restore_group, repo, fd, cid, exts)
+                fut = pool.submit(_restore_group, repo, fd, cid, exts, durable)
                 pending.append((fut, sum(e.length for e in exts)))
             while pending:
                 fut, n = pending.popleft()
@@ -141,7 +146,8 @@ def _restore_raw(
             for fut, _ in pending:
                 fut.cancel()
     os.ftruncate(fd, m.virtual_size)
-    os.fsync(fd)
+    if durable:
+        os.fsync(fd)
     return written, len({cid for cid, _ in groups})
 
 
@@ -154,11 +160,14 @@ def restore(
     volume_id: str | None = None,
     progress: Progress | None = None,
     cancel: Cancel | None = None,
+    durable: bool = True,
 ) -> RestoreResult:
     """Restore a backup to a NEW file (never overwritten), sparse, every chunk verified.
 
     Written under a temporary name and linked into place only when complete, so a failed
-    restore (e.g. :class:`CorruptChunk`) leaves no file at ``dest_path``.
+    restore (e.g. :class:`CorruptChunk`) leaves no file at ``dest_path``. ``durable``
+    (default) fsyncs the file before it appears; False leaves it to the page cache like
+    ``qemu-img convert`` does (for scratch copies).
     """
     if fmt not in ("raw", "qcow2"):
         raise ValueError(f"restore format {fmt!r} not supported")
@@ -172,7 +181,7 @@ def restore(
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
     try:
         try:
-            written, chunks = _restore_raw(repo, m, fd, progress, cancel)
+            written, chunks = _restore_raw(repo, m, fd, progress, cancel, durable)
         finally:
             os.close(fd)
         final = tmp
@@ -181,11 +190,12 @@ def restore(
             proc = subprocess.run(argv, capture_output=True, text=True, check=False)
             if proc.returncode:
                 raise QemuImgError(argv, proc.returncode, proc.stderr)
-            qfd = os.open(tmp_q, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(qfd)
-            finally:
-                os.close(qfd)
+            if durable:
+                qfd = os.open(tmp_q, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(qfd)
+                finally:
+                    os.close(qfd)
             final = tmp_q
         os.link(final, dest)  # fails rather than overwrite a file created meanwhile
     finally:
