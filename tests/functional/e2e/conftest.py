@@ -29,6 +29,7 @@ from tests.bed import procs
 from tests.bed.cinder import REPO, CinderPeer
 from tests.bed.guest import Guest, GuestDisk, GuestError, _Dispatcher, _EventLatch, domain_xml
 
+CINDER_EXTENSION = "api_ext.cinder_extension.Qsnap_snapshot_metadata"
 CONNECTOR = {
     "host": "qsnap-e2e-host",
     "ip": "127.0.0.1",
@@ -117,12 +118,12 @@ def _agent_conf(path: Path, host: str, rabbit: Any, share: Any, cinder: CinderPe
 
 
 def _api_conf(path: Path, rabbit: Any, agent_host: str) -> None:
-    """noauth with the service role by default: what Cinder's ``[nova] auth_type = none``
-    sends (no roles header) must pass Nova's policy."""
+    """noauth; callers sending no X-Roles (Cinder's ``[nova] auth_type = none``, the CLI's
+    ``--os-auth-type none``) get the service and admin roles their policies need."""
     path.write_text(
         f"[DEFAULT]\ntransport_url = {rabbit.transport_url}\n"
         "[api]\nbind_host = 127.0.0.1\nbind_port = 0\nauth_strategy = noauth\n"
-        f"noauth_roles = service\nhosts = {agent_host}\nrpc_timeout = 30\n"
+        f"noauth_roles = service, admin\nhosts = {agent_host}\nrpc_timeout = 30\n"
     )
 
 
@@ -213,7 +214,12 @@ def deployment(
     transport = get_transport(make_conf(), rabbitmq.transport_url)
     cleanup: list[Any] = [transport.cleanup, lambda: _stopped("qsnap-api", api_proc, logdir)]
     try:
-        cinder = CinderPeer(share.new_dir("cinder"), nova_endpoint=api_url + "/v2.1")
+        cinder = CinderPeer(
+            share.new_dir("cinder"),
+            nova_endpoint=api_url + "/v2.1",
+            extra_extensions=(CINDER_EXTENSION,),  # the agent records its own snapshots
+            pythonpath=(REPO,),
+        )
         cleanup.insert(0, cinder.close)
         _agent_conf(logdir / "agent.conf", agent_host, rabbitmq, share, cinder)
         agent_argv = [sys.executable, "-m", "hostagent.cli", "--config-file"]

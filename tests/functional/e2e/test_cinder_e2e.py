@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from hostagent import service_api as api
+from tests.bed.cinder import REPO
 from tests.functional.e2e.checks import (
     GuestData,
     agent_op,
@@ -204,3 +206,41 @@ def test_bad_input_through_the_api_is_4xx_and_changes_nothing(deployment: Deploy
     assert _delete(d, snap) == "flatten"
     check_cinder(d, [], [snap])
     check_image_files(d, [])
+
+
+def _qsnap_cli(d: Deployment, *args: str) -> Any:
+    """The admin CLI as an operator runs it against a noauth qsnap-api; its JSON output."""
+    argv = [str(REPO / ".venv" / "bin" / "qsnap"), "--os-auth-type", "none"]
+    argv += ["--os-endpoint", d.api_url, *args, "-f", "json"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, f"{argv}: rc={out.returncode}\n{out.stdout}\n{out.stderr}"
+    return json.loads(out.stdout)
+
+
+def test_instance_snapshot_from_cli_is_available_in_cinder_which_deletes_it(
+    deployment: Deployment,
+) -> None:
+    """The agent takes these itself (Cinder records them through our Cinder extension);
+    Cinder must then treat them as its own: available, and deleted through qsnap-api."""
+    d, g = deployment, deployment.guest
+    data = GuestData(g, records=False)  # the writer belongs to the first test
+    data.add_file()
+    taken: list[str] = []
+    for _ in range(2):
+        body = _qsnap_cli(d, "snapshot", "create", "--instance", g.uuid, "--wait")
+        op = body["operation"]
+        assert op["state"] == "succeeded", op
+        assert op["result"]["quiesced"] is True, op
+        (snap,) = op["result"]["snapshots"]
+        assert snap["volume_id"] == d.volume_id
+        taken.append(snap["snapshot_id"])
+        data.add_file()
+        names = _verify(d, data, taken, [])
+    listed = d.client().volume_snapshots.list(search_opts={"volume_id": d.volume_id})
+    assert {s.id: s.status for s in listed} == {sid: "available" for sid in taken}
+    assert names[:2] == [f"volume-{d.volume_id}.{taken[1]}", f"volume-{d.volume_id}.{taken[0]}"]
+    # Cinder's normal delete: the older one is committed down, the newer one flattened
+    assert _delete(d, taken[0]) == "commit"
+    _verify(d, data, taken[1:], taken[:1])
+    assert _delete(d, taken[1]) == "flatten"
+    _verify(d, data, [], taken)
