@@ -6,10 +6,12 @@ the worst one counts. Stalls are read from the writers' own nanosecond records (
 clock, no host/guest mapping), as the longest gap inside equal-length windows that each
 contain one snapshot. A quiet window of the same length gives the writers' normal cadence.
 
-Compared, on the same guest, alternating: ``take_snapshot`` (overlays made before the
-freeze, only the snapshotted filesystems frozen, watchdog-guarded) vs bare
-``virsh snapshot-create-as --disk-only --no-metadata --quiesce --atomic`` (libvirt creates
-the overlays inside its freeze). Anchors measured here: 66 ms (1 disk), 280 ms (4 disks);
+Compared on two identical guests side by side, reps interleaved: ``take_snapshot``
+(overlays made before the freeze, only the snapshotted filesystems frozen, watchdog-guarded)
+vs bare ``virsh snapshot-create-as --disk-only --no-metadata --quiesce --atomic`` (libvirt
+creates the overlays inside its freeze). Also printed: where our window's milliseconds go
+(freeze call, hand-off, snapshot call, hand-off, thaw call).
+Anchors measured here: 66 ms (1 disk), 280 ms (4 disks);
 target: ours <= 0.7x virsh for 4 disks; 1 of 4 snapshotted -> other disks at normal cadence.
 
 Run: ``.venv/bin/python -m bench.snapshot_stall [--reps N] [--share dir|gluster]``
@@ -110,33 +112,49 @@ def _virsh(g: Any) -> Callable[[], None]:
     return run
 
 
-def _measure_guest(bed: TestBed, ndisks: int, reps: int, method: str) -> dict[str, list[float]]:
-    """One guest per method: virsh's overlays carry absolute backing paths, which our chain
-    inspection rightly refuses, so the two cannot share a chain."""
-    g = bed.make_guest(ndisks=ndisks)
+def _measure_pair(bed: TestBed, ndisks: int, reps: int) -> dict[str, dict[str, list[float]]]:
+    """Ours and virsh on two guests booted side by side, reps interleaved (order alternating),
+    so both see the same host load: on a busy 2-core host the load drifts within a minute and
+    measuring one method after the other skews the ratio either way. Two guests because
+    virsh's overlays carry absolute backing paths, which our chain inspection rightly
+    refuses, so the two cannot share a chain."""
+    guests = {m: bed.make_guest(ndisks=ndisks) for m in ("ours", "virsh")}
     roots = [str(bed.share.root)]
-    out: dict[str, list[float]] = {"quiet": [], "snap": [], "others": [], "during": []}
-    out |= {p: [] for p in PHASES}
+    out: dict[str, dict[str, list[float]]] = {
+        m: {"quiet": [], "snap": [], "others": [], "during": []} | {p: [] for p in PHASES}
+        for m in guests
+    }
     timings: list[lo.SnapshotTimings] = []
     try:
-        g.start_writers(interval_ms=10, sync_every=1)
+        for g in guests.values():
+            g.start_writers(interval_ms=10, sync_every=1)
         time.sleep(1.0)
-        snap = _ours(g, list(range(ndisks)), roots, timings) if method == "ours" else _virsh(g)
-        for _ in range(reps):
-            out["quiet"].append(max(_max_gaps(g, *_window(g, lambda: None)).values()))
-            out["snap"].append(max(_max_gaps(g, *_window(g, snap)).values()))
-            if ndisks > 1 and method == "ours":
+        g = guests["ours"]
+        snaps = {
+            "ours": _ours(g, list(range(ndisks)), roots, timings),
+            "virsh": _virsh(guests["virsh"]),
+        }
+        for rep in range(reps):
+            order = ("ours", "virsh") if rep % 2 == 0 else ("virsh", "ours")
+            for m in order:
+                gm = guests[m]
+                out[m]["quiet"].append(max(_max_gaps(gm, *_window(gm, lambda: None)).values()))
+                out[m]["snap"].append(max(_max_gaps(gm, *_window(gm, snaps[m])).values()))
+            if ndisks > 1:
                 t0, t1 = _window(g, _ours(g, [0], roots))
                 gaps = _max_gaps(g, t0, t1)
-                out["others"].append(max(v for k, v in gaps.items() if k != "/data"))
+                out["ours"]["others"].append(max(v for k, v in gaps.items() if k != "/data"))
                 lo_ns, hi_ns = _stall_interval(g, "/data", t0, t1)
                 others = [d.mountpoint for d in g.disks if d.mountpoint != "/data"]
-                out["during"].append(max(_overlapping_gap(g, m, lo_ns, hi_ns) for m in others))
-        g.stop_writers()
+                worst = max(_overlapping_gap(g, m, lo_ns, hi_ns) for m in others)
+                out["ours"]["during"].append(worst)
+        for gm in guests.values():
+            gm.stop_writers()
         for p in PHASES:
-            out[p] = [getattr(t, p) * 1000 for t in timings]
+            out["ours"][p] = [getattr(t, p) * 1000 for t in timings]
     finally:
-        g.close()
+        for gm in guests.values():
+            gm.close()
     return out
 
 
@@ -150,9 +168,8 @@ def main() -> int:
     ap.add_argument("--share", default="dir", choices=["dir", "gluster"])
     args = ap.parse_args()
     with TestBed(share_kind=args.share) as bed:
-        res = {
-            (n, m): _measure_guest(bed, n, args.reps, m) for n in (1, 4) for m in ("ours", "virsh")
-        }
+        pairs = {n: _measure_pair(bed, n, args.reps) for n in (1, 4)}
+    res = {(n, m): pairs[n][m] for n in (1, 4) for m in ("ours", "virsh")}
     print(
         f"P1 snapshot stall, share={args.share}, {args.reps} reps, window {WINDOW_S:.0f} s, "
         "worst writer of all filesystems, medians (ms)"
@@ -161,8 +178,10 @@ def main() -> int:
         ours, virsh = res[(n, "ours")], res[(n, "virsh")]
         o, v = _med(ours["snap"]), _med(virsh["snap"])
         q = _med(ours["quiet"] + virsh["quiet"])
+        paired = _med([a / b for a, b in zip(ours["snap"], virsh["snap"], strict=True)])
         print(
             f"  {n} disk(s): ours {o:7.1f}  virsh --quiesce {v:7.1f}  ratio {o / v:5.2f}x  "
+            f"(per-rep pairs: median {paired:4.2f}x)  "
             f"(quiet window {q:6.1f}; ours {[round(x) for x in ours['snap']]}, "
             f"virsh {[round(x) for x in virsh['snap']]})"
         )
