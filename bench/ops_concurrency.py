@@ -371,7 +371,8 @@ def main() -> int:
         conf = work / "agent.conf"
         conf.write_text(
             f"[DEFAULT]\nhost = {host}\ntransport_url = {bed.rabbit.transport_url}\n"
-            f"state_path = {work / 'state'}\n[shares]\nallowed_roots = {bed.share.root}\n"
+            f"state_path = {work / 'state'}\nuse_stderr = true\n"  # stdout: only READY
+            f"[shares]\nallowed_roots = {bed.share.root}\n"
             f"[agent]\nworkers = {args.workers}\n[cinder]\nauth_type = noauth\n"
             f"endpoint = {rec.endpoint}\nproject_id = {PROJECT}\n"
         )

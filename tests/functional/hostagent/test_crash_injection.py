@@ -54,6 +54,7 @@ class Bed:
         self.conf.write_text(
             f"[DEFAULT]\nhost = crash-{uuid.uuid4().hex[:6]}\n"
             f"transport_url = {rabbit.transport_url}\nstate_path = {directory / 'state'}\n"
+            "use_stderr = true\n"  # oslo.log: stdout carries only the READY line
             f"[shares]\nallowed_roots = {share.root}\n[agent]\nworkers = 2\nmerge_timeout = 60\n"
             f"[cinder]\nauth_type = noauth\nendpoint = {self.cinder.endpoint}\n"
             f"project_id = {PROJECT}\n"
