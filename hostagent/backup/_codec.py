@@ -58,3 +58,28 @@ def raw_frame(data: Buffer) -> list[Buffer]:
         parts.append((last | (size << 3)).to_bytes(3, "little"))  # Block_Type 0 = Raw
         parts.append(view[off : off + size])
     return parts
+
+
+def raw_frame_into(frame: memoryview, out: bytearray) -> int | None:
+    """If ``frame`` is exactly a raw-block frame as :func:`raw_frame` writes it, copy its
+    content into ``out`` and return the length; None for any other frame (zstd decodes it).
+    """
+    if len(frame) < 9 or frame[:5] != _MAGIC + _FHD:
+        return None
+    n = int.from_bytes(frame[5:9], "little")
+    if n > len(out):
+        return None
+    pos, got = 9, 0
+    while True:
+        if pos + 3 > len(frame):
+            return None
+        head = int.from_bytes(frame[pos : pos + 3], "little")
+        last, kind, size = head & 1, (head >> 1) & 3, head >> 3
+        pos += 3
+        if kind != 0 or pos + size > len(frame) or got + size > n:
+            return None
+        out[got : got + size] = frame[pos : pos + size]
+        pos, got = pos + size, got + size
+        if last:
+            break
+    return n if got == n and pos == len(frame) else None

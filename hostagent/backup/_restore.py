@@ -12,15 +12,27 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import hashlib
 import os
+import queue
 import secrets
 import subprocess
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from hostagent.backup.format import BackupCancelled, Manifest, ManifestExtent
+import zstandard
+
+from hostagent.backup._codec import raw_frame_into
+from hostagent.backup.format import (
+    BackupCancelled,
+    CorruptChunk,
+    Manifest,
+    ManifestExtent,
+    MissingChunk,
+)
 from hostagent.backup.repository import FILE_MODE, Repository
 from qcow2 import QemuImgError
 
@@ -88,17 +100,88 @@ def _write_sparse(fd: int, offset: int, data: memoryview, durable: bool) -> int:
     return written
 
 
-def _restore_group(
-    repo: Repository, fd: int, cid: str, exts: list[ManifestExtent], durable: bool
+class _Buffers:
+    """A fixed set of chunk-sized buffers, recycled: no allocation (and no page faults on
+    fresh memory, measured at ~700k per 2 GiB restore) per chunk; also bounds memory."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self._q: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(count):
+            self._q.put(bytearray(size))
+
+    def get(self) -> bytearray:
+        return self._q.get()
+
+    def put(self, buf: bytearray) -> None:
+        self._q.put(buf)
+
+
+_tls = threading.local()
+
+
+def _scratch(size: int) -> bytearray:
+    buf: bytearray | None = getattr(_tls, "raw", None)
+    if buf is None or len(buf) < size:
+        buf = _tls.raw = bytearray(size)
+    return buf
+
+
+def _decode(cid: str, path: str, frame: memoryview, out: bytearray) -> int:
+    """Decode one chunk frame into ``out``; the byte count. Raw-block frames are copied
+    block by block; compressed ones streamed by zstd into ``out`` (no temporary)."""
+    n = raw_frame_into(frame, out)
+    if n is None:
+        dctx: zstandard.ZstdDecompressor | None = getattr(_tls, "dctx", None)
+        if dctx is None:
+            dctx = _tls.dctx = zstandard.ZstdDecompressor()
+        try:
+            reader = dctx.stream_reader(frame)
+            view = memoryview(out)
+            n = 0
+            while k := reader.readinto(view[n:]):
+                n += k
+            if n == len(out) and reader.read(1):
+                raise CorruptChunk(cid, path, f"decodes to more than {len(out)} bytes")
+        except zstandard.ZstdError as exc:
+            raise CorruptChunk(cid, path, f"zstd: {exc}") from None
+    return n
+
+
+def _fetch(repo: Repository, cid: str, out: bytearray) -> int:
+    """Read, decode and verify a chunk into ``out``; its length. Names the chunk on error."""
+    path = repo.chunk_path(cid)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MissingChunk(cid, path, "missing") from None
+    try:
+        size = os.fstat(fd).st_size
+        raw = memoryview(_scratch(size))[:size]
+        got = 0
+        while got < size:
+            k = os.preadv(fd, [raw[got:]], got)
+            if k == 0:
+                raise CorruptChunk(cid, path, "truncated while reading")
+            got += k
+    finally:
+        os.close(fd)
+    n = _decode(cid, path, raw, out)
+    if hashlib.sha256(memoryview(out)[:n]).hexdigest() != cid:
+        raise CorruptChunk(cid, path, "sha256 mismatch")
+    return n
+
+
+def _write_group(
+    fd: int, cid: str, chunk: memoryview, exts: list[ManifestExtent], durable: bool
 ) -> int:
-    """Fetch + verify one chunk and write the extents that use it (pwrite is positional)."""
-    chunk = memoryview(repo.read_chunk(cid))
+    """Write the extents that use one (verified) chunk; pwrite is positional."""
+    view = chunk
     written = 0
     for e in exts:
-        if e.chunk_offset + e.length > len(chunk):
+        if e.chunk_offset + e.length > len(view):
             raise ValueError(f"extent at {e.offset} exceeds chunk {cid}")
-        view = chunk[e.chunk_offset : e.chunk_offset + e.length]
-        written += _write_sparse(fd, e.offset, view, durable)
+        part = view[e.chunk_offset : e.chunk_offset + e.length]
+        written += _write_sparse(fd, e.offset, part, durable)
     return written
 
 
@@ -110,7 +193,11 @@ def _restore_raw(
     cancel: Cancel | None,
     durable: bool,
 ) -> tuple[int, int]:
-    """Write every data extent; runs of extents sharing a chunk fetch it once."""
+    """Write every data extent; runs of extents sharing a chunk fetch it once.
+
+    Two threads fetch + decompress + verify, three write: a fetch thread never waits for
+    the disk (writes block on dirty-page throttling and writeback).
+    """
     groups: list[tuple[str, list[ManifestExtent]]] = []
     for e in m.extents:
         if e.kind != "data":
@@ -122,30 +209,60 @@ def _restore_raw(
             groups.append((e.chunk, [e]))
     total = sum(e.length for _, g in groups for e in g)
     done = written = 0
-    pending: deque[tuple[Future[int], int]] = deque()
-    with ThreadPoolExecutor(2, thread_name_prefix="qsnap-restore") as pool:
+    # Final size first, as qemu-img does: writes inside i_size do not serialize on
+    # extending the file (measured 6x slower pwrites when every write extended it).
+    os.ftruncate(fd, m.virtual_size)
+    bufs = _Buffers(2 * _INFLIGHT + 2, repo.config.chunk_size)
+    fetching: deque[tuple[Future[int], bytearray, str, list[ManifestExtent]]] = deque()
+    writing: deque[tuple[Future[int], int]] = deque()
+    with (
+        ThreadPoolExecutor(2, thread_name_prefix="qsnap-restore") as pool,
+        ThreadPoolExecutor(3, thread_name_prefix="qsnap-restore-io") as io,
+    ):
+
+        def write_and_recycle(cid: str, buf: bytearray, n: int, exts: list[ManifestExtent]) -> int:
+            try:
+                return _write_group(fd, cid, memoryview(buf)[:n], exts, durable)
+            finally:
+                bufs.put(buf)
+
+        def to_writer() -> None:
+            fut, buf, cid, exts = fetching.popleft()
+            try:
+                n = fut.result()
+            except BaseException:
+                bufs.put(buf)
+                raise
+            w = io.submit(write_and_recycle, cid, buf, n, exts)
+            writing.append((w, sum(e.length for e in exts)))
+
+        def written_one() -> None:
+            nonlocal done, written
+            w, n = writing.popleft()
+            written += w.result()
+            done += n
+            if progress is not None:
+                progress(done, total)
+
         try:
             for cid, exts in groups:
                 if cancel is not None and cancel():
                     raise BackupCancelled("restore cancelled")
-                if len(pending) >= _INFLIGHT:
-                    fut, n = pending.popleft()
-                    written += fut.result()
-                    done += n
-                    if progress is not None:
-                        progress(done, total)
-                fut = pool.submit(_restore_group, repo, fd, cid, exts, durable)
-                pending.append((fut, sum(e.length for e in exts)))
-            while pending:
-                fut, n = pending.popleft()
-                written += fut.result()
-                done += n
-                if progress is not None:
-                    progress(done, total)
+                while len(fetching) >= _INFLIGHT:
+                    to_writer()
+                while len(writing) >= _INFLIGHT:
+                    written_one()
+                buf = bufs.get()
+                fetching.append((pool.submit(_fetch, repo, cid, buf), buf, cid, exts))
+            while fetching:
+                to_writer()
+            while writing:
+                written_one()
         finally:
-            for fut, _ in pending:
-                fut.cancel()
-    os.ftruncate(fd, m.virtual_size)
+            for f, _b, _c, _e in fetching:
+                f.cancel()
+            for w, _n in writing:
+                w.cancel()
     if durable:
         os.fsync(fd)
     return written, len({cid for cid, _ in groups})

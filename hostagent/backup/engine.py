@@ -23,6 +23,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import zstandard
 
@@ -40,6 +41,7 @@ from qcow2 import CINDER, Chain, ExtentKind, Naming, open_chain
 Progress = Callable[[int, int], None]
 Cancel = Callable[[], bool]
 _INFLIGHT = 6
+_IO_INFLIGHT = 12  # compressed/raw frames waiting for write + fsync (<= 48 MiB)
 _SPARSE_BLOCK = 64 * 1024
 _ZERO_BLOCK = bytes(_SPARSE_BLOCK)
 
@@ -58,10 +60,14 @@ class BackupResult:
 class _ChunkWriter:
     """Hash + compress + store chunks on a small pool, at most ``_INFLIGHT`` queued."""
 
-    def __init__(self, repo: Repository, threads: int = 2) -> None:
+    def __init__(self, repo: Repository, threads: int = 2, io_threads: int = 4) -> None:
         self._repo = repo
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="qsnap-chunk")
+        # write + fsync + rename on their own threads: a compute thread blocked in fsync
+        # would leave a core idle (measured: half the workers' time on a busy disk).
+        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="qsnap-chunk-io")
         self._slots = threading.BoundedSemaphore(_INFLIGHT)
+        self._io_slots = threading.BoundedSemaphore(_IO_INFLIGHT)
         self._tls = threading.local()
         self._lock = threading.Lock()
         self._error: BaseException | None = None
@@ -78,10 +84,17 @@ class _ChunkWriter:
         if self._error is not None:
             raise self._error
 
-    def _done(self, fut: Future[str]) -> None:
-        self._slots.release()
+    def _failed(self, fut: Future[Any]) -> None:
         if not fut.cancelled() and fut.exception() is not None and self._error is None:
             self._error = fut.exception()
+
+    def _done(self, fut: Future[str]) -> None:
+        self._slots.release()
+        self._failed(fut)
+
+    def _io_done(self, fut: Future[None]) -> None:
+        self._io_slots.release()
+        self._failed(fut)
 
     def _store(self, data: bytearray) -> str:
         cid = hashlib.sha256(data).hexdigest()
@@ -98,14 +111,22 @@ class _ChunkWriter:
             frame = [cctx.compress(data)]
         else:
             frame = raw_frame(data)
-        self._repo.put_chunk(cid, frame)
+        self._io_slots.acquire()
+        try:
+            io = self._io.submit(self._repo.put_chunk, cid, frame)
+        except BaseException:
+            self._io_slots.release()
+            raise
+        io.add_done_callback(self._io_done)
         with self._lock:
             self.new += 1
             self.stored += sum(len(p) for p in frame)
         return cid
 
     def close(self, cancel: bool) -> None:
+        """Wait for every chunk to be durable under its name (or drop queued work)."""
         self._pool.shutdown(wait=True, cancel_futures=cancel)
+        self._io.shutdown(wait=True, cancel_futures=cancel)
 
 
 # (offset, length, chunk id future / None for zero, chunk offset) | parent extent as-is

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from hostagent.backup import Repository, backup_full, restore
+from hostagent.backup import CorruptChunk, Repository, backup_full, restore
 from hostagent.backup._codec import RAW_BLOCK, raw_frame, worth_compressing
 from tests.unit.backup import VOL, MiB, file_sha, guest_sha, make_base
 
@@ -60,3 +60,29 @@ def test_random_chunks_are_stored_raw_and_restore_exactly(tmp_path: Path) -> Non
     out = tmp_path / "out.raw"
     restore(repo, res.manifest.backup_id, out)
     assert file_sha(out) == guest_sha(base, tmp_path)
+
+
+@pytest.mark.parametrize("where", ["header", "data", "truncated"])
+def test_damaged_raw_frame_fails_restore_naming_the_chunk(tmp_path: Path, where: str) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    base = make_base(share, size=8 * MiB, every=3)  # MiB 0 and 6 random, 3 text
+    repo = Repository.create(tmp_path / "repo")
+    res = backup_full(base, "qcow2", [share], repo, VOL)
+    raw = [c for c in res.manifest.chunk_ids() if os.path.getsize(repo.chunk_path(c)) > MiB]
+    cid = raw[0]
+    p = Path(repo.chunk_path(cid))
+    data = bytearray(p.read_bytes())
+    if where == "header":
+        data[7] ^= 0x01  # content size field
+    elif where == "data":
+        data[len(data) // 2] ^= 0x01
+    else:
+        del data[-100:]
+    p.write_bytes(bytes(data))
+    with pytest.raises(CorruptChunk) as ei:
+        restore(repo, res.manifest.backup_id, tmp_path / "out.raw")
+    assert ei.value.chunk_id == cid
+    assert not (tmp_path / "out.raw").exists()
+    with pytest.raises(CorruptChunk):
+        repo.verify(res.manifest)
