@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import queue
 import threading
 import time
 import uuid
@@ -57,6 +58,21 @@ class BackupResult:
     fallback_reason: str | None = None
 
 
+class _Buffers:
+    """Recycled chunk-sized buffers: no allocation (and no fresh-page faults) per chunk."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self._q: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(count):
+            self._q.put(bytearray(size))
+
+    def get(self) -> bytearray:
+        return self._q.get()
+
+    def put(self, buf: bytearray) -> None:
+        self._q.put(buf)
+
+
 class _ChunkWriter:
     """Hash + compress + store chunks on a small pool, at most ``_INFLIGHT`` queued."""
 
@@ -68,15 +84,29 @@ class _ChunkWriter:
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="qsnap-chunk-io")
         self._slots = threading.BoundedSemaphore(_INFLIGHT)
         self._io_slots = threading.BoundedSemaphore(_IO_INFLIGHT)
+        # one per queued/running compute task and pending write, plus the reader's
+        self._bufs = _Buffers(_INFLIGHT + threads + _IO_INFLIGHT + 2, repo.config.chunk_size)
         self._tls = threading.local()
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self.new = self.reused = self.stored = 0
 
-    def submit(self, data: bytearray) -> Future[str]:
-        self.check()
+    def buffer(self) -> bytearray:
+        """A chunk-sized read buffer; blocks while all are in flight (bounds memory)."""
+        return self._bufs.get()
+
+    def recycle(self, buf: bytearray) -> None:
+        self._bufs.put(buf)
+
+    def submit(self, data: memoryview, buf: bytearray) -> Future[str]:
+        """Store ``data`` (a view of ``buf``); ``buf`` is recycled once nothing uses it."""
+        try:
+            self.check()
+        except BaseException:
+            self.recycle(buf)
+            raise
         self._slots.acquire()
-        fut = self._pool.submit(self._store, data)
+        fut = self._pool.submit(self._store, data, buf)
         fut.add_done_callback(self._done)
         return fut
 
@@ -96,32 +126,45 @@ class _ChunkWriter:
         self._io_slots.release()
         self._failed(fut)
 
-    def _store(self, data: bytearray) -> str:
-        cid = hashlib.sha256(data).hexdigest()
-        if self._repo.reuse_chunk(cid):
-            with self._lock:
-                self.reused += 1
-            return cid
-        cctx: zstandard.ZstdCompressor | None = getattr(self._tls, "cctx", None)
-        if cctx is None:
-            cctx = self._tls.cctx = zstandard.ZstdCompressor(level=self._repo.config.zstd_level)
-            self._tls.probe = zstandard.ZstdCompressor(level=1)
-        frame: list[Buffer]
-        if worth_compressing(data, self._tls.probe):
-            frame = [cctx.compress(data)]
-        else:
-            frame = raw_frame(data)
-        self._io_slots.acquire()
+    def _store(self, data: memoryview, buf: bytearray) -> str:
+        owned = True  # False once a raw frame's views of buf belong to the pending write
         try:
-            io = self._io.submit(self._repo.put_chunk, cid, frame)
-        except BaseException:
-            self._io_slots.release()
-            raise
-        io.add_done_callback(self._io_done)
-        with self._lock:
-            self.new += 1
-            self.stored += sum(len(p) for p in frame)
-        return cid
+            cid = hashlib.sha256(data).hexdigest()
+            if self._repo.reuse_chunk(cid):
+                with self._lock:
+                    self.reused += 1
+                return cid
+            cctx: zstandard.ZstdCompressor | None = getattr(self._tls, "cctx", None)
+            if cctx is None:
+                level = self._repo.config.zstd_level
+                cctx = self._tls.cctx = zstandard.ZstdCompressor(level=level)
+                self._tls.probe = zstandard.ZstdCompressor(level=1)
+            raw = not worth_compressing(data, self._tls.probe)
+            frame: list[Buffer] = raw_frame(data) if raw else [cctx.compress(data)]
+            self._io_slots.acquire()
+            owned = not raw
+            try:
+                io = self._io.submit(self._repo.put_chunk, cid, frame)
+            except BaseException:
+                owned = True
+                self._io_slots.release()
+                raise
+            if raw:
+
+                def written(f: Future[None]) -> None:
+                    self.recycle(buf)
+                    self._io_done(f)
+
+                io.add_done_callback(written)
+            else:
+                io.add_done_callback(self._io_done)
+            with self._lock:
+                self.new += 1
+                self.stored += sum(len(p) for p in frame)
+            return cid
+        finally:
+            if owned:
+                self.recycle(buf)
 
     def close(self, cancel: bool) -> None:
         """Wait for every chunk to be durable under its name (or drop queued work)."""
@@ -181,12 +224,18 @@ class _Run:
                 if self.cancel is not None and self.cancel():
                     raise BackupCancelled("backup cancelled")
                 stop = min(end, (pos // self.cs + 1) * self.cs)
-                buf = bytearray(stop - pos)
-                got = self.chain.readinto(pos, memoryview(buf))
-                if got != len(buf):
-                    raise OSError(f"short read at {pos}: {got} of {len(buf)}")
-                self.plan.append((pos, len(buf), self.writer.submit(buf), 0))
-                self.read += len(buf)
+                n = stop - pos
+                buf = self.writer.buffer()
+                try:
+                    view = memoryview(buf)[:n]
+                    got = self.chain.readinto(pos, view)
+                    if got != n:
+                        raise OSError(f"short read at {pos}: {got} of {n}")
+                except BaseException:
+                    self.writer.recycle(buf)
+                    raise
+                self.plan.append((pos, n, self.writer.submit(view, buf), 0))
+                self.read += n
                 if self.progress is not None:
                     self.progress(self.read, self.total)
                 pos = stop
