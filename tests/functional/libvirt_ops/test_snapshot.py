@@ -9,6 +9,7 @@ back; a guest frozen by a process that dies or hangs is thawed by the watchdog.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -95,6 +96,19 @@ def test_quiesced_snapshot_of_one_some_all_disks(
     _snap_phase(g, monkeypatch, [1, 2])  # 2 of 3
     res = _snap_phase(g, monkeypatch, [0, 1, 2])  # all, vda for the second time
     assert len(res.disks[0].chain) == 3
+    _concurrent_snapshots_of_two_disks(g)
+
+
+def _concurrent_snapshots_of_two_disks(g: Any) -> None:
+    """Two snapshots of different disks of one domain at once both succeed: each sees the
+    other's disk change underneath it, which must not turn a taken snapshot into an error."""
+    reqs = [lo.SnapshotRequest(g.uuid, (spec(g, i),), lo.QuiescePolicy.OFF) for i in (1, 2)]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda r: take_snapshot(g, r), reqs))
+    for i, res in zip((1, 2), results, strict=True):
+        live = lo.find_disk(g.dom, volume_id=g.disks[i].volume_id)
+        assert live.source == res.disks[0].new_file
+        assert len(live.chain) == 4
 
 
 def test_require_without_agent_changes_nothing_prefer_falls_back(guest: Any) -> None:
