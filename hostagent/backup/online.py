@@ -28,6 +28,7 @@ import contextlib
 import os
 import re
 import subprocess
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -206,7 +207,8 @@ def _run(
     elif parent.checkpoint.boundary != boundary:
         reason = f"checkpoint boundary {parent.checkpoint.boundary} is no longer under {k_old}"
     with journal.step(op, "read", {"frozen": os.path.basename(frozen)}) as h:
-        res = _read(req, repo, disk, roots, frozen, parent, boundary, reason, cp, progress, cancel)
+        prog = _journaled_progress(journal, op, progress)
+        res = _read(req, repo, disk, roots, frozen, parent, boundary, reason, cp, prog, cancel)
         h.data["backup_id"] = res.manifest.backup_id
     dom = conn.lookup(req.domain)
     if k_old is not None:
@@ -272,6 +274,21 @@ def _read(
         fallback_reason=reason if req.incremental else None,
         checkpoint=cp,
     )
+
+
+def _journaled_progress(journal: Journal, op: uuid.UUID, user: Progress | None) -> Progress:
+    """Report bytes read to the journal (what ``ops show`` displays), at most once a second."""
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 1.0 or done >= total:
+            last[0] = now
+            journal.set_progress(op, done, total)
+        if user is not None:
+            user(done, total)
+
+    return report
 
 
 def _fmt(disk: lo.Disk, name: str) -> str:

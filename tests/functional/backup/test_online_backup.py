@@ -83,6 +83,10 @@ def test_online_backup_lifecycle(guest: Any, libvirt_host: Any, bed_dir: Path) -
     assert _chain(g) == base and r1.checkpoint is None
     assert not [n for n in os.listdir(g.dir) if is_backup_overlay(n, vol)]
     assert r1.result.manifest.kind == "full" and r1.quiesced
+    op1 = journal.get(uuid.UUID(r1.operation_id))
+    assert op1.state is OperationState.SUCCEEDED
+    assert op1.progress.end == op1.progress.cur == r1.result.bytes_read > 0
+    assert [s.name for s in journal.steps(op1.id)] == ["snapshot", "read", "merge", "remove"]
     out1 = _restore_raw(repo, r1.result.manifest.backup_id, bed_dir)
     fsck = fsck_clean(out1, "raw")
     assert fsck.ok and not fsck.needs_recovery, fsck.output
