@@ -28,9 +28,11 @@ from hostagent.backup.online import (
     BackupRequest,
     ChainChanged,
     OnlineBackupResult,
+    VolumeBusy,
     backup_volume,
     recover_backup,
     release_checkpoint,
+    release_checkpoint_offline,
 )
 from hostagent.backup.repository import BackupSession, GcResult, Repository, VerifyReport
 from hostagent.backup.retention import PruneResult, RetentionPolicy, prune
@@ -61,11 +63,13 @@ __all__ = [
     "RetentionPolicy",
     "SourceLayer",
     "VerifyReport",
+    "VolumeBusy",
     "backup_full",
     "backup_incremental",
     "backup_volume",
     "prune",
     "recover_backup",
     "release_checkpoint",
+    "release_checkpoint_offline",
     "restore",
 ]

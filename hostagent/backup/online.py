@@ -100,6 +100,10 @@ class ChainChanged(BackupError):
     """The live chain is not what the backup expects (someone else touched it)."""
 
 
+class VolumeBusy(BackupError):
+    """Another journaled operation on this volume is unfinished (or awaits recovery)."""
+
+
 def _names(disk: lo.Disk) -> list[str]:
     return [os.path.basename(layer.path) for layer in disk.chain]
 
@@ -120,6 +124,8 @@ def backup_volume(
 ) -> OnlineBackupResult:
     """Back up ``req.volume_id`` of the running ``req.domain`` (see the module docstring).
 
+    The caller must hold the agent's per-disk lock for the volume (the service's
+    ``DiskLocks``) so no snapshot operation changes the chain meanwhile.
     ``roots``: directories the chain may live in (default: the active file's directory).
     Raises :class:`hostagent.backup.BackupError` subclasses, ``libvirt_ops`` errors or
     ``qcow2`` errors; on any error the chain is put back before the error propagates.
@@ -150,7 +156,13 @@ def backup_volume(
         "old_checkpoint": k_old,
         "boundary": boundary,
     }
-    op = journal.begin(OperationKind.BACKUP, request, locks=[f"volume:{req.volume_id}"]).operation
+    lock = f"volume:{req.volume_id}"
+    busy = journal.list_operations(
+        states=(OperationState.PENDING, OperationState.RUNNING), lock=lock
+    )
+    if busy:  # the caller's per-disk lock is the real exclusion; this catches a forgotten one
+        raise VolumeBusy(f"volume {req.volume_id} has unfinished {busy[0].kind} {busy[0].id}")
+    op = journal.begin(OperationKind.BACKUP, request, locks=[lock]).operation
     try:
         return _run(
             conn, journal, op.id, req, repo, disk, rts, k_new, k_old, boundary, progress, cancel

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import libvirt_ops as lo
-from hostagent.backup import online
+from hostagent.backup import Repository, online
 from hostagent.backup.online import overlay_name, recover_backup
 from hostagent.journal import Journal
 from hostagent.operations import OperationKind, OperationState, StepState
@@ -155,3 +155,21 @@ def test_plain_backup_published_then_killed_merges_its_overlay(
     assert dom.chain == [A] and dom.jobs == [("active_commit", k_new)]
     assert not (dom.share / k_new).exists()
     assert os.listdir(dom.share) == [A]
+
+
+def test_backup_refused_while_the_volume_has_an_unfinished_operation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / A).write_bytes(b"x")
+    dom = FakeDom(share, [A])
+    monkeypatch.setattr(lo, "find_disk", lambda _d, **_kw: dom.disk())
+    j = Journal(str(tmp_path / "j.sqlite"))
+    other = j.begin(OperationKind.ASSISTED_DELETE, {"x": 1}, locks=[f"volume:{VOL}"]).operation
+    repo = Repository.create(tmp_path / "repo")
+    req = online.BackupRequest("d", VOL, repo.path)
+    with pytest.raises(online.VolumeBusy, match=str(other.id)):
+        online.backup_volume(FakeConn(dom), j, req)  # type: ignore[arg-type]
+    assert dom.chain == [A] and os.listdir(share) == [A]
+    assert [o.id for o in j.list_operations(kind=OperationKind.BACKUP)] == []
