@@ -12,26 +12,19 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import hashlib
 import os
 import queue
 import secrets
 import subprocess
-import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import zstandard
-
-from hostagent.backup._codec import raw_frame_into
 from hostagent.backup.format import (
     BackupCancelled,
-    CorruptChunk,
     Manifest,
     ManifestExtent,
-    MissingChunk,
 )
 from hostagent.backup.repository import FILE_MODE, Repository
 from qcow2 import QemuImgError
@@ -116,61 +109,6 @@ class _Buffers:
         self._q.put(buf)
 
 
-_tls = threading.local()
-
-
-def _scratch(size: int) -> bytearray:
-    buf: bytearray | None = getattr(_tls, "raw", None)
-    if buf is None or len(buf) < size:
-        buf = _tls.raw = bytearray(size)
-    return buf
-
-
-def _decode(cid: str, path: str, frame: memoryview, out: bytearray) -> int:
-    """Decode one chunk frame into ``out``; the byte count. Raw-block frames are copied
-    block by block; compressed ones streamed by zstd into ``out`` (no temporary)."""
-    n = raw_frame_into(frame, out)
-    if n is None:
-        dctx: zstandard.ZstdDecompressor | None = getattr(_tls, "dctx", None)
-        if dctx is None:
-            dctx = _tls.dctx = zstandard.ZstdDecompressor()
-        try:
-            reader = dctx.stream_reader(frame)
-            view = memoryview(out)
-            n = 0
-            while k := reader.readinto(view[n:]):
-                n += k
-            if n == len(out) and reader.read(1):
-                raise CorruptChunk(cid, path, f"decodes to more than {len(out)} bytes")
-        except zstandard.ZstdError as exc:
-            raise CorruptChunk(cid, path, f"zstd: {exc}") from None
-    return n
-
-
-def _fetch(repo: Repository, cid: str, out: bytearray) -> int:
-    """Read, decode and verify a chunk into ``out``; its length. Names the chunk on error."""
-    path = repo.chunk_path(cid)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise MissingChunk(cid, path, "missing") from None
-    try:
-        size = os.fstat(fd).st_size
-        raw = memoryview(_scratch(size))[:size]
-        got = 0
-        while got < size:
-            k = os.preadv(fd, [raw[got:]], got)
-            if k == 0:
-                raise CorruptChunk(cid, path, "truncated while reading")
-            got += k
-    finally:
-        os.close(fd)
-    n = _decode(cid, path, raw, out)
-    if hashlib.sha256(memoryview(out)[:n]).hexdigest() != cid:
-        raise CorruptChunk(cid, path, "sha256 mismatch")
-    return n
-
-
 def _write_group(
     fd: int, cid: str, chunk: memoryview, exts: list[ManifestExtent], durable: bool
 ) -> int:
@@ -253,7 +191,7 @@ def _restore_raw(
                 while len(writing) >= _INFLIGHT:
                     written_one()
                 buf = bufs.get()
-                fetching.append((pool.submit(_fetch, repo, cid, buf), buf, cid, exts))
+                fetching.append((pool.submit(repo.read_chunk_into, cid, buf), buf, cid, exts))
             while fetching:
                 to_writer()
             while writing:

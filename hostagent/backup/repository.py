@@ -46,7 +46,7 @@ from types import TracebackType
 
 import zstandard
 
-from hostagent.backup._codec import Buffer
+from hostagent.backup._codec import Buffer, raw_frame_into
 from hostagent.backup.format import (
     BackupError,
     BackupNotFound,
@@ -145,6 +145,33 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     if d is None:
         d = _tls.dctx = zstandard.ZstdDecompressor()
     return d
+
+
+def _scratch(size: int) -> bytearray:
+    """This thread's reusable read buffer, at least ``size`` bytes."""
+    buf: bytearray | None = getattr(_tls, "raw", None)
+    if buf is None or len(buf) < size:
+        buf = _tls.raw = bytearray(size)
+    return buf
+
+
+def _decode(cid: str, path: str, frame: memoryview, out: bytearray) -> int:
+    """Decode one chunk frame into ``out``; the byte count. Raw-block frames are copied
+    block by block; compressed ones streamed by zstd into ``out`` (no temporary)."""
+    n = raw_frame_into(frame, out)
+    if n is not None:
+        return n
+    try:
+        reader = _decompressor().stream_reader(frame)
+        view = memoryview(out)
+        n = 0
+        while k := reader.readinto(view[n:]):
+            n += k
+        if n == len(out) and reader.read(1):
+            raise CorruptChunk(cid, path, f"decodes to more than {len(out)} bytes")
+    except zstandard.ZstdError as exc:
+        raise CorruptChunk(cid, path, f"zstd: {exc}") from None
+    return n
 
 
 @dataclass(frozen=True)
@@ -255,6 +282,30 @@ class Repository:
             raise CorruptChunk(chunk_id, path, "sha256 mismatch")
         return data
 
+    def read_chunk_into(self, chunk_id: str, out: bytearray) -> int:
+        """Read, decode and verify a chunk into ``out`` (no per-chunk allocation); its
+        length. Raises :class:`CorruptChunk`/:class:`MissingChunk` naming the chunk."""
+        path = self.chunk_path(chunk_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise MissingChunk(chunk_id, path, "missing") from None
+        try:
+            size = os.fstat(fd).st_size
+            raw = memoryview(_scratch(size))[:size]
+            got = 0
+            while got < size:
+                k = os.preadv(fd, [raw[got:]], got)
+                if k == 0:
+                    raise CorruptChunk(chunk_id, path, "truncated while reading")
+                got += k
+        finally:
+            os.close(fd)
+        n = _decode(chunk_id, path, raw, out)
+        if hashlib.sha256(memoryview(out)[:n]).hexdigest() != chunk_id:
+            raise CorruptChunk(chunk_id, path, "sha256 mismatch")
+        return n
+
     # --- manifests --------------------------------------------------------------------
     def _manifest_path(self, volume_id: str, backup_id: str) -> str:
         v = check_uuid(volume_id, "volume id")
@@ -315,8 +366,9 @@ class Repository:
         m = self.find(backup) if isinstance(backup, str) else backup
         total = 0
         ids = sorted(m.chunk_ids())
+        buf = bytearray(self.config.chunk_size)
         for cid in ids:
-            total += len(self.read_chunk(cid))
+            total += self.read_chunk_into(cid, buf)
         return VerifyReport(m.backup_id, len(ids), total)
 
     # --- concurrency: backup sessions and GC ------------------------------------------
