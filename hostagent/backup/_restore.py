@@ -1,10 +1,11 @@
 """Restore a backup to a new raw or qcow2 file: sparse, every chunk verified, one fsync.
 
-Chunks are fetched, decompressed, hashed and written by two threads (zstd, hashlib and
-pwrite release the GIL) at their own offsets, so no ordering is needed. Zero blocks inside
-chunks are skipped (left as holes). Writeback of what is written is started as we go
-(``sync_file_range(WRITE)``) so the single fsync at the end finds little left to do and
-disk I/O overlaps CPU work instead of following it.
+Two threads fetch, decode and verify chunks into recycled buffers
+(:meth:`Repository.read_chunk_into`; zstd and hashlib release the GIL), three write them
+at their own offsets (no ordering needed), so decoding never waits for the disk. The file
+gets its final size first (as qemu-img does). Zero blocks inside chunks are skipped (left
+as holes). When durable, writeback is started as we go (``sync_file_range(WRITE)``) so the
+single fsync at the end finds little left and disk I/O overlaps CPU work.
 """
 
 from __future__ import annotations
