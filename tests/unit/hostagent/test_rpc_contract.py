@@ -170,3 +170,36 @@ def test_client_maps_remote_error_to_typed() -> None:
     client._client = FakeClient()
     with pytest.raises(api.DiskBusy, match="disk vda busy"):
         client.get_operation({}, "x")
+
+
+def test_delete_snapshot_is_rpc_1_1_and_validated() -> None:
+    seen: list[Any] = []
+
+    class Svc:
+        def delete_snapshot(self, ctxt: Any, req: api.DeleteOwnedSnapshotRequest) -> api.Operation:
+            seen.append(req)
+            raise api.SnapshotNotFound(f"{req.snapshot_id} not in the ledger")
+
+    ep = AgentEndpoint(Svc())  # type: ignore[arg-type]
+    assert ep.target.version == "1.1" and AgentAPI.VERSION_CAP == "1.1"
+    assert isinstance(_expected(lambda: ep.delete_snapshot({}, VOL, "../x")), api.InvalidRequest)
+    assert seen == []
+    exc = _expected(lambda: ep.delete_snapshot({}, VOL.upper(), SNAP))
+    assert isinstance(exc, api.SnapshotNotFound) and seen == [
+        api.DeleteOwnedSnapshotRequest(VOL, SNAP)
+    ]
+
+    class Cctxt:
+        def call(self, ctxt: Any, method: str, **kw: Any) -> Any:
+            raise om.RemoteError("SnapshotNotFound", "not in the ledger", None)
+
+    class Client:
+        def prepare(self, **kw: Any) -> Cctxt:
+            assert kw["version"] == "1.1"  # an older agent refuses instead of misreading
+            return Cctxt()
+
+    client = AgentAPI.__new__(AgentAPI)
+    client.host = "h1"
+    client._client = Client()
+    with pytest.raises(api.SnapshotNotFound):
+        client.delete_snapshot({}, VOL, SNAP)
