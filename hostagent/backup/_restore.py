@@ -1,8 +1,9 @@
 """Restore a backup to a new raw or qcow2 file: sparse, every chunk verified, one fsync.
 
 Two threads fetch, decode and verify chunks into recycled buffers
-(:meth:`Repository.read_chunk_into`; zstd and hashlib release the GIL), three write them
-at their own offsets (no ordering needed), so decoding never waits for the disk. The file
+(:meth:`Repository.read_chunk_into`; zstd and hashlib release the GIL), one writes them
+at their own offsets (writes to one file serialize on its inode lock anyway), so decoding
+never waits for the disk. The file
 gets its final size first (as qemu-img does). Zero blocks inside chunks are skipped (left
 as holes). When durable, writeback is started as we go (``sync_file_range(WRITE)``) so the
 single fsync at the end finds little left and disk I/O overlaps CPU work.
@@ -134,7 +135,7 @@ def _restore_raw(
 ) -> tuple[int, int]:
     """Write every data extent; runs of extents sharing a chunk fetch it once.
 
-    Two threads fetch + decompress + verify, three write: a fetch thread never waits for
+    Two threads fetch + decompress + verify, one writes: a fetch thread never waits for
     the disk (writes block on dirty-page throttling and writeback).
     """
     groups: list[tuple[str, list[ManifestExtent]]] = []
@@ -156,7 +157,7 @@ def _restore_raw(
     writing: deque[tuple[Future[int], int]] = deque()
     with (
         ThreadPoolExecutor(2, thread_name_prefix="qsnap-restore") as pool,
-        ThreadPoolExecutor(3, thread_name_prefix="qsnap-restore-io") as io,
+        ThreadPoolExecutor(1, thread_name_prefix="qsnap-restore-io") as io,
     ):
 
         def write_and_recycle(cid: str, buf: bytearray, n: int, exts: list[ManifestExtent]) -> int:
