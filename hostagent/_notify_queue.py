@@ -38,6 +38,26 @@ class MetaClient(Protocol):
     def apply(self, snapshot_id: str, action: MetaAction) -> None: ...
 
 
+class NoCinder:
+    """The :class:`Notifier` of an agent with ``[cinder] enabled = false`` (no volume
+    service, so no assisted snapshot either): it needs no endpoint and refuses to report."""
+
+    def _refuse(self, snapshot_id: str, report: Report) -> Reported:
+        raise NotifyRejected(snapshot_id, report, 0, 0, "[cinder] enabled is false")
+
+    def report_create_done(self, snapshot_id: str) -> Reported:
+        return self._refuse(snapshot_id, Report.CREATE_DONE)
+
+    def report_create_failed(self, snapshot_id: str) -> Reported:
+        return self._refuse(snapshot_id, Report.CREATE_FAILED)
+
+    def report_delete_done(self, snapshot_id: str) -> Reported:
+        return self._refuse(snapshot_id, Report.DELETE_DONE)
+
+    def report_delete_failed(self, snapshot_id: str) -> Reported:
+        return self._refuse(snapshot_id, Report.DELETE_FAILED)
+
+
 def _send(notifier: Notifier, snapshot_id: str, report: Report) -> Reported:
     calls = {
         Report.CREATE_DONE: notifier.report_create_done,

@@ -20,7 +20,7 @@ from typing import Any
 from oslo_config import cfg
 from oslo_log import log as oslo_log
 
-from hostagent._notify_queue import NotifyQueue
+from hostagent._notify_queue import NoCinder, NotifyQueue
 from hostagent._pool import KeyedPool
 from hostagent.cinder_meta import CinderMeta
 from hostagent.config import make_conf
@@ -93,8 +93,11 @@ class Agent:
         )
         self.journal = journal
         retry = RetryPolicy(deadline=30.0, request_timeout=conf.cinder.timeout)
-        meta = CinderMeta(cinder_auth(conf), retry) if conf.cinder.enabled else None
-        queue = NotifyQueue(journal, CinderNotifier(cinder_auth(conf), retry), meta=meta)
+        if conf.cinder.enabled:
+            auth = cinder_auth(conf)
+            queue = NotifyQueue(journal, CinderNotifier(auth, retry), meta=CinderMeta(auth, retry))
+        else:  # no volume service: ledgers are kept, no Cinder call is made
+            queue = NotifyQueue(journal, NoCinder())
         self.queue = queue
         pool = KeyedPool(conf.agent.workers)
         self.pool = pool

@@ -140,3 +140,21 @@ def test_one_manager_per_extension_module() -> None:
         assert (
             Extension("qsnap_snapshots", module).manager_class is cinder_meta.QsnapSnapshotManager
         )
+
+
+def test_agent_without_cinder_needs_no_endpoint_and_keeps_a_report_pending(tmp_path: Any) -> None:
+    from hostagent._notify_queue import NoCinder, NotifyQueue
+    from hostagent.journal import Journal
+    from hostagent.notifier import Report
+
+    j = Journal(str(tmp_path / "j.sqlite"), host="h")
+    try:
+        q = NotifyQueue(j, NoCinder())
+        assert q.meta is None
+        assert q.send(SID, Report.CREATE_DONE) is False  # journaled, never silently dropped
+        (note,) = j.pending_notifications(due_only=False)
+        assert "[cinder] enabled is false" in str(note.last_error)
+        with pytest.raises(RuntimeError):
+            q.send_meta(SID, MetaAction.DELETE, None)
+    finally:
+        j.close()
