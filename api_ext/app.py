@@ -4,6 +4,7 @@ Order per request: route (404) -> identity (401) -> policy (403) -> body size (4
 validation (400) -> host routing (404) -> agent RPC (typed errors -> 404/409/400, no answer
 -> 503). Nothing reaches an agent before every check passed. Faults use Nova's body shape
 (``{"badRequest": {"code": 400, "message": ...}}``) so python-novaclient reports them.
+``/v1/backups`` lives in ``_backup_routes`` (same order, same error mapping).
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import routes
 import webob
 from oslo_policy import policy
 
-from api_ext import auth, schemas
+from api_ext import _backup_routes, auth, schemas
 from api_ext.router import NotRouted, Router
 from hostagent import service_api as api
 from hostagent.rpcapi import om
@@ -51,7 +52,14 @@ _AGENT_ERRORS: tuple[tuple[type[api.AgentRpcError], int], ...] = (
 )
 # The same by name: a RemoteError naming one (an agent newer or older than this API, or a
 # transport that does not rebuild typed errors) still deserves its status.
-_AGENT_ERRORS_BY_NAME = {"SnapshotNotFound": 404, "VolumeNotFound": 404, "DiskBusy": 409}
+_AGENT_ERRORS_BY_NAME = {
+    "SnapshotNotFound": 404,
+    "BackupNotFound": 404,
+    "VolumeNotFound": 404,
+    "InstanceNotFound": 404,
+    "DiskBusy": 409,
+    "InvalidRequest": 400,
+}
 #: Hosts asked at once by the operations listing (each call blocks one thread).
 _FANOUT_THREADS = 8
 
@@ -162,6 +170,13 @@ class ApiApp:
             action="snapshot_instance",
             conditions={"method": ["POST"]},
         )
+        _backup_routes.connect(m)
+        # Until hostagent.rpcapi.AgentAPI has RPC 1.2's backup methods, AgentClient cannot
+        # require them (server.py hands AgentAPI in); BackupAgent describes what is called.
+        backup_agents = cast(Callable[[str], _backup_routes.BackupAgent], agents)
+        self._backups = _backup_routes.BackupRoutes(
+            router, backup_agents, self._authorize, self._body, self._rpc_ctxt
+        )
 
     def __call__(self, environ: auth.Environ, start_response: Callable[..., Any]) -> Any:
         return self._handle(webob.Request(environ))(environ, start_response)
@@ -177,7 +192,13 @@ class ApiApp:
                 resp = self._versions(req)
             else:
                 ctx = auth.context_from_environ(req.environ)
-                resp = getattr(self, "_" + action)(req, ctx, **match)
+                if action.startswith("backup_"):
+                    code, body = self._backups.dispatch(action, req, ctx, **match)
+                    resp = (
+                        webob.Response(status=code) if body is None else _json_response(code, body)
+                    )
+                else:
+                    resp = getattr(self, "_" + action)(req, ctx, **match)
         except auth.NotAuthenticated as exc:
             resp = _fault(401, str(exc))
         except policy.PolicyNotAuthorized:

@@ -9,7 +9,7 @@ headers and builds an ``oslo_context`` RequestContext from them.
 
 Policy defaults follow Nova: the assisted-snapshot API is for the volume service
 (``role:service or role:admin``); every native ``/v1`` call (instance snapshots, agent-owned
-snapshot deletes, operations) is for admins: the volume service never calls ``/v1``.
+snapshot deletes, operations, backups) is for admins: the volume service never calls ``/v1``.
 Deployers override them in ``[api] policy_file``.
 """
 
@@ -34,6 +34,13 @@ INSTANCE_SNAPSHOT = "qsnap:instance_snapshot:create"
 GET_OPERATION = "qsnap:operation:get"
 LIST_OPERATIONS = "qsnap:operation:list"
 DELETE_SNAPSHOT = "qsnap:snapshot:delete"
+BACKUP_CREATE = "qsnap:backup:create"
+BACKUP_LIST = "qsnap:backup:list"
+BACKUP_GET = "qsnap:backup:get"
+BACKUP_VERIFY = "qsnap:backup:verify"
+BACKUP_DELETE = "qsnap:backup:delete"
+BACKUP_RESTORE = "qsnap:backup:restore"
+BACKUP_PRUNE = "qsnap:backup:prune"
 
 RULES = [
     policy.DocumentedRuleDefault(
@@ -71,6 +78,48 @@ RULES = [
         ADMIN,
         "List operations of every known host (or one), newest first.",
         [{"method": "GET", "path": "/v1/operations"}],
+    ),
+    policy.DocumentedRuleDefault(
+        BACKUP_CREATE,
+        ADMIN,
+        "Back up volumes (listed, or all of an instance) into the backup repository.",
+        [{"method": "POST", "path": "/v1/backups"}],
+    ),
+    policy.DocumentedRuleDefault(
+        BACKUP_LIST,
+        ADMIN,
+        "List backups in the repository, newest first.",
+        [{"method": "GET", "path": "/v1/backups"}],
+    ),
+    policy.DocumentedRuleDefault(
+        BACKUP_GET,
+        ADMIN,
+        "Show a backup's metadata (volume, size, parent, source chain).",
+        [{"method": "GET", "path": "/v1/backups/{backup_id}"}],
+    ),
+    policy.DocumentedRuleDefault(
+        BACKUP_VERIFY,
+        ADMIN,
+        "Verify every chunk of a backup against its hash.",
+        [{"method": "POST", "path": "/v1/backups/{backup_id}/verify"}],
+    ),
+    policy.DocumentedRuleDefault(
+        BACKUP_DELETE,
+        ADMIN,
+        "Delete a backup (its chunks go at the next garbage collection).",
+        [{"method": "DELETE", "path": "/v1/backups/{backup_id}"}],
+    ),
+    policy.DocumentedRuleDefault(
+        BACKUP_RESTORE,
+        ADMIN,
+        "Restore a backup to a new file or a new volume file on a share.",
+        [{"method": "POST", "path": "/v1/backups/{backup_id}/restore"}],
+    ),
+    policy.DocumentedRuleDefault(
+        BACKUP_PRUNE,
+        ADMIN,
+        "Delete the backups a retention rule does not keep, then collect garbage.",
+        [{"method": "POST", "path": "/v1/backups/prune"}],
     ),
 ]
 

@@ -10,6 +10,7 @@ names are checked here, at the edge, before anything travels. Every failure is a
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -217,3 +218,210 @@ def snapshot_ids(volume_id: str, snapshot_id: str) -> tuple[str, str]:
         if not is_uuid(value):
             raise BadRequest(f"Invalid input for field/attribute {field}: must be a UUID")
     return volume_id.lower(), snapshot_id.lower()
+
+
+# -- backups ------------------------------------------------------------------------------
+_UUID_STR = {"type": "string", "minLength": 1, "maxLength": 64}
+_HOST = {"type": "string", "minLength": 1, "maxLength": 255}
+BACKUP_CREATE: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "backup": {
+            "type": "object",
+            "properties": {
+                "volume_ids": {
+                    "type": "array",
+                    "items": _UUID_STR,
+                    "minItems": 1,
+                    "maxItems": 64,
+                },
+                "instance_uuid": _UUID_STR,
+                "incremental": {"type": "boolean"},
+            },
+            "additionalProperties": False,
+        }
+    },
+    "required": ["backup"],
+    "additionalProperties": False,
+}
+RESTORE_FORMATS = ("qcow2", "raw")
+#: Longest ``to_path`` accepted (PATH_MAX is 4096; nothing sane comes close).
+MAX_PATH = 1024
+BACKUP_RESTORE: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "restore": {
+            "type": "object",
+            "properties": {
+                "to_path": {"type": "string", "minLength": 2, "maxLength": MAX_PATH},
+                "volume_id": _UUID_STR,
+                "format": {"type": "string", "enum": list(RESTORE_FORMATS)},
+            },
+            "additionalProperties": False,
+        },
+        "host": _HOST,
+    },
+    "required": ["restore"],
+    "additionalProperties": False,
+}
+_COUNT = {"type": ["integer", "null"], "minimum": 0, "maximum": 100000}
+BACKUP_PRUNE: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "prune": {
+            "type": "object",
+            "properties": {
+                "keep_last": _COUNT,
+                "keep_daily": _COUNT,
+                "volume_id": {"type": ["string", "null"], "minLength": 1, "maxLength": 64},
+                "dry_run": {"type": "boolean"},
+            },
+            "additionalProperties": False,
+        },
+        "host": _HOST,
+    },
+    "required": ["prune"],
+    "additionalProperties": False,
+}
+
+
+def _uuid_field(value: str, field: str) -> str:
+    if not is_uuid(value):
+        raise BadRequest(f"Invalid input for field/attribute {field}: must be a UUID")
+    return value.lower()
+
+
+@dataclass(frozen=True)
+class BackupCreate:
+    """``POST /v1/backups``: exactly one of ``volume_ids`` / ``instance_uuid``."""
+
+    volume_ids: tuple[str, ...] | None
+    instance_uuid: str | None
+    incremental: bool
+
+
+@dataclass(frozen=True)
+class BackupRestore:
+    """``POST /v1/backups/{id}/restore``: exactly one of ``to_path`` / ``volume_id``."""
+
+    backup_id: str
+    to_path: str | None
+    volume_id: str | None
+    fmt: str
+    host: str | None
+
+
+@dataclass(frozen=True)
+class BackupPrune:
+    """``POST /v1/backups/prune``: a retention rule that keeps something."""
+
+    keep_last: int | None
+    keep_daily: int | None
+    volume_id: str | None
+    dry_run: bool
+    host: str | None
+
+
+def backup_create(body: object) -> BackupCreate:
+    _validate(BACKUP_CREATE, body)
+    assert isinstance(body, dict)
+    b = body["backup"]
+    vols, inst = b.get("volume_ids"), b.get("instance_uuid")
+    if (vols is None) == (inst is None):
+        raise BadRequest(
+            "Invalid input: give exactly one of backup/volume_ids, backup/instance_uuid"
+        )
+    volume_ids = None
+    if vols is not None:
+        volume_ids = tuple(_uuid_field(v, "backup/volume_ids") for v in vols)
+        if len(set(volume_ids)) != len(volume_ids):
+            raise BadRequest("Invalid input for field/attribute backup/volume_ids: duplicates")
+    instance = _uuid_field(inst, "backup/instance_uuid") if inst is not None else None
+    return BackupCreate(volume_ids, instance, bool(b.get("incremental", False)))
+
+
+def backup_id(value: str) -> str:
+    """A backup id from the URL (the repository names backups by UUID)."""
+    return _uuid_field(value, "backup_id")
+
+
+def _host_param(params: dict[str, list[str]]) -> str | None:
+    host = _one_param(params, "host")
+    if host is not None and (len(host) > 255 or not host.isprintable()):
+        raise BadRequest("Invalid input for field/attribute host: not a host name")
+    return host
+
+
+def host_query(query_string: str, allowed: tuple[str, ...] = ("host",)) -> dict[str, str | None]:
+    """The ``allowed`` query parameters (each at most once); anything else is refused."""
+    params = parse_qs(query_string, keep_blank_values=True)
+    if unknown := sorted(set(params) - set(allowed)):
+        raise BadRequest(f"Invalid input: unknown query parameters {unknown}")
+    out: dict[str, str | None] = {"host": _host_param(params)}
+    for name in allowed:
+        if name != "host":
+            out[name] = _one_param(params, name)
+    return out
+
+
+def backup_list(query_string: str) -> tuple[str | None, str | None]:
+    """``(host, volume_id)`` from ``GET /v1/backups``'s query string."""
+    q = host_query(query_string, ("host", "volume_id"))
+    vol = q["volume_id"]
+    return q["host"], _uuid_field(vol, "volume_id") if vol is not None else None
+
+
+def _plain_path(path: str) -> str:
+    """Absolute, normalised, printable: the agent still checks it against its share roots."""
+    if not path.startswith("/") or "\x00" in path or not path.isprintable():
+        raise BadRequest("Invalid input for field/attribute restore/to_path: an absolute path")
+    parts = path.split("/")
+    if ".." in parts or "." in parts or "" in parts[1:]:
+        raise BadRequest(
+            "Invalid input for field/attribute restore/to_path: must be normalised "
+            "(no '.', '..', '//' or trailing '/')"
+        )
+    return path
+
+
+def backup_restore(backup: str, body: object) -> BackupRestore:
+    bid = backup_id(backup)
+    _validate(BACKUP_RESTORE, body)
+    assert isinstance(body, dict)
+    r = body["restore"]
+    to_path, vol = r.get("to_path"), r.get("volume_id")
+    if (to_path is None) == (vol is None):
+        raise BadRequest("Invalid input: give exactly one of restore/to_path, restore/volume_id")
+    return BackupRestore(
+        bid,
+        _plain_path(to_path) if to_path is not None else None,
+        _uuid_field(vol, "restore/volume_id") if vol is not None else None,
+        r.get("format", "qcow2"),
+        _checked_host(body.get("host")),
+    )
+
+
+def _checked_host(host: object) -> str | None:
+    if host is not None and (not isinstance(host, str) or not host.isprintable()):
+        raise BadRequest("Invalid input for field/attribute host: not a host name")
+    return host
+
+
+def backup_prune(body: object) -> BackupPrune:
+    _validate(BACKUP_PRUNE, body)
+    assert isinstance(body, dict)
+    p = body["prune"]
+    keep_last, keep_daily = p.get("keep_last"), p.get("keep_daily")
+    if not (keep_last or keep_daily):
+        raise BadRequest(
+            "Invalid input: prune must keep something: give prune/keep_last or "
+            "prune/keep_daily >= 1"
+        )
+    vol = p.get("volume_id")
+    return BackupPrune(
+        keep_last,
+        keep_daily,
+        _uuid_field(vol, "prune/volume_id") if vol is not None else None,
+        bool(p.get("dry_run", False)),
+        _checked_host(body.get("host")),
+    )
