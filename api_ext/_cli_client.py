@@ -148,6 +148,8 @@ class ApiClient:
             raise Unreachable(f"cannot use the identity service: {exc}") from None
         if resp.status_code >= 400:
             raise ApiError(resp.status_code, _message(resp))
+        if resp.status_code == 204:
+            return {}
         try:
             data = resp.json()
         except ValueError:
@@ -178,3 +180,73 @@ class ApiClient:
     def list_operations(self, **filters: object) -> dict[str, Any]:
         query = {k: str(v) for k, v in filters.items() if v is not None}
         return self._call("GET", "/v1/operations" + ("?" + urlencode(query) if query else ""))
+
+    # -- backups ----------------------------------------------------------------------------
+    @staticmethod
+    def _backup_path(backup_id: str, suffix: str = "", host: str | None = None) -> str:
+        path = f"/v1/backups/{quote(backup_id, safe='')}{suffix}"
+        return path + ("?" + urlencode({"host": host}) if host else "")
+
+    def create_backup(
+        self, volume_ids: list[str] | None, instance_uuid: str | None, incremental: bool
+    ) -> dict[str, Any]:
+        backup: dict[str, Any] = {"incremental": incremental}
+        if volume_ids:
+            backup["volume_ids"] = volume_ids
+        if instance_uuid:
+            backup["instance_uuid"] = instance_uuid
+        return self._call("POST", "/v1/backups", {"backup": backup})
+
+    def list_backups(self, volume_id: str | None, host: str | None) -> dict[str, Any]:
+        query = {k: v for k, v in (("volume_id", volume_id), ("host", host)) if v}
+        return self._call("GET", "/v1/backups" + ("?" + urlencode(query) if query else ""))
+
+    def get_backup(self, backup_id: str, host: str | None = None) -> dict[str, Any]:
+        return self._call("GET", self._backup_path(backup_id, host=host))
+
+    def verify_backup(self, backup_id: str, host: str | None = None) -> dict[str, Any]:
+        return self._call("POST", self._backup_path(backup_id, "/verify", host))
+
+    def delete_backup(self, backup_id: str, host: str | None = None) -> dict[str, Any]:
+        return self._call("DELETE", self._backup_path(backup_id, host=host))
+
+    def restore_backup(
+        self,
+        backup_id: str,
+        *,
+        to_path: str | None,
+        volume_id: str | None,
+        fmt: str,
+        host: str | None,
+    ) -> dict[str, Any]:
+        restore: dict[str, Any] = {"format": fmt}
+        if to_path is not None:
+            restore["to_path"] = to_path
+        if volume_id is not None:
+            restore["volume_id"] = volume_id
+        body: dict[str, Any] = {"restore": restore}
+        if host:
+            body["host"] = host
+        return self._call("POST", self._backup_path(backup_id, "/restore"), body)
+
+    def prune_backups(
+        self,
+        *,
+        keep_last: int | None,
+        keep_daily: int | None,
+        volume_id: str | None,
+        dry_run: bool,
+        host: str | None,
+    ) -> dict[str, Any]:
+        prune: dict[str, Any] = {"dry_run": dry_run}
+        for key, value in (
+            ("keep_last", keep_last),
+            ("keep_daily", keep_daily),
+            ("volume_id", volume_id),
+        ):
+            if value is not None:
+                prune[key] = value
+        body: dict[str, Any] = {"prune": prune}
+        if host:
+            body["host"] = host
+        return self._call("POST", "/v1/backups/prune", body)

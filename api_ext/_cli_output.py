@@ -21,7 +21,7 @@ def print_json(body: object, out: TextIO) -> None:
     out.write(json.dumps(body, indent=2, sort_keys=True) + "\n")
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     for row in [list(headers), ["-" * w for w in widths], *rows]:
         out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
@@ -61,7 +61,7 @@ def print_operations(body: Mapping[str, Any], out: TextIO, err: TextIO) -> None:
         ]
         for op in ops
     ]
-    _table(["ID", "KIND", "STATE", "HOST", "VOLUMES", "CREATED", "PROGRESS"], rows, out)
+    table(["ID", "KIND", "STATE", "HOST", "VOLUMES", "CREATED", "PROGRESS"], rows, out)
     for host, reason in sorted((body.get("failed_hosts") or {}).items()):
         err.write(f"warning: host {host} not listed: {reason}\n")
 
@@ -87,6 +87,8 @@ def operation_rows(op: Mapping[str, Any]) -> list[list[str]]:
         rows.append(["steps", ", ".join(f"{s.get('name')}:{s.get('state')}" for s in steps)])
     for snap in result.pop("snapshots", None) or []:
         rows.append(["snapshot", f"{snap.get('snapshot_id')} of volume {snap.get('volume_id')}"])
+    for bk in result.pop("backups", None) or []:
+        rows.append(["backup", backup_line(bk)])
     for key, value in sorted(result.items()):
         if value is not None:
             rows.append([f"result.{key}", json.dumps(value, sort_keys=True)])
@@ -96,8 +98,32 @@ def operation_rows(op: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+def human_bytes(value: object) -> str:
+    """``1.5 GiB`` for humans (tables only; JSON keeps the exact integers)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return "" if value is None else str(value)
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{value} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def backup_line(bk: Mapping[str, Any]) -> str:
+    """One backup of a create operation's result: id, volume, type, bytes, fallback."""
+    kind = "incremental" if bk.get("incremental") else "full"
+    text = (
+        f"{bk.get('backup_id')} of volume {bk.get('volume_id')} ({kind}, read "
+        f"{human_bytes(bk.get('bytes_read'))}, stored {human_bytes(bk.get('bytes_stored'))})"
+    )
+    if bk.get("fallback_reason"):
+        text += f"; full read because: {bk['fallback_reason']}"
+    return text
+
+
 def print_operation(body: Mapping[str, Any], out: TextIO) -> None:
-    _table(["FIELD", "VALUE"], operation_rows(body["operation"]), out)
+    table(["FIELD", "VALUE"], operation_rows(body["operation"]), out)
 
 
 class ProgressReporter:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 from keystoneauth1 import exceptions as ks_exceptions
 
+from api_ext import _cli_backup
 from api_ext import _cli_output as output
 from api_ext._cli_client import ApiClient, ApiError, Unreachable, UsageError, make_client
 from api_ext._cli_client import register_options as register_auth_options
@@ -80,12 +81,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qsnap",
         description="qsnap admin CLI: snapshot instances' volumes, delete agent-managed "
-        "snapshots and follow operations through qsnap-api's native /v1 API.",
+        "snapshots, back up and restore volumes and follow operations through qsnap-api's "
+        "native /v1 API.",
         epilog=EPILOG,
     )
     register_auth_options(parser, argv)
     fmt, wait = _parents()
-    top = parser.add_subparsers(dest="area", metavar="{snapshot,ops}", required=True)
+    top = parser.add_subparsers(dest="area", metavar="{snapshot,backup,ops}", required=True)
 
     snap = top.add_parser("snapshot", help="create or delete snapshots")
     snap_cmds = snap.add_subparsers(dest="command", metavar="{create,delete}", required=True)
@@ -136,6 +138,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     )
     delete.set_defaults(run=_snapshot_delete)
 
+    _cli_backup.add_parsers(top, fmt, wait, _finish)
+
     ops = top.add_parser("ops", help="list or show operations")
     ops_cmds = ops.add_subparsers(dest="command", metavar="{list,show}", required=True)
     lst = ops_cmds.add_parser(
@@ -170,7 +174,14 @@ def _emit_operation(ns: argparse.Namespace, body: dict[str, Any], out: TextIO) -
         output.print_operation(body, out)
 
 
-def _finish(ns: argparse.Namespace, client: ApiClient, body: dict[str, Any], io: Io) -> int:
+def _finish(
+    ns: argparse.Namespace,
+    client: ApiClient,
+    body: dict[str, Any],
+    io: Io,
+    check: Callable[[Mapping[str, Any]], str | None] | None = None,
+) -> int:
+    """Wait if asked, print the operation; 1 if it failed (or ``check`` names a problem)."""
     out, err = io
     if ns.wait:
         reporter = output.ProgressReporter(err)
@@ -183,6 +194,10 @@ def _finish(ns: argparse.Namespace, client: ApiClient, body: dict[str, Any], io:
     if op["state"] == "failed":
         error = op.get("error") or {}
         err.write(f"qsnap: operation {op['id']} failed: {error.get('message') or 'no error'}\n")
+        return 1
+    problem = check(op) if check is not None and op["state"] == "succeeded" else None
+    if problem:
+        err.write(f"qsnap: {problem}\n")
         return 1
     return 0
 
