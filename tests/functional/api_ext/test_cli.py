@@ -2,7 +2,8 @@
 
 The stub agent (tests/functional/hostagent/stub_agent.py) advances instance snapshots and
 agent-owned deletes one stage per status poll, so ``--wait`` shows real progress lines; a
-``--quiesce require`` snapshot fails there. Real guests are the e2e suite's business.
+``--quiesce require`` snapshot fails there. Backups go through the same path (RPC 1.2) to the
+stub's in-memory repository. Real guests are the e2e suite's business.
 """
 
 from __future__ import annotations
@@ -155,3 +156,64 @@ def test_cli_busy_disk_is_409_and_usage_errors(api_url: str, rabbitmq: Any) -> N
     assert rc == 2 and "invalid choice" in err
     rc, _, err = qsnap("http://127.0.0.1:9", "ops", "list")
     assert rc == 1 and err.startswith("qsnap: error: cannot reach the qsnap API")
+
+
+def test_cli_backup_steps(api_url: str) -> None:
+    """Every ``qsnap backup`` command once, through the real API, RabbitMQ and RPC 1.2."""
+    # full backup of a volume, waiting: progress lines, then the backup in the result
+    rc, out, err = qsnap(api_url, "backup", "create", "--volume", VOL_OK, "--wait",
+                         "--poll-interval", "0.1")  # fmt: skip
+    assert rc == 0, err
+    rows = _rows(out)
+    assert (rows["state"], rows["host"]) == ("succeeded", HOST)
+    assert rows["backup"].endswith(f"of volume {VOL_OK} (full, read 64.0 MiB, stored 32.0 MiB)")
+    full_id = rows["backup"].split()[0]
+    assert f"operation {rows['id']}: running, step read, 25%" in err.splitlines()
+
+    # incremental of the instance's volumes, as JSON
+    rc, out, err = qsnap(api_url, "backup", "create", "--instance", INSTANCE, "--incremental",
+                         "--wait", "--poll-interval", "0.1", "-f", "json")  # fmt: skip
+    assert rc == 0, err
+    [inc] = json.loads(out)["operation"]["result"]["backups"]
+    assert (inc["incremental"], inc["bytes_read"], inc["fallback_reason"]) == (True, 4194304, None)
+
+    # list (newest first) / show
+    rc, out, _ = qsnap(api_url, "backup", "list", "--volume", VOL_OK, "-f", "json")
+    listed = json.loads(out)["backups"]
+    assert [b["id"] for b in listed[:2]] == [inc["backup_id"], full_id]
+    assert listed[0]["parent"] == full_id
+    rc, out, _ = qsnap(api_url, "backup", "list")
+    assert rc == 0 and out.splitlines()[2].split()[3] == "incremental"
+    rc, out, _ = qsnap(api_url, "backup", "show", inc["backup_id"])
+    assert rc == 0 and _rows(out)["parent"] == full_id
+
+    # verify and restore, waiting; restoring onto the same path again is refused (400)
+    rc, out, err = qsnap(api_url, "backup", "verify", full_id, "--wait", "--poll-interval", "0.1")
+    assert rc == 0, err
+    assert _rows(out)["result.ok"] == "true"
+    target = f"/x/restored-{full_id}.raw"
+    args = ["--to", target, "--disk-format", "raw", "--wait", "--poll-interval", "0.1"]
+    rc, out, err = qsnap(api_url, "backup", "restore", full_id, *args)
+    assert rc == 0, err
+    assert (_rows(out)["result.path"], _rows(out)["result.format"]) == (f'"{target}"', '"raw"')
+    rc, out, err = qsnap(api_url, "backup", "restore", full_id, "--to", target)
+    assert (rc, out) == (1, "")
+    assert err == f"qsnap: error: HTTP 400: restore target {target} exists\n"
+
+    # prune: a dry run deletes nothing; keep_last=1 deletes the full backup
+    rc, out, _ = qsnap(api_url, "backup", "prune", "--keep-last", "1", "--dry-run", "-f", "json")
+    assert full_id in json.loads(out)["prune"]["deleted"]
+    rc, out, _ = qsnap(api_url, "backup", "show", full_id)
+    assert rc == 0
+    rc, out, _ = qsnap(api_url, "backup", "prune", "--keep-last", "1", "--volume", VOL_OK)
+    assert rc == 0 and full_id in _rows(out)["deleted"]
+    rc, out, err = qsnap(api_url, "backup", "show", full_id)
+    assert (rc, err) == (1, f"qsnap: error: HTTP 404: no backup {full_id}\n")
+
+    # delete; again: 404; an unknown volume: 404 before any agent
+    rc, out, _ = qsnap(api_url, "backup", "delete", inc["backup_id"])
+    assert (rc, out) == (0, f"backup {inc['backup_id']} deleted\n")
+    rc, _, err = qsnap(api_url, "backup", "delete", inc["backup_id"])
+    assert (rc, err) == (1, f"qsnap: error: HTTP 404: no backup {inc['backup_id']}\n")
+    rc, _, err = qsnap(api_url, "backup", "create", "--volume", INSTANCE)
+    assert rc == 1 and "HTTP 404: volume" in err

@@ -6,6 +6,12 @@ errors the tests expect for special volume ids (see the constants). Instance sna
 agent-owned deletes advance one stage per ``get_operation`` (steps and progress as the real
 agent reports them), so a waiting client sees them run and finish; an instance snapshot with
 quiesce ``required`` fails (the stub's guest cannot freeze). Assisted operations stay queued.
+
+Backups (RPC 1.2) live in an in-memory "repository" with deterministic results: backup ids
+are uuid5 of a counter, a full backup reads 64 MiB and an incremental (with a parent) 4 MiB;
+verify finds nothing bad; a restore refuses a path or volume it already restored to.
+The backup methods read their arguments by name from whatever the endpoint passes (one
+typed request or plain values), so the stub does not depend on the request classes' names.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import dataclasses
 import sys
 import threading
 import uuid
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from hostagent import service_api as api
@@ -26,6 +33,24 @@ VOL_OK = "11111111-1111-4111-8111-111111111111"
 VOL_BUSY = "22222222-2222-4222-8222-222222222222"  # raises libvirt_ops.DiskBusy (mapped)
 VOL_CRASH = "33333333-3333-4333-8333-333333333333"  # raises RuntimeError (internal)
 INSTANCE = "44444444-4444-4444-8444-444444444444"
+MiB = 1024 * 1024
+BACKUP_NS = uuid.UUID("99999999-9999-4999-8999-999999999999")
+_BackupNotFound: type[api.AgentRpcError] = getattr(api, "BackupNotFound", api.InvalidRequest)
+
+
+def _kind(name: str) -> api.OperationKind:
+    kind: api.OperationKind = getattr(api.OperationKind, name, api.OperationKind.INSTANCE_SNAPSHOT)
+    return kind
+
+
+def _fields(args: Sequence[Any], names: Sequence[str]) -> dict[str, Any]:
+    """``names`` from one typed request (attributes) or from plain positional values."""
+    typed = len(args) == 1 and not isinstance(args[0], str | int | bool | list | tuple)
+    if typed and any(hasattr(args[0], n) for n in names):
+        out = {n: getattr(args[0], n, None) for n in names}
+    else:
+        out = dict(zip(names, args, strict=False))
+    return {k: getattr(v, "value", v) for k, v in out.items()}  # enums -> their values
 
 
 class StubService:
@@ -34,6 +59,9 @@ class StubService:
         self._ops: dict[str, api.Operation] = {}
         self._stages: dict[str, list[api.Operation]] = {}
         self._owned: set[tuple[str, str]] = set()  # (volume, snapshot) the stub "took"
+        self._backups: list[dict[str, Any]] = []  # oldest first
+        self._restored: set[str] = set()
+        self._backup_seq = 0  # never reused, unlike len(self._backups)
         self._lock = threading.Lock()
 
     def _check_volume(self, volume_id: str) -> None:
@@ -166,6 +194,144 @@ class StubService:
             and (filters.volume_id is None or filters.volume_id in op.volume_ids)
             and (filters.state is None or op.state == filters.state)
         ][: filters.limit]
+
+    # -- backups (RPC 1.2) ----------------------------------------------------------------
+    def _staged(self, op: api.Operation, stages: list[api.Operation]) -> api.Operation:
+        with self._lock:
+            self._stages[op.id] = stages
+        return op
+
+    def _find_backup(self, backup_id: object) -> dict[str, Any]:
+        with self._lock:
+            for b in self._backups:
+                if b["id"] == backup_id:
+                    return b
+        raise _BackupNotFound(f"no backup {backup_id}")
+
+    def create_backup(self, ctxt: api.CallContext, *args: Any, **kw: Any) -> api.Operation:
+        f = {**_fields(args, ("volume_ids", "instance_uuid", "incremental")), **kw}
+        if f.get("instance_uuid") is not None and f["instance_uuid"] != INSTANCE:
+            raise api.InstanceNotFound(f"no domain {f['instance_uuid']} on {self.host}")
+        volumes = tuple(f.get("volume_ids") or (VOL_OK,))
+        for vol in volumes:
+            self._check_volume(vol)
+        op = self._new(
+            ctxt, _kind("BACKUP"), volume_ids=volumes, instance_uuid=f.get("instance_uuid")
+        )
+        results = []
+        with self._lock:
+            for vol in volumes:
+                parents = [b for b in self._backups if b["volume_id"] == vol]
+                parent = parents[-1]["id"] if parents and f.get("incremental") else None
+                self._backup_seq += 1
+                bid = str(uuid.uuid5(BACKUP_NS, str(self._backup_seq)))
+                created = datetime(2025, 1, 1, tzinfo=UTC) + timedelta(hours=self._backup_seq)
+                read = 4 * MiB if parent else 64 * MiB
+                self._backups.append(
+                    {
+                        "id": bid,
+                        "volume_id": vol,
+                        "created_at": created.isoformat(),
+                        "parent": parent,
+                        "incremental": parent is not None,
+                        "size": 1024 * MiB,
+                        "stored_bytes": read // 2,
+                        "checkpoint": None,
+                    }
+                )
+                results.append(
+                    {
+                        "volume_id": vol,
+                        "backup_id": bid,
+                        "incremental": parent is not None,
+                        "bytes_read": read,
+                        "bytes_stored": read // 2,
+                        "fallback_reason": (
+                            "no previous backup" if f.get("incremental") and not parent else None
+                        ),
+                    }
+                )
+        read = _step("read")
+        final = {"backups": results}
+        return self._staged(
+            op,
+            [
+                _stage(op, "running", [read], (1, 4)),
+                _stage(op, "running", [read], (3, 4)),
+                _stage(op, "succeeded", [_done(read)], (4, 4), final=final),
+            ],
+        )
+
+    def list_backups(self, ctxt: api.CallContext, *args: Any, **kw: Any) -> list[dict[str, Any]]:
+        vol = {**_fields(args, ("volume_id",)), **kw}.get("volume_id")
+        with self._lock:
+            found = [dict(b) for b in self._backups if vol is None or b["volume_id"] == vol]
+        return found[::-1]  # newest first
+
+    def get_backup(self, ctxt: api.CallContext, backup_id: Any) -> dict[str, Any]:
+        b = self._find_backup(getattr(backup_id, "backup_id", backup_id))
+        return {**b, "source_chain": [f"volume-{b['volume_id']}"], "chunks": 8}
+
+    def verify_backup(self, ctxt: api.CallContext, backup_id: Any) -> api.Operation:
+        b = self._find_backup(getattr(backup_id, "backup_id", backup_id))
+        op = self._new(ctxt, _kind("BACKUP"), volume_ids=(b["volume_id"],))
+        step = _step("verify")
+        final = {"ok": True, "bad_chunks": []}
+        return self._staged(
+            op,
+            [
+                _stage(op, "running", [step], (1, 2)),
+                _stage(op, "succeeded", [_done(step)], (2, 2), final=final),
+            ],
+        )
+
+    def delete_backup(self, ctxt: api.CallContext, backup_id: Any) -> None:
+        b = self._find_backup(getattr(backup_id, "backup_id", backup_id))
+        with self._lock:
+            self._backups.remove(b)
+
+    def restore_backup(self, ctxt: api.CallContext, *args: Any, **kw: Any) -> api.Operation:
+        f = {**_fields(args, ("backup_id", "to_path", "volume_id", "fmt", "format")), **kw}
+        b = self._find_backup(f["backup_id"])
+        target = f.get("to_path") or f"/x/volume-{f.get('volume_id')}"
+        with self._lock:
+            if target in self._restored:
+                raise api.InvalidRequest(f"restore target {target} exists")
+            self._restored.add(target)
+        op = self._new(ctxt, _kind("RESTORE"), volume_ids=(b["volume_id"],))
+        step = _step("restore")
+        final = {"path": target, "format": f.get("fmt") or f.get("format")}
+        return self._staged(
+            op,
+            [
+                _stage(op, "running", [step], (1, 2)),
+                _stage(op, "succeeded", [_done(step)], (2, 2), final=final),
+            ],
+        )
+
+    def prune_backups(self, ctxt: api.CallContext, *args: Any, **kw: Any) -> dict[str, Any]:
+        names = ("keep_last", "keep_daily", "volume_id", "dry_run")
+        f = {**_fields(args, names), **kw}
+        keep_last = f.get("keep_last") or 1  # keep_daily is "keep the newest" here
+        with self._lock:
+            kept: list[str] = []
+            deleted: list[str] = []
+            for vol in sorted({b["volume_id"] for b in self._backups}):
+                if f.get("volume_id") not in (None, vol):
+                    kept += [b["id"] for b in self._backups if b["volume_id"] == vol]
+                    continue
+                mine = [b["id"] for b in self._backups if b["volume_id"] == vol][::-1]
+                kept += mine[:keep_last]
+                deleted += mine[keep_last:]
+            if not f.get("dry_run"):
+                self._backups = [b for b in self._backups if b["id"] not in deleted]
+        freed = 0 if f.get("dry_run") else 8 * MiB * len(deleted)
+        return {
+            "deleted": deleted,
+            "kept": kept,
+            "chunks_removed": 0 if f.get("dry_run") else 2 * len(deleted),
+            "bytes_freed": freed,
+        }
 
     def get_inventory(self, ctxt: api.CallContext) -> api.Inventory:
         vol = api.VolumeAttachment(VOL_OK, INSTANCE, "instance-0001", "vdb", "/x/volume-" + VOL_OK)
