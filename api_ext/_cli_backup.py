@@ -133,7 +133,8 @@ def add_parsers(
         help="delete the backups a retention rule does not keep",
         description="Per volume, keep the --keep-last newest backups and the newest backup "
         "of each of the last --keep-daily days (UTC); delete the rest, then free "
-        "unreferenced chunks. A volume's newest backup is always kept.",
+        "unreferenced chunks. A volume's newest backup is always kept. Neither option: "
+        "the agent's configured default retention.",
     )
     prune.add_argument("--keep-last", type=_count, metavar="N")
     prune.add_argument("--keep-daily", type=_count, metavar="D")

@@ -313,7 +313,7 @@ class BackupRestore:
 
 @dataclass(frozen=True)
 class BackupPrune:
-    """``POST /v1/backups/prune``: a retention rule that keeps something."""
+    """``POST /v1/backups/prune``: a rule that keeps something, or none (agent default)."""
 
     keep_last: int | None
     keep_daily: int | None
@@ -412,7 +412,8 @@ def backup_prune(body: object) -> BackupPrune:
     assert isinstance(body, dict)
     p = body["prune"]
     keep_last, keep_daily = p.get("keep_last"), p.get("keep_daily")
-    if not (keep_last or keep_daily):
+    # neither given: the agent's default retention ([backup]); given, it must keep something
+    if (keep_last is not None or keep_daily is not None) and not (keep_last or keep_daily):
         raise BadRequest(
             "Invalid input: prune must keep something: give prune/keep_last or "
             "prune/keep_daily >= 1"

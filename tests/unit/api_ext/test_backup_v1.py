@@ -293,8 +293,10 @@ def test_prune(app: webtest.TestApp, agents: dict[str, FakeAgent]) -> None:
     }
     body = {"prune": {"keep_daily": 7, "volume_id": VOL2}, "host": "host-b"}
     app.post_json("/v1/backups/prune", body, headers=ADMIN)
+    app.post_json("/v1/backups/prune", {"prune": {}}, headers=ADMIN)  # the agent's default
     assert _calls(agents) == [
         ("host-a", "prune_backups", (1, None, None, True)),
+        ("host-a", "prune_backups", (None, None, None, False)),
         ("host-b", "prune_backups", (None, 7, VOL2, False)),
     ]
 
@@ -302,8 +304,8 @@ def test_prune(app: webtest.TestApp, agents: dict[str, FakeAgent]) -> None:
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
-        ({"prune": {}}, "prune must keep something"),
         ({"prune": {"keep_last": 0, "keep_daily": 0}}, "prune must keep something"),
+        ({"prune": {"keep_daily": 0}}, "prune must keep something"),
         ({"prune": {"keep_last": -1}}, "prune/keep_last"),
         ({"prune": {"keep_last": "3"}}, "prune/keep_last"),
         ({"prune": {"keep_last": 1, "volume_id": "v"}}, "prune/volume_id"),

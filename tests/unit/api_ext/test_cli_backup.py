@@ -256,8 +256,10 @@ def test_prune_dry_run_and_for_real(server: Server, agents: dict[str, FakeAgent]
                      "--volume", VOL, "-f", "json")  # fmt: skip
     assert json.loads(out)["prune"]["bytes_freed"] == 8388608
     assert agents["host-a"].calls[-1] == ("prune_backups", (1, 3, VOL, False))
-    rc, _, err = run(server, "backup", "prune")
+    rc, _, err = run(server, "backup", "prune", "--keep-last", "0")
     assert rc == 1 and "prune must keep something" in err
+    rc, _, err = run(server, "backup", "prune")  # no rule: the agent's default retention
+    assert (rc, agents["host-a"].calls[-1]) == (0, ("prune_backups", (None, None, None, False)))
 
 
 # -- usage --------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def test_list_reports_a_silent_host_instead_of_failing(
     ("query", "needle"),
     [
         ("state=done", "state"),
-        ("kind=backup", "kind"),
+        ("kind=frobnicate", "kind"),
         ("volume_id=v1", "volume_id"),
         ("limit=0", "limit"),
         ("limit=1001", "limit"),
