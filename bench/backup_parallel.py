@@ -21,7 +21,7 @@ P6's other target (64-layer chain read >= 0.8x a 1-layer read) is bench/qcow2_re
 Usage::
 
     .venv/bin/python bench/backup_parallel.py [--dir /var/tmp/qsnap-bench-parallel]
-        [--volumes 10] [--size 512M] [--workers 4] [--reps 2]
+        [--volumes 10] [--size 512M] [--workers 4] [--reps 3]
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--volumes", type=int, default=10)
     ap.add_argument("--size", default="512M", help="virtual size of each volume (M or G)")
     ap.add_argument("--workers", type=int, default=4, help="bounded pool size (agent: 4)")
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     unit = {"M": MiB, "G": 1024 * MiB}[args.size[-1]]
     size = int(args.size[:-1]) * unit
