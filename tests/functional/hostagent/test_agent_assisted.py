@@ -72,6 +72,7 @@ def agent(rabbitmq: Any, share: Any, bed_dir: Path) -> Iterator[tuple[AgentAPI, 
     conf_file = bed_dir / "agent.conf"
     conf_file.write_text(
         f"[DEFAULT]\nhost = {host}\ntransport_url = {rabbitmq.transport_url}\n"
+        "use_stderr = true\n"  # oslo.log: stdout carries only the READY line
         f"state_path = {bed_dir / 'state'}\n"
         f"[shares]\nallowed_roots = {share.root}\n"
         f"[agent]\nworkers = 2\nmerge_timeout = 120\n"
