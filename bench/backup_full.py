@@ -52,7 +52,9 @@ def _text_blocks(n: int) -> list[bytes]:
     flatter us, while the stock pipe's stream compressor may still match across blocks.
     """
     files = sorted(ROOT.glob("**/*.py")) + sorted(ROOT.glob("**/*.md"))
-    corpus = b"".join(p.read_bytes() for p in files if ".venv" not in p.parts)
+    corpus = b"".join(
+        p.read_bytes() for p in files if not any(part.startswith(".venv") for part in p.parts)
+    )
     while len(corpus) < 4 * MiB:
         corpus += corpus
     span = len(corpus) - MiB

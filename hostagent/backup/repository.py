@@ -195,7 +195,8 @@ class Repository:
     def __init__(self, path: str, config: RepoConfig) -> None:
         self.path = os.path.abspath(path)
         self.config = config
-        self._dirs: set[str] = set()
+        self._dirs: set[str] = set()  # chunk dirs known to exist: no mkdir for them
+        self._dirty: set[str] = set()  # chunk dirs with renames not yet fsynced
         self._dirs_lock = threading.Lock()
 
     # --- creation ---------------------------------------------------------------------
@@ -256,15 +257,21 @@ class Repository:
         atomic_write(path, frame, sync_dir=False)
         with self._dirs_lock:
             self._dirs.add(d)
+            self._dirty.add(d)
 
     def sync_chunk_dirs(self) -> None:
-        """fsync every chunk directory written since the last call (renames durable)."""
+        """fsync every chunk directory written since the last call (renames durable).
+
+        Only those: a long-lived handle must not re-sync every directory it ever wrote."""
         with self._dirs_lock:
-            dirs, self._dirs = self._dirs, set()
-        for d in sorted(dirs):
-            _fsync_dir(d)
-        with self._dirs_lock:
-            self._dirs |= dirs  # still known to exist: skip mkdir next time
+            dirty, self._dirty = self._dirty, set()
+        try:
+            for d in sorted(dirty):
+                _fsync_dir(d)
+        except BaseException:
+            with self._dirs_lock:
+                self._dirty |= dirty  # not durable yet: the next call tries again
+            raise
 
     def read_chunk(self, chunk_id: str) -> bytes:
         """The chunk's bytes, decompressed and verified against its id."""

@@ -88,6 +88,27 @@ def test_chunks_roundtrip_and_existing_chunk_is_not_rewritten(tmp_path: Path) ->
         repo.chunk_path("../../etc/passwd")
 
 
+def test_sync_chunk_dirs_syncs_only_dirs_written_since_the_last_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hostagent.backup import repository as repo_mod
+
+    synced: list[str] = []
+    monkeypatch.setattr(repo_mod, "_fsync_dir", synced.append)
+    repo = Repository.create(tmp_path / "repo")
+    a = _chunk(repo, b"a" * 1000)
+    synced.clear()  # mkdir syncs parents itself
+    repo.sync_chunk_dirs()
+    assert synced == [os.path.dirname(repo.chunk_path(a))]
+    synced.clear()
+    repo.sync_chunk_dirs()
+    assert synced == []  # a long-lived handle does not re-sync what it already made durable
+    b = _chunk(repo, b"b" * 1000)
+    synced.clear()
+    repo.sync_chunk_dirs()
+    assert synced == [os.path.dirname(repo.chunk_path(b))]
+
+
 def _manifest_doc(**over: object) -> bytes:
     doc: dict[str, object] = {
         "format": "qsnap-manifest",
