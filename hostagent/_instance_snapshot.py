@@ -21,6 +21,7 @@ from typing import Any
 from hostagent import journal as jn
 from hostagent import operations as ops
 from hostagent import service_api as api
+from hostagent._checkpoints import release_step
 from hostagent._located import Located, chain_names
 from hostagent._owned_base import Observer, OwnedBase
 from hostagent.cinder_meta import MetaAction
@@ -93,6 +94,9 @@ class InstanceSnapshots(OwnedBase):
     ) -> None:
         with self._locks.hold(keys):
             try:
+                for where in self._hv.instance_volumes(req.instance_uuid):
+                    if where.key in keys:  # checkpoints merged down first, journaled
+                        release_step(self._step, op_id, where, self.release)
                 with self._step(op_id, "plan", None) as st:
                     st.data["volumes"] = [asdict(v) for v in self._plan(req, keys)]
                     st.data["quiesce"] = req.quiesce.value

@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 from hostagent import journal as jn
 from hostagent import service_api as api
-from hostagent._located import DiskLocks, Hypervisor, Located, chain_names
+from hostagent._checkpoints import Release, cinder_chain
+from hostagent._located import DiskLocks, Hypervisor, Located
 from hostagent._notify_queue import NotifyQueue
 from hostagent._pool import KeyedPool
 from qcow2 import Ledger, Qcow2Error, read_ledger
@@ -44,6 +45,9 @@ def checked_ledger(directory: str, volume_id: str) -> Ledger | None:
 class OwnedBase:
     """The parts every agent-owned operation uses; ``step`` journals (and crash-points)."""
 
+    #: Merges a backup checkpoint down before the operation acts (None: one is refused).
+    release: Release | None = None
+
     def __init__(
         self,
         journal: jn.Journal,
@@ -61,7 +65,7 @@ class OwnedBase:
     # -- validation (touches nothing) -----------------------------------------------------
     def _checked(self, where: Located) -> list[str]:
         """The chain names; the ledger, if any, must agree that the top is active."""
-        names = chain_names(where, self._roots)
+        names = cinder_chain(where, self._roots, releasable=self.release is not None)
         vid = str(where.disk.serial).lower()
         ledger = checked_ledger(os.path.dirname(where.disk.source), vid)
         if ledger is not None and ledger.active != names[0]:

@@ -21,6 +21,7 @@ from typing import Any
 from hostagent import journal as jn
 from hostagent import operations as ops
 from hostagent import service_api as api
+from hostagent._checkpoints import release_step
 from hostagent._located import Located, chain_names
 from hostagent._owned_base import Observer, OwnedBase, checked_ledger
 from hostagent.cinder_meta import MetaAction
@@ -79,6 +80,7 @@ class OwnedDeletes(OwnedBase):
     # -- owned delete -----------------------------------------------------------------------
     def _run_delete(self, op_id: uuid.UUID, req: api.DeleteOwnedSnapshotRequest) -> None:
         try:
+            release_step(self._step, op_id, self._hv.locate(req.volume_id), self.release)
             with self._step(op_id, "validate", None) as st:
                 where, plan = self._validate_delete(req)
                 st.data.update(plan)

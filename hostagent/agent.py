@@ -20,8 +20,10 @@ from typing import Any
 from oslo_config import cfg
 from oslo_log import log as oslo_log
 
+from hostagent._backup_service import BackupSettings, LiveEngine
 from hostagent._notify_queue import NoCinder, NotifyQueue
 from hostagent._pool import KeyedPool
+from hostagent.backup import recover_backup
 from hostagent.cinder_meta import CinderMeta
 from hostagent.config import make_conf
 from hostagent.hypervisor import LibvirtHypervisor
@@ -109,7 +111,24 @@ class Agent:
             merge=conf.agent.merge_timeout,
         )
         self.hypervisor = hv
-        service = AssistedService(journal, hv, queue, pool, roots=roots)
+        b = conf.backup
+        backup_settings = BackupSettings(
+            repository=os.path.abspath(b.repository or os.path.join(conf.state_path, "backups")),
+            zstd_level=b.zstd_level,
+            chunk_size=b.chunk_size_mib << 20,
+            max_parallel=b.max_parallel,
+            keep_last=b.keep_last,
+            restore_dir=b.restore_dir,
+        )
+        service = AssistedService(
+            journal,
+            hv,
+            queue,
+            pool,
+            roots=roots,
+            backup_engine=LiveEngine(conn, journal, roots),
+            backup_settings=backup_settings,
+        )
         self.service = service
         if transport is None:
             transport = get_transport(conf)
@@ -133,6 +152,9 @@ class Agent:
             roots=self._roots,
             job_timeout=self.conf.agent.merge_timeout,
             owned=self.service.owned,
+            backup_recover=lambda rec: recover_backup(
+                self.journal, self.connection, rec, roots=self._roots
+            ),
         )
         self.queue.start()  # resends what an earlier run left pending
         self.tracker.start()

@@ -144,12 +144,57 @@ cinder_opts: list[cfg.Opt] = [
     ),
 ]
 
+backup_opts: list[cfg.Opt] = [
+    cfg.StrOpt(
+        "repository",
+        help="Directory of the chunked backup repository (created on first use). Put it on "
+        "a share every agent mounts so any host can list, verify and restore. Default: "
+        "<state_path>/backups (one-machine use).",
+    ),
+    cfg.IntOpt(
+        "zstd_level",
+        default=1,
+        min=1,
+        max=19,
+        help="zstd level of new chunks (a repository keeps its level once created). Level "
+        "1: backups are CPU-bound on small hosts.",
+    ),
+    cfg.IntOpt(
+        "chunk_size_mib",
+        default=4,
+        choices=[1, 2, 4, 8, 16, 32, 64],
+        help="Chunk size of a NEW repository in MiB (an existing one keeps its own).",
+    ),
+    cfg.IntOpt(
+        "max_parallel",
+        default=2,
+        min=1,
+        max=32,
+        help="Volumes of one backup request backed up at once (each reads and compresses "
+        "on its own threads).",
+    ),
+    cfg.IntOpt(
+        "keep_last",
+        default=7,
+        min=1,
+        help="Default retention of a prune that names no rule: the N newest backups of "
+        "each volume.",
+    ),
+    cfg.StrOpt(
+        "restore_dir",
+        help="Directory (under [shares] allowed_roots) where a restore onto a new volume "
+        "writes volume-<id>; default: the directory of the backup's source volume if it "
+        "is attached here.",
+    ),
+]
+
 _GROUPS: list[tuple[str | None, list[cfg.Opt]]] = [
     (None, default_opts),
     ("libvirt", libvirt_opts),
     ("agent", agent_opts),
     ("shares", shares_opts),
     ("cinder", cinder_opts),
+    ("backup", backup_opts),
 ]
 
 

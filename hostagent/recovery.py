@@ -25,6 +25,12 @@ overlays made but no snapshot -> overlays removed + Cinder record ``error``; sna
 -> ledger + record ``available``; delete: a running job is awaited, a finished merge gets
 its ledger, file removal and delete-metadata, an unchanged chain is merged again.
 
+Backups (RPC 1.2): an online backup of one volume is put back by ``backup_recover`` (the
+agent passes :func:`hostagent.backup.recover_backup`: chain restored, FAILED, or SUCCEEDED if
+its manifest was published); a request-level backup/verify/restore operation is failed as
+interrupted (its volumes' own operations say what happened to each), and an interrupted
+restore's temporary file is removed (the target never appears half written).
+
 Also here: :func:`crash_point`, a TEST-ONLY kill switch read by the service's step wrapper.
 """
 
@@ -65,6 +71,8 @@ class RecoveryHypervisor(Hypervisor, Protocol):
 
 
 Submit = Callable[[str, Callable[[], None]], None]
+#: Recovers one unfinished online backup of a volume; returns the decision.
+BackupRecover = Callable[[ops.OperationRecord], str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +94,9 @@ class _Recovery:
         roots: list[str],
         job_timeout: float,
         owned: OwnedOps | None = None,
+        backup_recover: BackupRecover | None = None,
     ) -> None:
+        self.backup_recover = backup_recover
         self.owned = owned
         self.j = journal
         self.hv = hv
@@ -131,6 +141,8 @@ class _Recovery:
             owned, hv, timeout = self.owned, self.hv, self.job_timeout
             self.submit(f"recover:{op.id}", lambda: _resume(owned, rec, hv, timeout))
             return "agent-owned: resumed in the pool"
+        if op.kind in (ops.OperationKind.BACKUP, ops.OperationKind.RESTORE):
+            return self.recover_backup(rec)
         sid = str(op.request.get("snapshot_id"))
         notify = [s for s in steps if s.name == "notify"]
         if notify:  # the outcome was decided; only its report/finish may be missing
@@ -149,6 +161,26 @@ class _Recovery:
         err = ops.ErrorInfo("RecoveredFailure", f"{op.kind} cannot be resumed after a restart")
         self.j.finish(op.id, ops.OperationState.FAILED, error=err)
         return "failed: kind not recoverable"
+
+    def recover_backup(self, rec: ops.OperationRecord) -> str:
+        op, steps = rec.operation, rec.steps
+        if "action" not in op.request:  # one volume's online backup: put its chain back
+            if self.backup_recover is None:
+                raise RuntimeError("no backup recovery configured; left for the next start")
+            return self.backup_recover(rec)
+        self.undo_planned(op.id, steps, "interrupted by a restart")
+        if op.request.get("action") == "restore":
+            path = str(op.request.get("path", ""))
+            d, name = os.path.split(path)
+            if name and os.path.isdir(d):
+                for tmp in os.listdir(d):
+                    if tmp.startswith(f".{name}.restore-"):
+                        os.unlink(os.path.join(d, tmp))
+        done = [s.data for s in steps if s.name == "volume" and s.state is ops.StepState.DONE]
+        why = f"{op.request.get('action')} interrupted by a restart"
+        result = {"backups": done} if done else None
+        self.j.finish(op.id, ops.OperationState.FAILED, result=result, error=RuntimeError(why))
+        return f"failed: {why}"
 
     @staticmethod
     def result_of(op: ops.Operation, steps: tuple[ops.Step, ...]) -> dict[str, Any]:
@@ -339,15 +371,20 @@ def reconcile(
     roots: list[str],
     job_timeout: float = 3600.0,
     owned: OwnedOps | None = None,
+    backup_recover: BackupRecover | None = None,
 ) -> list[Outcome]:
     """Decide every unfinished operation; long work (merges) goes to ``submit``.
 
     Call before the RPC server starts and before ``notifier_queue.start()`` (which then
     delivers every report owed here). One operation's error never stops the others.
     ``owned`` (the service's :class:`OwnedOps`) resumes instance snapshots and owned
-    deletes; without it they are failed as not recoverable.
+    deletes; without it they are failed as not recoverable. ``backup_recover`` puts the
+    chain of an interrupted online backup back; without it such backups stay unfinished.
+    Request-level backup operations are failed after the volumes' own (journal order).
     """
-    rec = _Recovery(journal, hypervisor, notifier_queue, submit, roots, job_timeout, owned)
+    rec = _Recovery(
+        journal, hypervisor, notifier_queue, submit, roots, job_timeout, owned, backup_recover
+    )
     out: list[Outcome] = []
     for record in journal.unfinished():
         op = record.operation

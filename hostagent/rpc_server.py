@@ -22,6 +22,7 @@ from hostagent import service_api as api
 from hostagent._messaging import messaging
 from libvirt_ops import ChainMismatch, DiskBusy, DiskNotFound, DomainNotFound
 from qcow2.errors import SnapshotExists, SnapshotNotFound, UnsafeImage
+from qcow2.naming import is_uuid
 
 om = messaging()
 LOG = logging.getLogger(__name__)
@@ -50,7 +51,10 @@ def to_rpc_error(exc: BaseException) -> api.AgentRpcError:
 
 
 class AgentEndpoint:
-    """RPC API 1.1 (1.1 added ``delete_snapshot``). Methods return plain JSON-able data."""
+    """RPC API 1.2 (1.1 added ``delete_snapshot``, 1.2 the backup methods).
+
+    Methods return plain JSON-able data.
+    """
 
     target = om.Target(version=api.RPC_VERSION)
 
@@ -134,6 +138,90 @@ class AgentEndpoint:
             "get_inventory",
             lambda: self._service.get_inventory(api.CallContext.from_wire(ctxt)).to_wire(),
         )
+
+    # -- 1.2: backups ---------------------------------------------------------------------
+    @staticmethod
+    def _backup_id(backup_id: object) -> str:
+        if not isinstance(backup_id, str) or not is_uuid(backup_id):
+            raise api.InvalidRequest(f"backup_id must be a UUID, got {backup_id!r}")
+        return backup_id.lower()
+
+    @staticmethod
+    def _volume_id(volume_id: object) -> str | None:
+        if volume_id is None:
+            return None
+        if not isinstance(volume_id, str) or not is_uuid(volume_id):
+            raise api.InvalidRequest(f"volume_id must be a UUID, got {volume_id!r}")
+        return volume_id.lower()
+
+    def create_backup(
+        self,
+        ctxt: dict[str, Any],
+        volume_ids: object = None,
+        instance_uuid: object = None,
+        incremental: object = False,
+    ) -> dict[str, Any]:
+        def call() -> dict[str, Any]:
+            req = api.CreateBackupRequest.from_wire(volume_ids, instance_uuid, incremental)
+            return self._service.create_backup(api.CallContext.from_wire(ctxt), req).to_wire()
+
+        return self._run("create_backup", call)
+
+    def list_backups(self, ctxt: dict[str, Any], volume_id: object = None) -> list[dict[str, Any]]:
+        def call() -> list[dict[str, Any]]:
+            vol = self._volume_id(volume_id)
+            return self._service.list_backups(api.CallContext.from_wire(ctxt), vol)
+
+        return self._run("list_backups", call)
+
+    def get_backup(self, ctxt: dict[str, Any], backup_id: object) -> dict[str, Any]:
+        def call() -> dict[str, Any]:
+            bid = self._backup_id(backup_id)
+            return self._service.get_backup(api.CallContext.from_wire(ctxt), bid)
+
+        return self._run("get_backup", call)
+
+    def verify_backup(self, ctxt: dict[str, Any], backup_id: object) -> dict[str, Any]:
+        def call() -> dict[str, Any]:
+            bid = self._backup_id(backup_id)
+            return self._service.verify_backup(api.CallContext.from_wire(ctxt), bid).to_wire()
+
+        return self._run("verify_backup", call)
+
+    def delete_backup(self, ctxt: dict[str, Any], backup_id: object) -> None:
+        def call() -> None:
+            bid = self._backup_id(backup_id)
+            self._service.delete_backup(api.CallContext.from_wire(ctxt), bid)
+
+        self._run("delete_backup", call)
+
+    def restore_backup(
+        self,
+        ctxt: dict[str, Any],
+        backup_id: object,
+        to_path: object = None,
+        volume_id: object = None,
+        fmt: object = "qcow2",
+    ) -> dict[str, Any]:
+        def call() -> dict[str, Any]:
+            req = api.RestoreBackupRequest.from_wire(backup_id, to_path, volume_id, fmt)
+            return self._service.restore_backup(api.CallContext.from_wire(ctxt), req).to_wire()
+
+        return self._run("restore_backup", call)
+
+    def prune_backups(
+        self,
+        ctxt: dict[str, Any],
+        keep_last: object = None,
+        keep_daily: object = None,
+        volume_id: object = None,
+        dry_run: object = False,
+    ) -> dict[str, Any]:
+        def call() -> dict[str, Any]:
+            req = api.PruneBackupsRequest.from_wire(keep_last, keep_daily, volume_id, dry_run)
+            return self._service.prune_backups(api.CallContext.from_wire(ctxt), req)
+
+        return self._run("prune_backups", call)
 
 
 def get_server(transport: Any, host: str, service: api.AgentService) -> Any:

@@ -1,4 +1,4 @@
-"""Client side of the agent's RPC API (1.1) and the inventory fan-out.
+"""Client side of the agent's RPC API (1.2) and the inventory fan-out.
 
 Callers get typed results (``Operation``, ``Inventory``) and typed errors from
 ``hostagent.service_api``. Typed errors need the transport to allow that module
@@ -35,9 +35,10 @@ class AgentAPI:
         1.0 - create/delete assisted snapshot, snapshot_instance, get/list operations,
               get_inventory
         1.1 - delete_snapshot (a snapshot the agent took itself: ledger + Cinder record)
+        1.2 - create/list/get/verify/delete/restore/prune backups
     """
 
-    VERSION_CAP = "1.1"
+    VERSION_CAP = "1.2"
 
     def __init__(self, transport: Any, host: str, *, timeout: float = 60.0) -> None:
         target = om.Target(topic=api.RPC_TOPIC, version="1.0")
@@ -120,6 +121,82 @@ class AgentAPI:
 
     def get_inventory(self, ctxt: Mapping[str, Any]) -> api.Inventory:
         return api.Inventory.from_wire(self._call(ctxt, "get_inventory"))
+
+    # -- 1.2: backups (every one refuses with BackupNotFound/InvalidRequest, typed) -------
+    def create_backup(
+        self,
+        ctxt: Mapping[str, Any],
+        *,
+        volume_ids: Sequence[str] | None,
+        instance_uuid: str | None,
+        incremental: bool,
+    ) -> api.Operation:
+        out = self._call(
+            ctxt,
+            "create_backup",
+            version="1.2",
+            volume_ids=list(volume_ids) if volume_ids is not None else None,
+            instance_uuid=instance_uuid,
+            incremental=incremental,
+        )
+        return api.Operation.from_wire(out)
+
+    def list_backups(self, ctxt: Mapping[str, Any], volume_id: str | None) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = self._call(
+            ctxt, "list_backups", version="1.2", volume_id=volume_id
+        )
+        return out
+
+    def get_backup(self, ctxt: Mapping[str, Any], backup_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = self._call(ctxt, "get_backup", version="1.2", backup_id=backup_id)
+        return out
+
+    def verify_backup(self, ctxt: Mapping[str, Any], backup_id: str) -> api.Operation:
+        out = self._call(ctxt, "verify_backup", version="1.2", backup_id=backup_id)
+        return api.Operation.from_wire(out)
+
+    def delete_backup(self, ctxt: Mapping[str, Any], backup_id: str) -> None:
+        self._call(ctxt, "delete_backup", version="1.2", backup_id=backup_id)
+
+    def restore_backup(
+        self,
+        ctxt: Mapping[str, Any],
+        backup_id: str,
+        *,
+        to_path: str | None,
+        volume_id: str | None,
+        fmt: str,
+    ) -> api.Operation:
+        out = self._call(
+            ctxt,
+            "restore_backup",
+            version="1.2",
+            backup_id=backup_id,
+            to_path=to_path,
+            volume_id=volume_id,
+            fmt=fmt,
+        )
+        return api.Operation.from_wire(out)
+
+    def prune_backups(
+        self,
+        ctxt: Mapping[str, Any],
+        *,
+        keep_last: int | None,
+        keep_daily: int | None,
+        volume_id: str | None,
+        dry_run: bool,
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = self._call(
+            ctxt,
+            "prune_backups",
+            version="1.2",
+            keep_last=keep_last,
+            keep_daily=keep_daily,
+            volume_id=volume_id,
+            dry_run=dry_run,
+        )
+        return out
 
 
 class InventoryFanout:

@@ -21,8 +21,10 @@ from typing import Any
 from hostagent import journal as jn
 from hostagent import operations as ops
 from hostagent import service_api as api
+from hostagent._backup_service import BackupEngine, BackupService, BackupSettings
+from hostagent._checkpoints import cinder_chain, release_step
 from hostagent._crash import crash_point
-from hostagent._located import DiskLocks, Hypervisor, Located, chain_names
+from hostagent._located import DiskLocks, Hypervisor, Located
 from hostagent._notify_queue import NotifyQueue
 from hostagent._owned import OwnedOps
 from hostagent._pool import KeyedPool
@@ -40,6 +42,8 @@ _KINDS = {
     ops.OperationKind.ASSISTED_DELETE: api.OperationKind.DELETE_ASSISTED,
     ops.OperationKind.INSTANCE_SNAPSHOT: api.OperationKind.INSTANCE_SNAPSHOT,
     ops.OperationKind.OWNED_DELETE: api.OperationKind.DELETE_OWNED,
+    ops.OperationKind.BACKUP: api.OperationKind.BACKUP,
+    ops.OperationKind.RESTORE: api.OperationKind.RESTORE,
 }
 _STATES = {
     ops.OperationState.PENDING: api.OperationState.QUEUED,
@@ -65,6 +69,8 @@ class AssistedService:
         pool: KeyedPool,
         *,
         roots: list[str],
+        backup_engine: BackupEngine | None = None,
+        backup_settings: BackupSettings | None = None,
     ) -> None:
         self._journal = journal
         self._hv = hypervisor
@@ -72,14 +78,23 @@ class AssistedService:
         self._pool = pool
         self._roots = roots
         self._locks = DiskLocks()
+        #: RPC 1.2 backups; None (no engine) refuses them.
+        self.backups: BackupService | None = None
+        if backup_engine is not None and backup_settings is not None:
+            self.backups = BackupService(
+                journal, hypervisor, pool, self._locks, backup_engine, backup_settings, roots=roots
+            )
+        self._release = backup_engine.release if backup_engine is not None else None
         #: Instance snapshots and owned deletes (also resumed by recovery after a crash).
         self.owned = OwnedOps(
             journal, hypervisor, notify, pool, self._locks, roots=roots, step=self._step
         )
+        self.owned.instances.release = self.owned.deletes.release = self._release
 
     # -- validation (touches nothing) -----------------------------------------------------
     def _chain_names(self, where: Located) -> list[str]:
-        return chain_names(where, self._roots)
+        """The chain as Cinder knows it: a backup checkpoint on top (released first) left out."""
+        return cinder_chain(where, self._roots, releasable=self._release is not None)
 
     def _validate_create(self, req: api.CreateSnapshotRequest) -> tuple[Located, dict[str, Any]]:
         where = self._hv.locate(req.volume_id)
@@ -216,6 +231,33 @@ class AssistedService:
     def get_inventory(self, ctxt: api.CallContext) -> api.Inventory:
         return self._hv.inventory()
 
+    # -- RPC 1.2: backups -------------------------------------------------------------------
+    def _bk(self) -> BackupService:
+        if self.backups is None:
+            raise api.InvalidRequest("backups are not configured on this agent")
+        return self.backups
+
+    def create_backup(self, ctxt: api.CallContext, req: api.CreateBackupRequest) -> api.Operation:
+        return self._to_api(self._bk().create_backup(req))
+
+    def list_backups(self, ctxt: api.CallContext, volume_id: str | None) -> list[dict[str, Any]]:
+        return self._bk().list_backups(volume_id)
+
+    def get_backup(self, ctxt: api.CallContext, backup_id: str) -> dict[str, Any]:
+        return self._bk().get_backup(backup_id)
+
+    def verify_backup(self, ctxt: api.CallContext, backup_id: str) -> api.Operation:
+        return self._to_api(self._bk().verify_backup(backup_id))
+
+    def delete_backup(self, ctxt: api.CallContext, backup_id: str) -> None:
+        self._bk().delete_backup(backup_id)
+
+    def restore_backup(self, ctxt: api.CallContext, req: api.RestoreBackupRequest) -> api.Operation:
+        return self._to_api(self._bk().restore_backup(req))
+
+    def prune_backups(self, ctxt: api.CallContext, req: api.PruneBackupsRequest) -> dict[str, Any]:
+        return self._bk().prune_backups(req)
+
     # -- workers --------------------------------------------------------------------------
     @contextlib.contextmanager
     def _step(
@@ -227,6 +269,11 @@ class AssistedService:
             yield handle
         crash_point(name, "done")
 
+    def _release_checkpoint(self, op_id: uuid.UUID, volume_id: str) -> None:
+        """A backup checkpoint above Cinder's active file is merged down first (journaled),
+        so the new_file/delete_info Cinder computed from its ledger holds again."""
+        release_step(self._step, op_id, self._hv.locate(volume_id), self._release)
+
     def _report(self, op_id: uuid.UUID, snapshot_id: str, report: Report) -> None:
         with self._step(op_id, "notify", {"report": report.name}) as step:
             step.data["delivered"] = self._notify.send(snapshot_id, report, op_id)
@@ -234,6 +281,7 @@ class AssistedService:
     def _run_create(self, op_id: uuid.UUID, req: api.CreateSnapshotRequest) -> None:
         j = self._journal
         try:
+            self._release_checkpoint(op_id, req.volume_id)
             with self._step(op_id, "validate") as step:
                 where, plan = self._validate_create(req)
                 step.data.update(plan)
@@ -257,6 +305,7 @@ class AssistedService:
                 LOG.debug("progress of %s not journaled", op_id, exc_info=True)
 
         try:
+            self._release_checkpoint(op_id, req.volume_id)
             with self._step(op_id, "validate") as step:
                 where, plan = self._validate_delete(req)
                 step.data.update(plan)

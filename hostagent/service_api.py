@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from qcow2.naming import CINDER, is_uuid
 
 RPC_TOPIC = "qsnap-agent"
-RPC_VERSION = "1.1"
+RPC_VERSION = "1.2"
 #: Module the client must allow for typed errors to come back as themselves.
 ERRORS_MODULE = __name__
 
@@ -62,6 +62,12 @@ class SnapshotNotFound(AgentRpcError):
     code = "snapshot_not_found"
 
 
+class BackupNotFound(AgentRpcError):
+    """No backup with that id in the repository (RPC 1.2)."""
+
+    code = "backup_not_found"
+
+
 class AgentInternalError(AgentRpcError):
     """An unexpected failure in the agent (logged there with its traceback)."""
 
@@ -75,6 +81,7 @@ RPC_ERRORS: tuple[type[AgentRpcError], ...] = (
     OperationNotFound,
     DiskBusy,
     SnapshotNotFound,
+    BackupNotFound,
     AgentInternalError,
 )
 
@@ -233,6 +240,96 @@ class InstanceSnapshotRequest:
         return cls(_uuid(instance_uuid, "instance_uuid"), vols, Quiesce.from_wire(quiesce))
 
 
+def _flag(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{what} must be a boolean, got {value!r}")
+    return value
+
+
+def _count(value: object, what: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 100000:
+        raise InvalidRequest(f"{what} must be an integer in 0..100000 or null")
+    return value
+
+
+@dataclass(frozen=True)
+class CreateBackupRequest:
+    """RPC 1.2: back up some volumes, or every volume of an instance (exactly one given)."""
+
+    volume_ids: tuple[str, ...] | None
+    instance_uuid: str | None
+    incremental: bool
+
+    @classmethod
+    def from_wire(
+        cls, volume_ids: object, instance_uuid: object, incremental: object
+    ) -> CreateBackupRequest:
+        if (volume_ids is None) == (instance_uuid is None):
+            raise InvalidRequest("give exactly one of volume_ids and instance_uuid")
+        vols: tuple[str, ...] | None = None
+        if volume_ids is not None:
+            if not isinstance(volume_ids, list | tuple) or not volume_ids:
+                raise InvalidRequest("volume_ids must be a non-empty list")
+            vols = tuple(_uuid(v, "volume_ids[]") for v in volume_ids)
+            if len(set(vols)) != len(vols):
+                raise InvalidRequest("volume_ids has duplicates")
+        inst = _uuid(instance_uuid, "instance_uuid") if instance_uuid is not None else None
+        return cls(vols, inst, _flag(incremental, "incremental"))
+
+
+@dataclass(frozen=True)
+class RestoreBackupRequest:
+    """RPC 1.2: restore to a new file ``to_path`` or a new ``volume-<volume_id>`` file."""
+
+    backup_id: str
+    to_path: str | None
+    volume_id: str | None
+    fmt: str
+
+    @classmethod
+    def from_wire(
+        cls, backup_id: object, to_path: object, volume_id: object, fmt: object
+    ) -> RestoreBackupRequest:
+        if (to_path is None) == (volume_id is None):
+            raise InvalidRequest("give exactly one of to_path and volume_id")
+        if to_path is not None:
+            if (
+                not isinstance(to_path, str)
+                or not to_path.startswith("/")
+                or "\x00" in to_path
+                or len(to_path) > 4096
+            ):
+                raise InvalidRequest(f"to_path must be an absolute path, got {to_path!r}")
+            if any(part in (".", "..") for part in to_path.split("/")):
+                raise InvalidRequest("to_path must not contain . or .. components")
+        vol = _uuid(volume_id, "volume_id") if volume_id is not None else None
+        if fmt not in ("qcow2", "raw"):
+            raise InvalidRequest(f"fmt must be qcow2 or raw, got {fmt!r}")
+        return cls(_uuid(backup_id, "backup_id"), to_path, vol, str(fmt))
+
+
+@dataclass(frozen=True)
+class PruneBackupsRequest:
+    """RPC 1.2: retention per volume; None for both counts means the agent's default."""
+
+    keep_last: int | None
+    keep_daily: int | None
+    volume_id: str | None
+    dry_run: bool
+
+    @classmethod
+    def from_wire(
+        cls, keep_last: object, keep_daily: object, volume_id: object, dry_run: object
+    ) -> PruneBackupsRequest:
+        vol = _uuid(volume_id, "volume_id") if volume_id is not None else None
+        last, daily = _count(keep_last, "keep_last"), _count(keep_daily, "keep_daily")
+        if not (last or daily) and (last, daily) != (None, None):
+            raise InvalidRequest("a retention rule must keep something")
+        return cls(last, daily, vol, _flag(dry_run, "dry_run"))
+
+
 class OperationState(enum.Enum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -245,6 +342,9 @@ class OperationKind(enum.Enum):
     DELETE_ASSISTED = "delete_assisted_snapshot"
     INSTANCE_SNAPSHOT = "snapshot_instance"
     DELETE_OWNED = "delete_snapshot"
+    #: RPC 1.2: create and verify (``result`` says which) of backups.
+    BACKUP = "backup"
+    RESTORE = "restore"
 
 
 @dataclass(frozen=True)
@@ -370,3 +470,18 @@ class AgentService(Protocol):
     def list_operations(self, ctxt: CallContext, filters: OperationFilters) -> list[Operation]: ...
 
     def get_inventory(self, ctxt: CallContext) -> Inventory: ...
+
+    # -- RPC 1.2: backups -----------------------------------------------------------------
+    def create_backup(self, ctxt: CallContext, req: CreateBackupRequest) -> Operation: ...
+
+    def list_backups(self, ctxt: CallContext, volume_id: str | None) -> list[dict[str, Any]]: ...
+
+    def get_backup(self, ctxt: CallContext, backup_id: str) -> dict[str, Any]: ...
+
+    def verify_backup(self, ctxt: CallContext, backup_id: str) -> Operation: ...
+
+    def delete_backup(self, ctxt: CallContext, backup_id: str) -> None: ...
+
+    def restore_backup(self, ctxt: CallContext, req: RestoreBackupRequest) -> Operation: ...
+
+    def prune_backups(self, ctxt: CallContext, req: PruneBackupsRequest) -> dict[str, Any]: ...

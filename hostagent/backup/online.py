@@ -30,7 +30,7 @@ import re
 import subprocess
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import libvirt_ops as lo
@@ -38,7 +38,13 @@ from hostagent.backup.engine import BackupResult, Cancel, Progress, backup_full,
 from hostagent.backup.format import BackupError, Checkpoint, Manifest
 from hostagent.backup.repository import Repository
 from hostagent.journal import Journal
-from hostagent.operations import OperationKind, OperationRecord, OperationState, StepState
+from hostagent.operations import (
+    Operation,
+    OperationKind,
+    OperationRecord,
+    OperationState,
+    StepState,
+)
 from qcow2 import Qcow2Error, QemuImgError, inspect_chain
 from qcow2.naming import DEFAULT_IMAGE_PATTERN, Naming, is_uuid
 
@@ -121,6 +127,7 @@ def backup_volume(
     roots: Sequence[str] | None = None,
     progress: Progress | None = None,
     cancel: Cancel | None = None,
+    not_busy: Callable[[Operation], bool] | None = None,
 ) -> OnlineBackupResult:
     """Back up ``req.volume_id`` of the running ``req.domain`` (see the module docstring).
 
@@ -129,6 +136,8 @@ def backup_volume(
     ``roots``: directories the chain may live in (default: the active file's directory).
     Raises :class:`hostagent.backup.BackupError` subclasses, ``libvirt_ops`` errors or
     ``qcow2`` errors; on any error the chain is put back before the error propagates.
+    ``not_busy``: unfinished operations it accepts do not make the volume busy (the agent's
+    request-level backup/restore operations, which never touch the chain themselves).
     """
     if not is_uuid(req.volume_id):
         raise ValueError(f"bad volume id {req.volume_id!r}")
@@ -160,6 +169,7 @@ def backup_volume(
     busy = journal.list_operations(
         states=(OperationState.PENDING, OperationState.RUNNING), lock=lock
     )
+    busy = [b for b in busy if not_busy is None or not not_busy(b)]
     if busy:  # the caller's per-disk lock is the real exclusion; this catches a forgotten one
         raise VolumeBusy(f"volume {req.volume_id} has unfinished {busy[0].kind} {busy[0].id}")
     op = journal.begin(OperationKind.BACKUP, request, locks=[lock]).operation

@@ -181,7 +181,7 @@ def test_delete_snapshot_is_rpc_1_1_and_validated() -> None:
             raise api.SnapshotNotFound(f"{req.snapshot_id} not in the ledger")
 
     ep = AgentEndpoint(Svc())  # type: ignore[arg-type]
-    assert ep.target.version == "1.1" and AgentAPI.VERSION_CAP == "1.1"
+    assert ep.target.version == "1.2" and AgentAPI.VERSION_CAP == "1.2"
     assert isinstance(_expected(lambda: ep.delete_snapshot({}, VOL, "../x")), api.InvalidRequest)
     assert seen == []
     exc = _expected(lambda: ep.delete_snapshot({}, VOL.upper(), SNAP))
@@ -203,3 +203,86 @@ def test_delete_snapshot_is_rpc_1_1_and_validated() -> None:
     client._client = Client()
     with pytest.raises(api.SnapshotNotFound):
         client.delete_snapshot({}, VOL, SNAP)
+
+
+def test_backup_methods_are_rpc_1_2_validated_and_typed() -> None:
+    seen: list[Any] = []
+    bid = "77777777-7777-4777-8777-777777777777"
+
+    class Svc:
+        def create_backup(self, ctxt: Any, req: api.CreateBackupRequest) -> api.Operation:
+            seen.append(req)
+            return api.Operation("op", api.OperationKind.BACKUP, api.OperationState.QUEUED, "h")
+
+        def get_backup(self, ctxt: Any, backup_id: str) -> dict[str, Any]:
+            raise api.BackupNotFound(f"no backup {backup_id}")
+
+        def restore_backup(self, ctxt: Any, req: api.RestoreBackupRequest) -> api.Operation:
+            seen.append(req)
+            return api.Operation("op", api.OperationKind.RESTORE, api.OperationState.QUEUED, "h")
+
+        def prune_backups(self, ctxt: Any, req: api.PruneBackupsRequest) -> dict[str, Any]:
+            seen.append(req)
+            return {"deleted": []}
+
+    ep = AgentEndpoint(Svc())  # type: ignore[arg-type]
+    bad_creates: list[tuple[Any, Any, Any]] = [
+        (None, None, False),
+        ([VOL], VOL, False),
+        ([], None, False),
+        ([VOL, VOL], None, False),
+        (["../x"], None, False),
+        ([VOL], None, "yes"),
+    ]
+    for vols, inst, inc in bad_creates:
+        exc = _expected(lambda v=vols, i=inst, n=inc: ep.create_backup({}, v, i, n))
+        assert isinstance(exc, api.InvalidRequest)
+    bad_restores: list[tuple[Any, Any, Any]] = [
+        ("rel/path", None, "raw"),
+        ("/a/../etc/x", None, "raw"),
+        ("/a/x", VOL, "raw"),
+        (None, None, "raw"),
+        ("/a/x", None, "vmdk"),
+    ]
+    for to, vol, fmt in bad_restores:
+        exc = _expected(lambda t=to, v=vol, f=fmt: ep.restore_backup({}, bid, t, v, f))
+        assert isinstance(exc, api.InvalidRequest)
+    assert isinstance(
+        _expected(lambda: ep.prune_backups({}, 0, 0, None, False)), api.InvalidRequest
+    )
+    assert isinstance(_expected(lambda: ep.get_backup({}, "x")), api.InvalidRequest)
+    assert seen == []
+    assert ep.create_backup({}, None, VOL.upper(), True)["kind"] == "backup"
+    assert ep.restore_backup({}, bid, "/a/x", None, "qcow2")["kind"] == "restore"
+    assert ep.prune_backups({}, 2, None, None, True) == {"deleted": []}
+    assert seen == [
+        api.CreateBackupRequest(None, VOL, True),
+        api.RestoreBackupRequest(bid, "/a/x", None, "qcow2"),
+        api.PruneBackupsRequest(2, None, None, True),
+    ]
+    assert isinstance(_expected(lambda: ep.get_backup({}, bid)), api.BackupNotFound)
+
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    class Cctxt:
+        def call(self, ctxt: Any, method: str, **kw: Any) -> Any:
+            calls.append((method, kw))
+            if method == "get_backup":
+                raise om.RemoteError("BackupNotFound", "no backup", None)
+            return {"deleted": []}
+
+    class Client:
+        def prepare(self, **kw: Any) -> Cctxt:
+            assert kw["version"] == "1.2"
+            return Cctxt()
+
+    client = AgentAPI.__new__(AgentAPI)
+    client.host = "h"
+    client._client = Client()
+    with pytest.raises(api.BackupNotFound):
+        client.get_backup({}, bid)
+    client.prune_backups({}, keep_last=1, keep_daily=None, volume_id=None, dry_run=True)
+    assert calls[-1] == (
+        "prune_backups",
+        {"keep_last": 1, "keep_daily": None, "volume_id": None, "dry_run": True},
+    )

@@ -1,0 +1,500 @@
+"""RPC 1.2's backups in the agent: create (volumes in parallel), list/get/verify/delete,
+restore, prune, over the shared repository.
+
+A create is one journaled request-level operation (kind backup, ``action`` create) holding
+the ``volume:`` locks of its volumes; each volume then runs as its own journaled online
+backup (:func:`hostagent.backup.backup_volume`, recovered by ``recover_backup``) in the pool
+under the per-disk lock, at most ``max_parallel`` at once; the request's steps, progress and
+result gather the volumes'. Everything a caller sends (ids, paths) is validated before any
+operation is journaled or any file touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import libvirt_ops as lo
+from hostagent import backup as bk
+from hostagent import journal as jn
+from hostagent import operations as ops
+from hostagent import service_api as api
+from hostagent._checkpoints import cinder_chain
+from hostagent._located import DiskLocks, Hypervisor, Located
+from hostagent._pool import KeyedPool
+
+LOG = logging.getLogger(__name__)
+Progress = Callable[[int, int], None]
+Cancel = Callable[[], bool]
+
+
+def request_level(op: ops.Operation) -> bool:
+    """A request-level backup/restore/verify operation (never touches a chain itself)."""
+    return "action" in op.request
+
+
+@dataclass(frozen=True)
+class BackupSettings:
+    """The ``[backup]`` group, resolved (``repository`` absolute)."""
+
+    repository: str
+    zstd_level: int = 1
+    chunk_size: int = 4 * bk.format.MiB
+    max_parallel: int = 2
+    keep_last: int = 7
+    restore_dir: str | None = None
+
+
+class BackupEngine(Protocol):
+    """The libvirt-facing half (faked in unit tests)."""
+
+    def backup(
+        self,
+        where: Located,
+        incremental: bool,
+        repository: str,
+        progress: Progress,
+        cancel: Cancel,
+    ) -> dict[str, Any]:
+        """One volume's online backup; the create result's per-volume entry."""
+        ...
+
+    def release(self, where: Located) -> str | None:
+        """Merge the volume's checkpoint overlay down; its name, or None if none."""
+        ...
+
+
+class LiveEngine:
+    """:class:`BackupEngine` on libvirt via :mod:`hostagent.backup.online`."""
+
+    def __init__(self, conn: lo.Connection, journal: jn.Journal, roots: list[str]) -> None:
+        self._conn, self._journal, self._roots = conn, journal, roots
+
+    def backup(
+        self,
+        where: Located,
+        incremental: bool,
+        repository: str,
+        progress: Progress,
+        cancel: Cancel,
+    ) -> dict[str, Any]:
+        vid = str(where.disk.serial).lower()
+        req = bk.BackupRequest(where.domain_uuid, vid, repository, incremental=incremental)
+        res = bk.backup_volume(
+            self._conn,
+            self._journal,
+            req,
+            roots=self._roots,
+            progress=progress,
+            cancel=cancel,
+            not_busy=request_level,
+        )
+        return {
+            "volume_id": vid,
+            "backup_id": res.result.manifest.backup_id,
+            "incremental": res.incremental,
+            "bytes_read": res.result.bytes_read,
+            "bytes_stored": res.result.bytes_stored,
+            "fallback_reason": res.result.fallback_reason,
+            "checkpoint": res.checkpoint,
+            "operation_id": res.operation_id,
+        }
+
+    def release(self, where: Located) -> str | None:
+        vid = str(where.disk.serial).lower()
+        return bk.release_checkpoint(self._conn, where.domain_uuid, vid, roots=self._roots)
+
+
+@contextlib.contextmanager
+def typed_errors() -> Iterator[None]:
+    """Repository errors as the RPC's typed errors."""
+    try:
+        yield
+    except bk.BackupNotFound as exc:
+        raise api.BackupNotFound(str(exc)) from exc
+    except bk.RepositoryBusy as exc:
+        raise api.DiskBusy(f"backup repository busy: {exc}") from exc
+    except bk.FormatError as exc:
+        raise api.InvalidRequest(f"backup repository refused: {exc}") from exc
+
+
+def _under(path: str, roots: list[str]) -> bool:
+    real = [os.path.realpath(r) for r in roots]
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in real)
+
+
+class _Throttle:
+    """Sums the volumes' progress into the request's, journaled at most once a second."""
+
+    def __init__(self, journal: jn.Journal, op_id: uuid.UUID) -> None:
+        self._j, self._op = journal, op_id
+        self._lock = threading.Lock()
+        self._parts: dict[str, tuple[int, int]] = {}
+        self._last = 0.0
+
+    def part(self, key: str) -> Progress:
+        def report(done: int, total: int) -> None:
+            with self._lock:
+                self._parts[key] = (done, total)
+                now = time.monotonic()
+                if now - self._last < 1.0 and done < total:
+                    return
+                self._last = now
+                cur = sum(d for d, _ in self._parts.values())
+                end = sum(t for _, t in self._parts.values())
+            with contextlib.suppress(jn.JournalError):  # advisory; never fail a backup for it
+                self._j.set_progress(self._op, cur, end)
+
+        return report
+
+
+class BackupService:
+    """The backup methods of :class:`hostagent.service.AssistedService`."""
+
+    def __init__(
+        self,
+        journal: jn.Journal,
+        hv: Hypervisor,
+        pool: KeyedPool,
+        locks: DiskLocks,
+        engine: BackupEngine,
+        settings: BackupSettings,
+        *,
+        roots: list[str],
+    ) -> None:
+        self._j, self._hv, self._pool, self._locks = journal, hv, pool, locks
+        self._engine, self._s, self._roots = engine, settings, roots
+        self._cancel: set[uuid.UUID] = set()
+        self._guard = threading.Lock()
+
+    # -- repository -----------------------------------------------------------------------
+    def _repo(self, *, create: bool = False) -> bk.Repository | None:
+        path = self._s.repository
+        with typed_errors():
+            if os.path.exists(os.path.join(path, "config.json")):
+                return bk.Repository.open(path)
+            if not create:
+                return None
+            cfg = bk.RepoConfig(chunk_size=self._s.chunk_size, zstd_level=self._s.zstd_level)
+            return bk.Repository.create(path, cfg)
+
+    def _find(self, backup_id: str) -> tuple[bk.Repository, bk.Manifest]:
+        repo = self._repo()
+        if repo is None:
+            raise api.BackupNotFound(f"no backup {backup_id} (the repository is empty)")
+        with typed_errors():
+            return repo, repo.find(backup_id)
+
+    @staticmethod
+    def _stored(repo: bk.Repository, m: bk.Manifest) -> int:
+        total = 0
+        for cid in m.chunk_ids():
+            with contextlib.suppress(OSError):
+                total += os.stat(repo.chunk_path(cid)).st_size
+        return total
+
+    def _summary(self, repo: bk.Repository, m: bk.Manifest) -> dict[str, Any]:
+        return {
+            "id": m.backup_id,
+            "volume_id": m.volume_id,
+            "created_at": m.created_at,
+            "parent": m.parent_id,
+            "incremental": m.kind == "incremental",
+            "size": m.virtual_size,
+            "stored_bytes": self._stored(repo, m),
+            "checkpoint": None if m.checkpoint is None else m.checkpoint.overlay,
+        }
+
+    # -- create ---------------------------------------------------------------------------
+    def create_backup(self, req: api.CreateBackupRequest) -> ops.Operation:
+        if req.instance_uuid is not None:
+            found = self._hv.instance_volumes(req.instance_uuid)
+            if not found:
+                raise api.InvalidRequest(f"instance {req.instance_uuid} has no volume disks")
+        else:
+            assert req.volume_ids is not None
+            found = [self._hv.locate(v) for v in req.volume_ids]
+        for where in found:  # the whole chain inspected now: a refusal touches nothing
+            cinder_chain(where, self._roots, releasable=True)
+        vols = [str(w.disk.serial).lower() for w in found]
+        self._repo(create=True)
+        request = {
+            "action": "create",
+            "volume_ids": vols,
+            "instance_uuid": req.instance_uuid,
+            "incremental": req.incremental,
+        }
+        op = self._j.begin(ops.OperationKind.BACKUP, request, locks=[f"volume:{v}" for v in vols])
+        run = _CreateRun(self, op.operation.id, found, req.incremental)
+        run.launch()
+        return op.operation
+
+    def cancel(self, op_id: uuid.UUID) -> None:
+        """Ask a running create/verify/restore to stop at its next chunk (not on the wire)."""
+        with self._guard:
+            self._cancel.add(op_id)
+
+    def cancelled(self, op_id: uuid.UUID) -> bool:
+        with self._guard:
+            return op_id in self._cancel
+
+    # -- read-only ------------------------------------------------------------------------
+    def list_backups(self, volume_id: str | None) -> list[dict[str, Any]]:
+        repo = self._repo()
+        if repo is None:
+            return []
+        with typed_errors():
+            ms = repo.manifests(volume_id)
+        return [self._summary(repo, m) for m in reversed(ms)]
+
+    def get_backup(self, backup_id: str) -> dict[str, Any]:
+        repo, m = self._find(backup_id)
+        return {
+            **self._summary(repo, m),
+            "kind": m.kind,
+            "source_chain": [{"name": s.name, "format": s.fmt} for s in m.source_chain],
+            "read_bytes": m.read_bytes,
+            "fallback_reason": m.fallback_reason,
+            "checkpoint_boundary": None if m.checkpoint is None else m.checkpoint.boundary,
+            "chunks": len(m.chunk_ids()),
+            "extents": len(m.extents),
+            "data_bytes": m.data_bytes(),
+            "version": m.version,
+        }
+
+    # -- verify / delete ------------------------------------------------------------------
+    def verify_backup(self, backup_id: str) -> ops.Operation:
+        repo, m = self._find(backup_id)
+        request = {"action": "verify", "backup_id": backup_id, "volume_ids": [m.volume_id]}
+        op = self._j.begin(
+            ops.OperationKind.BACKUP, request, locks=[f"volume:{m.volume_id}"]
+        ).operation
+        self._pool.submit(f"backup:{backup_id}", lambda: self._verify(op.id, repo, m))
+        return op
+
+    def _verify(self, op_id: uuid.UUID, repo: bk.Repository, m: bk.Manifest) -> None:
+        ids = sorted(m.chunk_ids())
+        bad: list[str] = []
+        total = 0
+        buf = bytearray(repo.config.chunk_size)
+        try:
+            with self._j.step(op_id, "verify", {"backup_id": m.backup_id}) as h:
+                for n, cid in enumerate(ids, 1):
+                    if self.cancelled(op_id):
+                        raise bk.BackupCancelled(f"verify of {m.backup_id} cancelled")
+                    try:
+                        total += repo.read_chunk_into(cid, buf)
+                    except bk.CorruptChunk as exc:  # MissingChunk too: name them all
+                        LOG.warning("backup %s: %s", m.backup_id, exc)
+                        bad.append(cid)
+                    if n % 16 == 0 or n == len(ids):
+                        self._j.set_progress(op_id, n, len(ids))
+                h.data.update({"chunks": len(ids), "bad": len(bad)})
+        except Exception as exc:
+            self._j.finish(op_id, ops.OperationState.FAILED, error=exc)
+            return
+        result = {
+            "backup_id": m.backup_id,
+            "ok": not bad,
+            "bad_chunks": bad,
+            "chunks": len(ids),
+            "bytes": total,
+        }
+        self._j.finish(op_id, ops.OperationState.SUCCEEDED, result=result)
+
+    def delete_backup(self, backup_id: str) -> None:
+        repo, m = self._find(backup_id)
+        if any(doc.get("parent_id") == backup_id for doc in repo.running()):
+            raise api.DiskBusy(f"a running incremental builds on backup {backup_id}")
+        with typed_errors():
+            repo.delete(m.volume_id, backup_id)  # chunks go at the next prune's GC
+
+    # -- restore --------------------------------------------------------------------------
+    def _target(self, req: api.RestoreBackupRequest, m: bk.Manifest) -> str:
+        """The restore's new file: under an allowed root, its directory real, not existing."""
+        if req.to_path is not None:
+            directory, name = os.path.split(req.to_path)
+        else:
+            assert req.volume_id is not None
+            name = f"volume-{req.volume_id}"
+            directory = self._s.restore_dir or self._source_dir(m)
+        if not name or name.startswith("."):
+            raise api.InvalidRequest(f"bad restore file name {name!r}")
+        real = os.path.realpath(directory)
+        if not _under(real, self._roots):
+            raise api.InvalidRequest(f"{directory} is not under an allowed share root")
+        if not os.path.isdir(real):
+            raise api.InvalidRequest(f"{directory} is not a directory")
+        path = os.path.join(real, name)
+        if os.path.lexists(path):
+            raise api.InvalidRequest(f"restore target {path} exists")
+        for op in self._j.list_operations(
+            kind=ops.OperationKind.RESTORE,
+            states=(ops.OperationState.PENDING, ops.OperationState.RUNNING),
+        ):
+            if op.request.get("path") == path:
+                raise api.InvalidRequest(f"restore {op.id} already writes {path}")
+        return path
+
+    def _source_dir(self, m: bk.Manifest) -> str:
+        try:
+            return os.path.dirname(self._hv.locate(m.volume_id).disk.source)
+        except api.VolumeNotFound:
+            raise api.InvalidRequest(
+                f"volume {m.volume_id} is not attached here and [backup] restore_dir is "
+                "not set: give to_path"
+            ) from None
+
+    def restore_backup(self, req: api.RestoreBackupRequest) -> ops.Operation:
+        repo, m = self._find(req.backup_id)
+        path = self._target(req, m)
+        vols = sorted({m.volume_id, req.volume_id or m.volume_id})
+        request = {
+            "action": "restore",
+            "backup_id": req.backup_id,
+            "path": path,
+            "fmt": req.fmt,
+            "volume_ids": vols,
+        }
+        op = self._j.begin(
+            ops.OperationKind.RESTORE, request, locks=[f"volume:{v}" for v in vols]
+        ).operation
+        self._pool.submit(f"restore:{path}", lambda: self._restore(op.id, repo, m, path, req.fmt))
+        return op
+
+    def _restore(
+        self, op_id: uuid.UUID, repo: bk.Repository, m: bk.Manifest, path: str, fmt: str
+    ) -> None:
+        def progress(done: int, total: int) -> None:
+            with contextlib.suppress(jn.JournalError):
+                self._j.set_progress(op_id, done, total)
+
+        try:
+            with self._j.step(op_id, "restore", {"path": path, "fmt": fmt}) as h:
+                res = bk.restore(
+                    repo,
+                    m.backup_id,
+                    path,
+                    fmt=fmt,
+                    volume_id=m.volume_id,
+                    progress=progress,
+                    cancel=lambda: self.cancelled(op_id),
+                )
+                h.data["bytes_written"] = res.bytes_written
+        except Exception as exc:
+            self._j.finish(op_id, ops.OperationState.FAILED, error=exc)
+            return
+        result = {
+            "backup_id": m.backup_id,
+            "path": res.path,
+            "format": res.fmt,
+            "virtual_size": res.virtual_size,
+            "bytes_written": res.bytes_written,
+            "chunks": res.chunks,
+        }
+        self._j.finish(op_id, ops.OperationState.SUCCEEDED, result=result)
+
+    # -- prune ----------------------------------------------------------------------------
+    def prune_backups(self, req: api.PruneBackupsRequest) -> dict[str, Any]:
+        last, daily = req.keep_last, req.keep_daily
+        if last is None and daily is None:
+            last = self._s.keep_last
+        try:
+            policy = bk.RetentionPolicy(keep_last=last or 0, keep_daily=daily or 0)
+        except ValueError as exc:
+            raise api.InvalidRequest(str(exc)) from None
+        repo = self._repo()
+        if repo is None:
+            return {"deleted": [], "kept": [], "pinned": [], "chunks_removed": 0, "bytes_freed": 0}
+        with typed_errors():
+            res = bk.prune(repo, policy, volume_id=req.volume_id, dry_run=req.dry_run, wait=30.0)
+        return {
+            "deleted": list(res.deleted),
+            "kept": list(res.kept),
+            "pinned": list(res.pinned),
+            "chunks_removed": res.gc.removed if res.gc else 0,
+            "bytes_freed": res.gc.bytes_freed if res.gc else 0,
+        }
+
+
+class _CreateRun:
+    """One create request: its volumes launched ``max_parallel`` at a time, then finished."""
+
+    def __init__(
+        self, svc: BackupService, op_id: uuid.UUID, found: list[Located], incremental: bool
+    ) -> None:
+        self._svc, self._op, self._incremental = svc, op_id, incremental
+        self._todo = list(found)
+        self._running = 0
+        self._done = False
+        self._results: list[dict[str, Any]] = []
+        self._errors: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+        self._progress = _Throttle(svc._j, op_id)
+
+    def launch(self) -> None:
+        """Submit volumes until ``max_parallel`` run; the last one to end finishes the op."""
+        finish = False
+        with self._lock:
+            batch: list[Located] = []
+            while self._todo and self._running < self._svc._s.max_parallel:
+                batch.append(self._todo.pop(0))
+                self._running += 1
+            finish = not self._running and not self._todo and not self._done
+            self._done = self._done or finish
+        for where in batch:
+            self._svc._pool.submit(where.key, functools.partial(self._one, where))
+        if finish:
+            self._finish()
+
+    def _one(self, where: Located) -> None:
+        svc, vid = self._svc, str(where.disk.serial).lower()
+        try:
+            with (
+                svc._locks.hold([where.key]),
+                svc._j.step(self._op, "volume", {"volume_id": vid, "disk": where.key}) as h,
+            ):
+                if svc.cancelled(self._op):
+                    raise bk.BackupCancelled("cancelled before it started")
+                # the chain may have moved while queued: locate again under the lock
+                now = svc._hv.locate(vid)
+                out = svc._engine.backup(
+                    now,
+                    self._incremental,
+                    svc._s.repository,
+                    self._progress.part(vid),
+                    lambda: svc.cancelled(self._op),
+                )
+                h.data.update(out)
+            with self._lock:
+                self._results.append(out)
+        except Exception as exc:
+            LOG.warning("backup of volume %s failed: %s", vid, exc)
+            with self._lock:
+                self._errors.append({"volume_id": vid, "error": f"{type(exc).__name__}: {exc}"})
+        with self._lock:
+            self._running -= 1
+        self.launch()
+
+    def _finish(self) -> None:
+        j, op = self._svc._j, self._op
+        order = {v: i for i, v in enumerate(j.get(op).request.get("volume_ids", []))}
+        backups = sorted(self._results, key=lambda r: order.get(r["volume_id"], 0))
+        result: dict[str, Any] = {"backups": backups}
+        if self._errors:
+            result["failed"] = self._errors
+            names = ", ".join(f"{e['volume_id']}: {e['error']}" for e in self._errors)
+            err = ops.ErrorInfo("BackupFailed", f"{len(self._errors)} volume(s) failed: {names}")
+            j.finish(op, ops.OperationState.FAILED, result=result, error=err)
+        else:
+            j.finish(op, ops.OperationState.SUCCEEDED, result=result)
+        with self._svc._guard:
+            self._svc._cancel.discard(op)
