@@ -32,7 +32,7 @@ unit: setup
 # One run id for pytest and the leftover audit that follows it in a separate process.
 functional: setup
 	@rid=$$(date +%s)$$RANDOM; export QSNAP_BED_RUN=$$rid; \
-	$(PYTEST) -q -m functional --timeout=600 -p no:cacheprovider; rc=$$?; \
+	$(PYTEST) -q -m functional --timeout=600 -p no:cacheprovider --durations=20; rc=$$?; \
 	$(PY) -m tests.bed.leftovers $$rid || rc=1; exit $$rc
 
 bench: setup
