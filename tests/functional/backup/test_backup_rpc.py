@@ -1,0 +1,201 @@
+"""RPC 1.2 backups end to end: a real ``qsnap-agent`` process over the private RabbitMQ.
+
+One TCG guest with two volume disks writing records on a plain-directory share; the agent
+runs with ``[cinder] enabled = false`` and its repository in the test's directory. One test
+walks every step through ``AgentAPI`` (what ``/v1/backups`` calls): an instance backup
+(both volumes at once), an incremental after a known change, list/get, verify, restore to a
+path (e2fsck clean, a prefix of the writer's records), prune, delete, and an assisted create
+on a disk whose live top is a backup checkpoint (released first, journaled).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import libvirt_ops as lo
+from hostagent import service_api as api
+from hostagent.config import make_conf
+from hostagent.journal import Journal
+from hostagent.rpcapi import AgentAPI, get_transport
+from tests.bed import procs
+from tests.bed.disks import fsck_clean, read_guest_file
+from tests.bed.guest import GuestFactory
+from tests.bed.records import parse_records
+from tests.bed.shares import DirShare
+from tests.functional.backup.test_online_backup import _allocated
+
+pytestmark = [pytest.mark.functional, pytest.mark.timeout(900)]
+MiB = 1 << 20
+ROOT = Path(__file__).resolve().parents[3]
+CTX: dict[str, Any] = {"request_id": "req-backup-rpc"}
+
+
+@pytest.fixture(scope="module")
+def guest(libvirt_host: Any, guest_image: Any) -> Iterator[tuple[Any, DirShare]]:
+    share = DirShare()
+    factory = GuestFactory(libvirt_host.connection, guest_image, lambda: share.new_dir("bk"))
+    try:
+        yield factory(ndisks=2, size_mib=256, share=share), share
+    finally:
+        factory.close()
+        share.close()
+
+
+class Agent:
+    """The agent process and an RPC client to it."""
+
+    def __init__(self, share: DirShare, rabbit: Any, work: Path) -> None:
+        self.host = f"bk-{uuid.uuid4().hex[:6]}"
+        self.log = work / "agent.log"
+        self.state = work / "state"
+        conf = work / "agent.conf"
+        conf.write_text(
+            f"[DEFAULT]\nhost = {self.host}\ntransport_url = {rabbit.transport_url}\n"
+            f"state_path = {self.state}\n"
+            f"[shares]\nallowed_roots = {share.root}\n"
+            "[agent]\nworkers = 4\nmerge_timeout = 120\n[cinder]\nenabled = false\n"
+            f"[backup]\nrepository = {work / 'repo'}\nmax_parallel = 2\n"
+        )
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        argv = [sys.executable, "-m", "hostagent.cli", "--config-file", str(conf), "--ready-line"]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env,
+            )  # fmt: skip
+        procs.record("qsnap-agent", self.proc.pid)
+        deadline = time.monotonic() + 90
+        while b"READY" not in self.log.read_bytes():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.2)
+        self.transport = get_transport(make_conf(), rabbit.transport_url)
+        self.api = AgentAPI(self.transport, self.host, timeout=60)
+
+    def wait(self, op: api.Operation, timeout: float = 600) -> api.Operation:
+        deadline = time.monotonic() + timeout
+        while op.state in (api.OperationState.QUEUED, api.OperationState.RUNNING):
+            assert time.monotonic() < deadline, f"operation {op.id} still {op.state}"
+            time.sleep(0.5)
+            op = self.api.get_operation(CTX, op.id)
+        return op
+
+    def close(self) -> None:
+        self.transport.cleanup()
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _chain(g: Any, vid: str) -> list[str]:
+    return [os.path.basename(x.path) for x in lo.find_disk(g.dom, volume_id=vid).chain]
+
+
+def test_backup_rpc_lifecycle(guest: Any, rabbitmq: Any, bed_dir: Path) -> None:
+    g, share = guest
+    v1, v2 = (d.volume_id for d in g.disks[:2])
+    base = {v: _chain(g, v) for v in (v1, v2)}
+    agent = Agent(share, rabbitmq, bed_dir)
+    try:
+        _walk(agent, g, v1, v2, base, bed_dir)
+    finally:
+        agent.close()
+
+
+def _walk(agent: Agent, g: Any, v1: str, v2: str, base: dict[str, list[str]], d: Path) -> None:
+    a = agent.api
+    # 1. the whole instance while the guest writes: both volumes, in parallel, checkpointed
+    g.start_writers(interval_ms=10)
+    g.check(["sh", "-c", "sleep 1"])
+    op = agent.wait(a.create_backup(CTX, volume_ids=None, instance_uuid=g.uuid, incremental=True))
+    assert op.state is api.OperationState.SUCCEEDED, op.error
+    assert op.kind is api.OperationKind.BACKUP and set(op.volume_ids) == {v1, v2}
+    first = {b["volume_id"]: b for b in op.result["backups"]}
+    assert set(first) == {v1, v2}
+    assert all("no previous backup" in (b["fallback_reason"] or "") for b in first.values())
+    assert op.result["progress"]["end"] >= sum(b["bytes_read"] for b in first.values()) > 0
+    with Journal(str(agent.state / "journal.sqlite")) as j:  # the two volumes overlapped
+        vols = [s for s in j.steps(uuid.UUID(op.id)) if s.name == "volume"]
+    assert len(vols) == 2 and max(s.created_at for s in vols) < min(s.updated_at for s in vols)
+    for v in (v1, v2):
+        assert _chain(g, v) == [first[v]["checkpoint"], *base[v]]
+
+    # 2. a known change on v1, then an incremental: reads about what changed
+    g.stop_writers()
+    k1 = Path(g.dir) / first[v1]["checkpoint"]
+    mnt = g.disks[0].mountpoint
+    g.check(["sh", "-c", f"dd if=/dev/urandom of={mnt}/blob bs=1M count=16 conv=fsync 2>&1"])
+    g.check(["sync"])
+    changed = _allocated(k1)
+    op = agent.wait(a.create_backup(CTX, volume_ids=[v1], instance_uuid=None, incremental=True))
+    assert op.state is api.OperationState.SUCCEEDED, op.error
+    (inc,) = op.result["backups"]
+    print(f"incremental read {inc['bytes_read'] / MiB:.2f} MiB of {changed / MiB:.2f} MiB changed")
+    assert inc["incremental"] and inc["fallback_reason"] is None
+    assert 16 * MiB <= inc["bytes_read"] <= 1.1 * changed
+
+    # 3. list / get
+    listed = a.list_backups(CTX, v1)
+    assert [b["id"] for b in listed] == [inc["backup_id"], first[v1]["backup_id"]]
+    assert listed[0]["incremental"] and listed[0]["parent"] == first[v1]["backup_id"]
+    got = a.get_backup(CTX, first[v1]["backup_id"])
+    assert got["volume_id"] == v1 and got["source_chain"][0]["name"] == base[v1][0]
+    with pytest.raises(api.BackupNotFound):
+        a.get_backup(CTX, str(uuid.uuid4()))
+
+    # 4. verify
+    ver = agent.wait(a.verify_backup(CTX, inc["backup_id"]))
+    assert ver.state is api.OperationState.SUCCEEDED and ver.result["ok"] is True
+
+    # 5. restore the backup taken while writing to a path: clean fs, prefix of the records
+    out = Path(g.dir) / f"restored-{uuid.uuid4().hex[:6]}.raw"
+    with pytest.raises(api.InvalidRequest):
+        a.restore_backup(CTX, first[v1]["backup_id"], to_path="/etc/x", volume_id=None, fmt="raw")
+    rop = agent.wait(
+        a.restore_backup(CTX, first[v1]["backup_id"], to_path=str(out), volume_id=None, fmt="raw")
+    )
+    assert rop.state is api.OperationState.SUCCEEDED, rop.error
+    assert rop.kind is api.OperationKind.RESTORE and rop.result["path"] == str(out)
+    fsck = fsck_clean(out, "raw")
+    assert fsck.ok and not fsck.needs_recovery, fsck.output
+    log = parse_records(read_guest_file(out, "raw", "/records"))
+    assert log.clean and log.count > 0 and log.is_prefix_of(g.records(mnt))
+    out.unlink()
+
+    # 6. prune keep_last=1, then delete
+    pr = a.prune_backups(CTX, keep_last=1, keep_daily=None, volume_id=v1, dry_run=False)
+    assert pr["deleted"] == [first[v1]["backup_id"]] and pr["kept"] == [inc["backup_id"]]
+    a.delete_backup(CTX, inc["backup_id"])
+    assert a.list_backups(CTX, v1) == []
+    with pytest.raises(api.BackupNotFound):
+        a.delete_backup(CTX, inc["backup_id"])
+
+    # 7. an assisted create on v2 (checkpoint on top): released first, then Cinder's file holds
+    snap = str(uuid.uuid4())
+    new_file = f"volume-{v2}.{snap}"
+    fmt = g.disks[1].fmt
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base[v2][0], "-F", fmt,
+         str(Path(g.dir) / new_file)],
+        check=True,
+    )  # fmt: skip
+    os.chmod(Path(g.dir) / new_file, 0o666)
+    info = {"snapshot_id": snap, "type": "qcow2", "new_file": new_file}
+    cop = agent.wait(a.create_assisted_snapshot(CTX, v2, info))
+    assert cop.state is api.OperationState.SUCCEEDED, cop.error
+    names = [s["name"] for s in cop.result["steps"]]
+    assert names[:3] == ["release_checkpoint", "validate", "snapshot"]
+    assert _chain(g, v2) == [new_file, *base[v2]]
+    assert not (Path(g.dir) / first[v2]["checkpoint"]).exists()
+    g.check(["sh", "-c", f"echo after > {g.disks[1].mountpoint}/after; sync"])
