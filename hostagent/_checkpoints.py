@@ -38,11 +38,16 @@ def cinder_chain(where: Located, roots: list[str], *, releasable: bool) -> list[
 
     The whole chain (checkpoint included) is inspected and must match libvirt's view. A
     checkpoint is accepted only if the caller can release it (``releasable``); otherwise
-    the chain is refused as before (the overlay's name is not Cinder's naming).
+    the request is refused (acting above it would hide the operation from Cinder's ledger).
     """
-    checkpoint = checkpoint_of(where) if releasable else None
+    checkpoint = checkpoint_of(where)
     if checkpoint is None:
         return chain_names(where, roots)
+    if not releasable:
+        raise api.InvalidRequest(
+            f"the live top of {where.disk.target} is the backup checkpoint {checkpoint} and "
+            "this agent has no backup engine to release it"
+        )
     disk = where.disk
     if not disk.snapshot_capable:
         raise api.InvalidRequest(f"disk {disk.target} is read-only or shareable")

@@ -513,3 +513,31 @@ def test_snapshot_taken_but_not_journaled_is_recorded_available(
             assert led is not None and len(hv.chains[v]) == 2
     finally:
         again.close()
+
+
+def test_instance_snapshot_releases_a_backup_checkpoint_first(agent: Agent, hv: MultiHv) -> None:
+    vid = VOLS[0]
+    k = f"volume-{vid}.qsnap-bk-{uuid.uuid4()}"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", f"volume-{vid}", "-F", "qcow2",
+         str(hv.dir / k)],
+        check=True,
+    )  # fmt: skip
+    hv.chains[vid] = [k, f"volume-{vid}"]
+    with pytest.raises(api.InvalidRequest):  # no engine to release it: refused as before
+        _snap(agent, [vid])
+    released: list[str] = []
+
+    def release(where: Located) -> str | None:
+        released.append(hv.chains[vid].pop(0))
+        return released[-1]
+
+    agent.svc.owned.instances.release = release
+    op = _snap(agent, [vid])
+    assert op.state is api.OperationState.SUCCEEDED, op.error
+    assert [s["name"] for s in op.result["steps"]][:2] == ["release_checkpoint", "plan"]
+    assert released == [k]
+    name = op.result["snapshots"][0]["file"].rsplit("/", 1)[1]
+    assert hv.chains[vid] == [name, f"volume-{vid}"]
+    led = _ledger_matches_chain(hv, vid)
+    assert led is not None and led.active == name
