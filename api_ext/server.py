@@ -101,6 +101,8 @@ def serve(argv: Sequence[str] = (), *, ready_line: bool = False) -> int:
     from oslo_log import log as oslo_log
 
     conf = make_conf(argv)
+    if ready_line:  # stdout carries the ready line: console logs go to stderr
+        conf.set_override("use_stderr", True)
     oslo_log.setup(conf, "qsnap")
     transport = get_transport(conf)
     server = ApiServer(conf, transport)
@@ -110,7 +112,8 @@ def serve(argv: Sequence[str] = (), *, ready_line: bool = False) -> int:
     port = server.start()
     if ready_line:
         print(f"READY {port}", flush=True)
-    stop.wait()
+    while not stop.wait(1.0):  # a timed wait lets the signal handler run promptly
+        pass
     server.stop()
     transport.cleanup()
     return 0
@@ -121,7 +124,8 @@ DESCRIPTION = (
     "routes each request over oslo.messaging to the agent of the host that has the volume "
     "attached. Stops cleanly on SIGTERM. Options: --config-file FILE ([DEFAULT] "
     "transport_url, [api], [keystone_authtoken], [oslo_policy]; may be repeated), --debug, "
-    "--log-file FILE, and --ready-line: print 'READY <port>' on stdout once serving."
+    "--log-file FILE, and --ready-line: print 'READY <port>' on stdout once serving "
+    "(console logs then go to stderr)."
 )
 
 

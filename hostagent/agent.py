@@ -199,6 +199,8 @@ def main(
 ) -> int:
     """Run the agent until SIGTERM/SIGINT; ``argv`` are oslo.config/oslo.log options."""
     conf = make_conf(argv, config_files=config_files)
+    if ready is not None:  # stdout carries the ready line: console logs go to stderr
+        conf.set_override("use_stderr", True)
     oslo_log.setup(conf, "qsnap")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -207,7 +209,8 @@ def main(
     try:
         agent.start()
         (ready or (lambda: LOG.info("qsnap-agent %s ready", conf.host)))()
-        stop.wait()
+        while not stop.wait(1.0):  # a timed wait lets the signal handler run promptly
+            pass
     finally:
         agent.stop()
     return 0

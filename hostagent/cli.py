@@ -16,7 +16,7 @@ DESCRIPTION = (
     "Stops cleanly on SIGTERM. Options: --config-file FILE ([DEFAULT] transport_url/host/"
     "state_path, [libvirt], [agent], [shares], [cinder], [oslo_messaging_notifications]; may "
     "be repeated), --debug, --log-file FILE, and --ready-line: print READY on stdout once the "
-    "RPC server consumes (for supervisors/tests)."
+    "RPC server consumes (for supervisors/tests; console logs then go to stderr)."
 )
 
 
