@@ -20,7 +20,6 @@ from hostagent import journal as jn
 from hostagent import service_api as api
 from hostagent._located import Located, chain_names
 from hostagent.backup.online import BACKUP_NAMING, is_backup_overlay
-from qcow2 import Qcow2Error, inspect_chain
 
 #: Merge a volume's checkpoint overlay down (active commit + pivot, unlink); its name or None.
 Release = Callable[[Located], "str | None"]
@@ -48,19 +47,9 @@ def cinder_chain(where: Located, roots: list[str], *, releasable: bool) -> list[
             f"the live top of {where.disk.target} is the backup checkpoint {checkpoint} and "
             "this agent has no backup engine to release it"
         )
-    disk = where.disk
-    if not disk.snapshot_capable:
-        raise api.InvalidRequest(f"disk {disk.target} is read-only or shareable")
-    try:
-        with inspect_chain(disk.source, roots=roots, naming=BACKUP_NAMING, fmt=disk.fmt) as c:
-            on_disk = [os.path.realpath(info.path) for info in c.layers]
-    except Qcow2Error as exc:
-        raise api.InvalidRequest(f"chain of {disk.target} refused: {exc}") from exc
-    live = [os.path.realpath(layer.path) for layer in disk.chain]
-    if on_disk != live:
-        raise api.InvalidRequest(f"libvirt's chain {live} differs from the files {on_disk}")
-    names = [os.path.basename(p) for p in live]
-    if len(names) < 2 or any(is_backup_overlay(n, str(disk.serial).lower()) for n in names[1:]):
+    names = chain_names(where, roots, naming=BACKUP_NAMING)
+    serial = str(where.disk.serial).lower()
+    if len(names) < 2 or any(is_backup_overlay(n, serial) for n in names[1:]):
         raise api.InvalidRequest(f"checkpoint {checkpoint} is not directly above Cinder's file")
     return names[1:]
 

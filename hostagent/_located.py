@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from hostagent import service_api as api
 from libvirt_ops import Disk
-from qcow2 import CINDER, Qcow2Error, inspect_chain
+from qcow2 import CINDER, Naming, Qcow2Error, inspect_chain
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Hypervisor(Protocol):
         ...
 
 
-def chain_names(where: Located, roots: list[str]) -> list[str]:
+def chain_names(where: Located, roots: list[str], *, naming: Naming = CINDER) -> list[str]:
     """Basenames of the disk's chain, top first, after qcow2 agreed with libvirt.
 
     Every file is inspected (whole chain) before any tool touches it, and libvirt's view
@@ -73,7 +73,7 @@ def chain_names(where: Located, roots: list[str]) -> list[str]:
     if not disk.snapshot_capable:
         raise api.InvalidRequest(f"disk {disk.target} is read-only or shareable")
     try:
-        with inspect_chain(disk.source, roots=roots, naming=CINDER, fmt=disk.fmt) as c:
+        with inspect_chain(disk.source, roots=roots, naming=naming, fmt=disk.fmt) as c:
             on_disk = [os.path.realpath(info.path) for info in c.layers]
     except Qcow2Error as exc:
         raise api.InvalidRequest(f"chain of {disk.target} refused: {exc}") from exc
