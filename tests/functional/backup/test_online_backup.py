@@ -1,4 +1,5 @@
-"""Online backups of a running guest's volume (dir share), one guest through every step.
+"""Online backups of a running guest's volume, one guest per share kind (plain directory and
+GlusterFS FUSE mount) through every step.
 
 What must hold: a full backup taken while the guest writes restores to a clean filesystem
 holding a prefix of the writer's records, and leaves the live chain as before; a
@@ -37,7 +38,6 @@ from hostagent.operations import OperationKind, OperationState
 from tests.bed.disks import fsck_clean, image_sha256, read_guest_file
 from tests.bed.guest import GuestFactory
 from tests.bed.records import parse_records
-from tests.bed.shares import DirShare
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(900)]
 MiB = 1 << 20
@@ -45,14 +45,13 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
-def guest(libvirt_host: Any, guest_image: Any) -> Iterator[Any]:
-    share = DirShare()
+def guest(libvirt_host: Any, guest_image: Any, share: Any) -> Iterator[Any]:
+    """One guest per share kind (the session's plain directory and GlusterFS FUSE mount)."""
     factory = GuestFactory(libvirt_host.connection, guest_image, lambda: share.new_dir("guest"))
     try:
         yield factory(ndisks=1, size_mib=256, share=share)
     finally:
         factory.close()
-        share.close()
 
 
 def _chain(g: Any) -> list[str]:
