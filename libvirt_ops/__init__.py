@@ -88,6 +88,7 @@ from libvirt_ops._merge import (  # noqa: E402
     resolve_disk,
     resolve_layer,
 )
+from libvirt_ops._settle import SettleResult, settle_block_job  # noqa: E402
 
 __all__ += [
     "BlockJob",
@@ -98,11 +99,13 @@ __all__ += [
     "JobType",
     "MergeKind",
     "MergeResult",
+    "SettleResult",
     "active_commit",
     "commit",
     "flatten",
     "pull",
     "resolve_disk",
     "resolve_layer",
+    "settle_block_job",
 ]
 # --- end block jobs / merges (L2) ---

@@ -98,13 +98,18 @@ class CancelToken:
 
 @dataclass(frozen=True)
 class JobOptions:
-    """How to run a job: deadline, bandwidth (bytes/s, 0 = unlimited), progress, cancel."""
+    """How to run a job: deadline, bandwidth (bytes/s, 0 = unlimited), progress, cancel.
+
+    ``started``: called once right after libvirt accepted the job (the agent's test-only
+    crash injection dies there, leaving the job running as a kill -9 would).
+    """
 
     timeout: float = 3600.0
     bandwidth: int = 0
     progress: Progress | None = None
     progress_interval: float = 0.5
     cancel: CancelToken | None = None
+    started: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         if self.timeout <= 0 or self.bandwidth < 0 or self.progress_interval <= 0:
@@ -180,6 +185,8 @@ class BlockJob:
     ``with BlockJob(conn, dom, "vda", JobType.COMMIT, opts) as job: job.start(fn);
     job.wait({JobEnd.COMPLETED})``. Entering raises :class:`DiskBusy` when the disk has a
     job; leaving releases the claim (a still-running job is aborted first).
+    ``adopt=True`` instead takes over the job already on the disk (one a dead process
+    left, see :func:`libvirt_ops.settle_block_job`): no start, :meth:`wait` re-checks it first.
     """
 
     def __init__(
@@ -189,7 +196,10 @@ class BlockJob:
         target: str,
         job_type: JobType,
         options: JobOptions | None = None,
+        *,
+        adopt: bool = False,
     ) -> None:
+        self.adopt = adopt
         self.conn = conn
         self.dom_uuid = dom.UUIDString()
         self.dom_name = dom.name()
@@ -217,9 +227,12 @@ class BlockJob:
         self._claimed = True
         try:
             info = self.info()
-            if info:
+            if info and not self.adopt:
                 raise DiskBusy(f"{self.dom_name}:{self.target} already has a block job: {info}")
             _tracker(self.conn).add(self)
+            if self.adopt:  # its events may be long gone: the first wait() re-checks
+                self._started = True
+                self._request_recheck()
         except BaseException:
             self._release()
             raise
@@ -270,6 +283,8 @@ class BlockJob:
                 f"{self.job_type.name} on {self.dom_name}:{self.target} refused: {_msg(exc)}"
             ) from exc
         self._started = True
+        if self.options.started is not None:
+            self.options.started()
 
     def pivot(self) -> None:
         """Switch the disk to the commit base (after READY); COMPLETED follows."""
