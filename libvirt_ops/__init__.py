@@ -109,3 +109,7 @@ __all__ += [
     "settle_block_job",
 ]
 # --- end block jobs / merges (L2) ---
+# --- persistent definitions ---
+from libvirt_ops._redefine import retarget_inactive_disks  # noqa: E402
+
+__all__ += ["retarget_inactive_disks"]

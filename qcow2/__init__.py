@@ -10,7 +10,7 @@ from qcow2._inspect import inspect_chain, open_chain
 # --- ledger/overlay/offline (Q2) ---
 from qcow2._ledger import Ledger, read_ledger, write_ledger
 from qcow2._offline import create_snapshot_offline, delete_snapshot_offline, load_volume
-from qcow2._overlay import create_overlay
+from qcow2._overlay import create_overlay, merge_overlay
 
 # --- end ledger/overlay/offline (Q2) ---
 from qcow2.errors import CorruptImage, LedgerError, Qcow2Error, QemuImgError, UnsafeImage
@@ -44,6 +44,7 @@ __all__ += [
     "create_snapshot_offline",
     "delete_snapshot_offline",
     "load_volume",
+    "merge_overlay",
     "read_ledger",
     "write_ledger",
 ]

@@ -94,3 +94,19 @@ def create_overlay(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(new_path)
         raise
+
+
+def merge_overlay(path: str, *, roots: Sequence[str], naming: Naming = CINDER) -> str:
+    """Commit qcow2 overlay ``path`` into its backing file, offline; return the backing's path.
+
+    For overlays no running guest uses (a stopped domain's leftover). The whole chain is
+    inspected first; both formats are pinned on the command line (nothing probed). ``path``
+    is left in place: the caller unlinks it once every reference to it is gone. qemu-img
+    takes QEMU's image locks, so a file a running QEMU holds is refused, never written.
+    """
+    top = inspect_layers(path, roots=roots, naming=naming, fmt="qcow2")
+    if len(top) < 2 or top[0].backing_fmt is None:
+        raise UnsafeImage(path, "merge", "has no backing file to merge into")
+    backing = top[1]
+    _qemu_img.commit(top[0].path, backing_path=backing.path, backing_fmt=backing.fmt)
+    return backing.path
