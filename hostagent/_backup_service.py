@@ -1,5 +1,5 @@
 """RPC 1.2's backups in the agent: create (volumes in parallel), list/get/verify/delete,
-restore, prune, over the shared repository.
+restore, prune, over the shared repository; RPC 1.3's cancel and prune operation.
 
 A create is one journaled request-level operation (kind backup, ``action`` create) holding
 the ``volume:`` locks of its volumes; each volume then runs as its own journaled online
@@ -7,6 +7,11 @@ backup (:func:`hostagent.backup.backup_volume`, recovered by ``recover_backup``)
 under the per-disk lock, at most ``max_parallel`` at once; the request's steps, progress and
 result gather the volumes'. Everything a caller sends (ids, paths) is validated before any
 operation is journaled or any file touched.
+
+Cancel (RPC 1.3) is cooperative: the running work checks the request's flag between chunks
+(and the bandwidth throttle while it sleeps), so nothing is ever half written or half
+deleted; the request-level operation then ends ``cancelled`` with a result naming what did
+finish (published backups stay published).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from hostagent import service_api as api
 from hostagent._checkpoints import cinder_chain
 from hostagent._located import DiskLocks, Hypervisor, Located
 from hostagent._pool import KeyedPool
+from hostagent.backup.engine import RateLimit
 
 LOG = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -51,6 +57,8 @@ class BackupSettings:
     max_parallel: int = 2
     keep_last: int = 7
     restore_dir: str | None = None
+    #: MiB/s per volume read stream; 0 = unlimited.
+    bandwidth_mib: int = 0
 
 
 class BackupEngine(Protocol):
@@ -238,13 +246,60 @@ class BackupService:
         return op.operation
 
     def cancel(self, op_id: uuid.UUID) -> None:
-        """Ask a running create/verify/restore to stop at its next chunk (not on the wire)."""
+        """Ask a running create/verify/prune/restore to stop at its next chunk."""
         with self._guard:
             self._cancel.add(op_id)
 
     def cancelled(self, op_id: uuid.UUID) -> bool:
         with self._guard:
             return op_id in self._cancel
+
+    def _forget(self, op_id: uuid.UUID) -> None:
+        with self._guard:
+            self._cancel.discard(op_id)
+
+    def cancel_operation(self, op_id: uuid.UUID) -> ops.Operation:
+        """RPC 1.3: flag a running request-level operation; the operation as it is now.
+
+        Raises ``jn.UnknownOperation`` (the caller maps it) or :class:`api.NotCancellable`.
+        """
+        op = self._j.get(op_id)
+        if op.kind not in (ops.OperationKind.BACKUP, ops.OperationKind.RESTORE):
+            raise api.NotCancellable(
+                f"operation {op_id} is a {op.kind.value} operation: snapshot operations run "
+                "to completion or roll back; they are not cancellable"
+            )
+        if not request_level(op):
+            raise api.NotCancellable(
+                f"operation {op_id} is one volume's part of a backup request: cancel the "
+                "request's operation"
+            )
+        if op.state.is_final:
+            raise api.NotCancellable(f"operation {op_id} already ended: {op.state.value}")
+        self.cancel(op_id)
+        now = self._j.get(op_id)
+        if now.state.is_final:  # it ended meanwhile: nothing left to stop
+            self._forget(op_id)
+        return now
+
+    def _finish_cancelled(self, op_id: uuid.UUID, result: dict[str, Any], what: str) -> None:
+        err = ops.ErrorInfo("OperationCancelled", f"cancelled on request; {what}")
+        self._j.finish(op_id, ops.OperationState.CANCELLED, result=result, error=err)
+
+    def _stream_progress(self, report: Progress, cancel: Cancel) -> Progress:
+        """``report`` plus the ``bandwidth_mib`` throttle: the engine calls this after each
+        chunk on its reading thread, so sleeping here slows the reads themselves."""
+        if self._s.bandwidth_mib <= 0:
+            return report
+        bucket = RateLimit(self._s.bandwidth_mib * bk.format.MiB)
+        last = [0]
+
+        def progress(done: int, total: int) -> None:
+            report(done, total)
+            bucket.take(max(0, done - last[0]), cancel)
+            last[0] = done
+
+        return progress
 
     # -- read-only ------------------------------------------------------------------------
     def list_backups(self, volume_id: str | None) -> list[dict[str, Any]]:
@@ -299,8 +354,14 @@ class BackupService:
                         self._j.set_progress(op_id, n, len(ids))
                 h.data.update({"chunks": len(ids), "bad": len(bad)})
         except Exception as exc:
-            self._j.finish(op_id, ops.OperationState.FAILED, error=exc)
+            if isinstance(exc, bk.BackupCancelled) and self.cancelled(op_id):
+                part = {"backup_id": m.backup_id, "bad_chunks": bad, "chunks": len(ids)}
+                self._finish_cancelled(op_id, part, "the backup was not fully verified")
+            else:
+                self._j.finish(op_id, ops.OperationState.FAILED, error=exc)
             return
+        finally:
+            self._forget(op_id)
         result = {
             "backup_id": m.backup_id,
             "ok": not bad,
@@ -390,8 +451,14 @@ class BackupService:
                 )
                 h.data["bytes_written"] = res.bytes_written
         except Exception as exc:
-            self._j.finish(op_id, ops.OperationState.FAILED, error=exc)
+            if isinstance(exc, bk.BackupCancelled) and self.cancelled(op_id):
+                done = {"backup_id": m.backup_id, "path": None}
+                self._finish_cancelled(op_id, done, f"nothing was written to {path}")
+            else:
+                self._j.finish(op_id, ops.OperationState.FAILED, error=exc)
             return
+        finally:
+            self._forget(op_id)
         result = {
             "backup_id": m.backup_id,
             "path": res.path,
@@ -403,19 +470,19 @@ class BackupService:
         self._j.finish(op_id, ops.OperationState.SUCCEEDED, result=result)
 
     # -- prune ----------------------------------------------------------------------------
-    def prune_backups(self, req: api.PruneBackupsRequest) -> dict[str, Any]:
+    def _policy(self, req: api.PruneBackupsRequest) -> bk.RetentionPolicy:
         last, daily = req.keep_last, req.keep_daily
         if last is None and daily is None:
             last = self._s.keep_last
         try:
-            policy = bk.RetentionPolicy(keep_last=last or 0, keep_daily=daily or 0)
+            return bk.RetentionPolicy(keep_last=last or 0, keep_daily=daily or 0)
         except ValueError as exc:
             raise api.InvalidRequest(str(exc)) from None
-        repo = self._repo()
-        if repo is None:
+
+    @staticmethod
+    def _prune_result(res: bk.PruneResult | None) -> dict[str, Any]:
+        if res is None:  # no repository yet: nothing to prune
             return {"deleted": [], "kept": [], "pinned": [], "chunks_removed": 0, "bytes_freed": 0}
-        with typed_errors():
-            res = bk.prune(repo, policy, volume_id=req.volume_id, dry_run=req.dry_run, wait=30.0)
         return {
             "deleted": list(res.deleted),
             "kept": list(res.kept),
@@ -423,6 +490,69 @@ class BackupService:
             "chunks_removed": res.gc.removed if res.gc else 0,
             "bytes_freed": res.gc.bytes_freed if res.gc else 0,
         }
+
+    def prune_backups(self, req: api.PruneBackupsRequest) -> dict[str, Any]:
+        """RPC 1.2: prune within the call (kept for 1.2 clients; 1.3 has start_prune)."""
+        policy = self._policy(req)
+        repo = self._repo()
+        if repo is None:
+            return self._prune_result(None)
+        with typed_errors():
+            res = bk.prune(repo, policy, volume_id=req.volume_id, dry_run=req.dry_run, wait=30.0)
+        return self._prune_result(res)
+
+    def start_prune(self, req: api.PruneBackupsRequest) -> ops.Operation:
+        """RPC 1.3: the same prune as an operation (kind backup, ``action`` prune) in the
+        pool: progress per manifest judged then per chunk file scanned, cancellable."""
+        policy = self._policy(req)
+        request = {
+            "action": "prune",
+            "keep_last": policy.keep_last,
+            "keep_daily": policy.keep_daily,
+            "volume_id": req.volume_id,
+            "dry_run": req.dry_run,
+        }
+        op = self._j.begin(ops.OperationKind.BACKUP, request).operation
+        self._pool.submit("backup:prune", lambda: self._prune(op.id, policy, req))
+        return op
+
+    def _prune(
+        self, op_id: uuid.UUID, policy: bk.RetentionPolicy, req: api.PruneBackupsRequest
+    ) -> None:
+        def progress(phase: str, done: int, total: int) -> None:
+            with contextlib.suppress(jn.JournalError):
+                self._j.set_progress(op_id, done, total)
+
+        try:
+            with self._j.step(op_id, "prune", {"volume_id": req.volume_id}) as h:
+                repo = self._repo()
+                res = None
+                if repo is not None:
+                    with typed_errors():
+                        res = bk.prune(
+                            repo,
+                            policy,
+                            volume_id=req.volume_id,
+                            dry_run=req.dry_run,
+                            wait=30.0,
+                            progress=progress,
+                            cancel=lambda: self.cancelled(op_id),
+                        )
+                result = self._prune_result(res)
+                h.data.update(
+                    {"deleted": len(result["deleted"]), "cancelled": bool(res and res.cancelled)}
+                )
+            if res is not None and res.cancelled:
+                gone = len(result["deleted"])
+                self._finish_cancelled(
+                    op_id, result, f"{gone} backup(s) deleted before it stopped stay deleted"
+                )
+            else:
+                self._j.finish(op_id, ops.OperationState.SUCCEEDED, result=result)
+        except Exception as exc:
+            self._j.finish(op_id, ops.OperationState.FAILED, error=exc)
+        finally:
+            self._forget(op_id)
 
 
 class _CreateRun:
@@ -433,6 +563,7 @@ class _CreateRun:
     ) -> None:
         self._svc, self._op, self._incremental = svc, op_id, incremental
         self._todo = list(found)
+        self._skipped: list[str] = []  # queued when cancelled: never started
         self._running = 0
         self._done = False
         self._results: list[dict[str, Any]] = []
@@ -445,6 +576,9 @@ class _CreateRun:
         finish = False
         with self._lock:
             batch: list[Located] = []
+            if self._todo and self._svc.cancelled(self._op):
+                self._skipped += [str(w.disk.serial).lower() for w in self._todo]
+                self._todo.clear()
             while self._todo and self._running < self._svc._s.max_parallel:
                 batch.append(self._todo.pop(0))
                 self._running += 1
@@ -457,44 +591,58 @@ class _CreateRun:
 
     def _one(self, where: Located) -> None:
         svc, vid = self._svc, str(where.disk.serial).lower()
+
+        def cancel() -> bool:
+            return svc.cancelled(self._op)
+
         try:
-            with (
-                svc._locks.hold([where.key]),
-                svc._j.step(self._op, "volume", {"volume_id": vid, "disk": where.key}) as h,
-            ):
-                if svc.cancelled(self._op):
-                    raise bk.BackupCancelled("cancelled before it started")
-                # the chain may have moved while queued: locate again under the lock
-                now = svc._hv.locate(vid)
-                out = svc._engine.backup(
-                    now,
-                    self._incremental,
-                    svc._s.repository,
-                    self._progress.part(vid),
-                    lambda: svc.cancelled(self._op),
-                )
-                h.data.update(out)
-            with self._lock:
-                self._results.append(out)
+            with svc._locks.hold([where.key]):
+                if cancel():  # cancelled while it waited for the disk: never starts
+                    with self._lock:
+                        self._skipped.append(vid)
+                else:
+                    self._backup(where, vid, cancel)
         except Exception as exc:
-            LOG.warning("backup of volume %s failed: %s", vid, exc)
-            with self._lock:
-                self._errors.append({"volume_id": vid, "error": f"{type(exc).__name__}: {exc}"})
+            if isinstance(exc, bk.BackupCancelled) and cancel():
+                LOG.info("backup of volume %s cancelled: %s", vid, exc)
+                with self._lock:
+                    self._skipped.append(vid)
+            else:
+                LOG.warning("backup of volume %s failed: %s", vid, exc)
+                with self._lock:
+                    self._errors.append({"volume_id": vid, "error": f"{type(exc).__name__}: {exc}"})
         with self._lock:
             self._running -= 1
         self.launch()
+
+    def _backup(self, where: Located, vid: str, cancel: Cancel) -> None:
+        svc = self._svc
+        with svc._j.step(self._op, "volume", {"volume_id": vid, "disk": where.key}) as h:
+            # the chain may have moved while queued: locate again under the lock
+            now = svc._hv.locate(vid)
+            progress = svc._stream_progress(self._progress.part(vid), cancel)
+            out = svc._engine.backup(now, self._incremental, svc._s.repository, progress, cancel)
+            h.data.update(out)
+        with self._lock:
+            self._results.append(out)
 
     def _finish(self) -> None:
         j, op = self._svc._j, self._op
         order = {v: i for i, v in enumerate(j.get(op).request.get("volume_ids", []))}
         backups = sorted(self._results, key=lambda r: order.get(r["volume_id"], 0))
         result: dict[str, Any] = {"backups": backups}
-        if self._errors:
+        if self._svc.cancelled(op) and self._skipped:  # all done anyway: not "cancelled"
+            if self._errors:
+                result["failed"] = self._errors
+            result["cancelled"] = sorted(self._skipped, key=lambda v: order.get(v, 0))
+            done = ", ".join(b["volume_id"] for b in backups) or "none"
+            what = f"volumes whose backup was published stay published ({done})"
+            self._svc._finish_cancelled(op, result, what)
+        elif self._errors:
             result["failed"] = self._errors
             names = ", ".join(f"{e['volume_id']}: {e['error']}" for e in self._errors)
             err = ops.ErrorInfo("BackupFailed", f"{len(self._errors)} volume(s) failed: {names}")
             j.finish(op, ops.OperationState.FAILED, result=result, error=err)
         else:
             j.finish(op, ops.OperationState.SUCCEEDED, result=result)
-        with self._svc._guard:
-            self._svc._cancel.discard(op)
+        self._svc._forget(op)

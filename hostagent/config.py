@@ -180,6 +180,14 @@ backup_opts: list[cfg.Opt] = [
         help="Default retention of a prune that names no rule: the N newest backups of "
         "each volume.",
     ),
+    cfg.IntOpt(
+        "bandwidth_mib",
+        default=0,
+        min=0,
+        help="Read bandwidth of one volume's backup stream in MiB/s (0: unlimited), so a "
+        "backup does not saturate the share it reads from; a request backing up N volumes "
+        "at once reads up to N times this.",
+    ),
     cfg.StrOpt(
         "restore_dir",
         help="Directory (under [shares] allowed_roots) where a restore onto a new volume "

@@ -51,7 +51,8 @@ def to_rpc_error(exc: BaseException) -> api.AgentRpcError:
 
 
 class AgentEndpoint:
-    """RPC API 1.2 (1.1 added ``delete_snapshot``, 1.2 the backup methods).
+    """RPC API 1.3 (1.1 added ``delete_snapshot``, 1.2 the backup methods, 1.3
+    ``cancel_operation`` and ``start_prune``).
 
     Methods return plain JSON-able data.
     """
@@ -222,6 +223,30 @@ class AgentEndpoint:
             return self._service.prune_backups(api.CallContext.from_wire(ctxt), req)
 
         return self._run("prune_backups", call)
+
+    # -- 1.3: cancel, prune as an operation -------------------------------------------------
+    def cancel_operation(self, ctxt: dict[str, Any], operation_id: object) -> dict[str, Any]:
+        def call() -> dict[str, Any]:
+            if not isinstance(operation_id, str) or not is_uuid(operation_id):
+                raise api.OperationNotFound(f"no operation {operation_id!r}")
+            c = api.CallContext.from_wire(ctxt)
+            return self._service.cancel_operation(c, operation_id.lower()).to_wire()
+
+        return self._run("cancel_operation", call)
+
+    def start_prune(
+        self,
+        ctxt: dict[str, Any],
+        keep_last: object = None,
+        keep_daily: object = None,
+        volume_id: object = None,
+        dry_run: object = False,
+    ) -> dict[str, Any]:
+        def call() -> dict[str, Any]:
+            req = api.PruneBackupsRequest.from_wire(keep_last, keep_daily, volume_id, dry_run)
+            return self._service.start_prune(api.CallContext.from_wire(ctxt), req).to_wire()
+
+        return self._run("start_prune", call)
 
 
 def get_server(transport: Any, host: str, service: api.AgentService) -> Any:

@@ -1,4 +1,4 @@
-"""Client side of the agent's RPC API (1.2) and the inventory fan-out.
+"""Client side of the agent's RPC API (1.3) and the inventory fan-out.
 
 Callers get typed results (``Operation``, ``Inventory``) and typed errors from
 ``hostagent.service_api``. Typed errors need the transport to allow that module
@@ -36,9 +36,11 @@ class AgentAPI:
               get_inventory
         1.1 - delete_snapshot (a snapshot the agent took itself: ledger + Cinder record)
         1.2 - create/list/get/verify/delete/restore/prune backups
+        1.3 - cancel_operation (backup/verify/prune/restore; new state ``cancelled``, new
+              error NotCancellable), start_prune (prune as an operation)
     """
 
-    VERSION_CAP = "1.2"
+    VERSION_CAP = "1.3"
 
     def __init__(self, transport: Any, host: str, *, timeout: float = 60.0) -> None:
         target = om.Target(topic=api.RPC_TOPIC, version="1.0")
@@ -197,6 +199,36 @@ class AgentAPI:
             dry_run=dry_run,
         )
         return out
+
+    # -- 1.3 ------------------------------------------------------------------------------
+    def cancel_operation(self, ctxt: Mapping[str, Any], operation_id: str) -> api.Operation:
+        """Stop a running backup/verify/prune/restore at its next chunk; the operation now.
+
+        ``OperationNotFound``; ``NotCancellable`` when it ended or is a snapshot operation.
+        """
+        out = self._call(ctxt, "cancel_operation", version="1.3", operation_id=operation_id)
+        return api.Operation.from_wire(out)
+
+    def start_prune(
+        self,
+        ctxt: Mapping[str, Any],
+        *,
+        keep_last: int | None,
+        keep_daily: int | None,
+        volume_id: str | None,
+        dry_run: bool,
+    ) -> api.Operation:
+        """Prune as an operation (its result is what ``prune_backups`` returns)."""
+        out = self._call(
+            ctxt,
+            "start_prune",
+            version="1.3",
+            keep_last=keep_last,
+            keep_daily=keep_daily,
+            volume_id=volume_id,
+            dry_run=dry_run,
+        )
+        return api.Operation.from_wire(out)
 
 
 class InventoryFanout:

@@ -50,7 +50,7 @@ _STATES = {
     ops.OperationState.RUNNING: api.OperationState.RUNNING,
     ops.OperationState.SUCCEEDED: api.OperationState.SUCCEEDED,
     ops.OperationState.FAILED: api.OperationState.FAILED,
-    ops.OperationState.CANCELLED: api.OperationState.FAILED,
+    ops.OperationState.CANCELLED: api.OperationState.CANCELLED,
 }
 
 
@@ -257,6 +257,28 @@ class AssistedService:
 
     def prune_backups(self, ctxt: api.CallContext, req: api.PruneBackupsRequest) -> dict[str, Any]:
         return self._bk().prune_backups(req)
+
+    # -- RPC 1.3 --------------------------------------------------------------------------
+    def cancel_operation(self, ctxt: api.CallContext, op_id: str) -> api.Operation:
+        try:
+            oid = uuid.UUID(str(op_id))
+            op = self._journal.get(oid)
+            if _KINDS[op.kind] not in (api.OperationKind.BACKUP, api.OperationKind.RESTORE):
+                raise api.NotCancellable(
+                    f"operation {op_id} is a {_KINDS[op.kind].value} operation: snapshot "
+                    "operations run to completion or roll back; they are not cancellable"
+                )
+            if self.backups is None:
+                raise api.NotCancellable(
+                    f"operation {op_id} is a {op.kind.value} operation: only backup "
+                    "operations are cancellable and backups are not configured here"
+                )
+            return self._to_api(self.backups.cancel_operation(oid))
+        except (ValueError, jn.UnknownOperation):
+            raise api.OperationNotFound(f"no operation {op_id}") from None
+
+    def start_prune(self, ctxt: api.CallContext, req: api.PruneBackupsRequest) -> api.Operation:
+        return self._to_api(self._bk().start_prune(req))
 
     # -- workers --------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from qcow2.naming import CINDER, is_uuid
 
 RPC_TOPIC = "qsnap-agent"
-RPC_VERSION = "1.2"
+RPC_VERSION = "1.3"
 #: Module the client must allow for typed errors to come back as themselves.
 ERRORS_MODULE = __name__
 
@@ -68,6 +68,12 @@ class BackupNotFound(AgentRpcError):
     code = "backup_not_found"
 
 
+class NotCancellable(AgentRpcError):
+    """RPC 1.3: the operation already ended, or its kind runs to completion (snapshots)."""
+
+    code = "not_cancellable"
+
+
 class AgentInternalError(AgentRpcError):
     """An unexpected failure in the agent (logged there with its traceback)."""
 
@@ -82,6 +88,7 @@ RPC_ERRORS: tuple[type[AgentRpcError], ...] = (
     DiskBusy,
     SnapshotNotFound,
     BackupNotFound,
+    NotCancellable,
     AgentInternalError,
 )
 
@@ -335,6 +342,8 @@ class OperationState(enum.Enum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    #: RPC 1.3: a backup/verify/prune/restore stopped by ``cancel_operation``.
+    CANCELLED = "cancelled"
 
 
 class OperationKind(enum.Enum):
@@ -342,7 +351,7 @@ class OperationKind(enum.Enum):
     DELETE_ASSISTED = "delete_assisted_snapshot"
     INSTANCE_SNAPSHOT = "snapshot_instance"
     DELETE_OWNED = "delete_snapshot"
-    #: RPC 1.2: create and verify (``result`` says which) of backups.
+    #: RPC 1.2: create and verify of backups; 1.3: prune (the request's ``action``).
     BACKUP = "backup"
     RESTORE = "restore"
 
@@ -485,3 +494,14 @@ class AgentService(Protocol):
     def restore_backup(self, ctxt: CallContext, req: RestoreBackupRequest) -> Operation: ...
 
     def prune_backups(self, ctxt: CallContext, req: PruneBackupsRequest) -> dict[str, Any]: ...
+
+    # -- RPC 1.3: cancel, prune as an operation -------------------------------------------
+    def cancel_operation(self, ctxt: CallContext, op_id: str) -> Operation:
+        """Ask a running backup/verify/prune/restore to stop; the operation as it is now.
+
+        Raises OperationNotFound, or NotCancellable for a finished operation or one of a
+        kind that is never cancelled (snapshots). Cancelling twice is harmless.
+        """
+        ...
+
+    def start_prune(self, ctxt: CallContext, req: PruneBackupsRequest) -> Operation: ...

@@ -58,6 +58,47 @@ class BackupResult:
     fallback_reason: str | None = None
 
 
+class RateLimit:
+    """A token bucket of ``rate`` bytes/s for one volume's read stream (``[backup]
+    bandwidth_mib``), so a backup does not saturate the share it reads from.
+
+    :meth:`take` is called on the READING thread after each chunk (the engine's progress
+    callback runs there), so sleeping in it slows the reads themselves. It sleeps in slices
+    of at most 0.1 s and returns early once ``cancel`` says so, keeping a cancel prompt. The
+    bucket holds at most one second of credit: an idle moment does not buy a later burst.
+    """
+
+    SLICE = 0.1
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self._rate, self._clock, self._sleep = float(rate), clock, sleep
+        self._credit = 0.0
+        self._last = clock()
+
+    def take(self, nbytes: int, cancel: Cancel | None = None) -> None:
+        """Spend ``nbytes``; sleep until the bucket is no longer in debt (or cancelled)."""
+        self._refill()
+        self._credit -= nbytes
+        while self._credit < 0:
+            if cancel is not None and cancel():
+                return
+            self._sleep(min(self.SLICE, -self._credit / self._rate))
+            self._refill()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._credit = min(self._rate, self._credit + (now - self._last) * self._rate)
+        self._last = now
+
+
 class _Buffers:
     """Recycled chunk-sized buffers: no allocation (and no fresh-page faults) per chunk."""
 

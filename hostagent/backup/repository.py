@@ -40,7 +40,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -187,6 +187,8 @@ class GcResult:
     bytes_freed: int
     kept_recent: int
     temp_removed: int
+    #: stopped early by ``cancel``: the chunks not reached stay for the next GC.
+    cancelled: bool = False
 
 
 class Repository:
@@ -434,9 +436,18 @@ class Repository:
         return oldest
 
     def gc(
-        self, *, grace: float = 3600.0, wait: float = 0.0, stale_after: float = 86400.0
+        self,
+        *,
+        grace: float = 3600.0,
+        wait: float = 0.0,
+        stale_after: float = 86400.0,
+        progress: Callable[[int, int], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
     ) -> GcResult:
-        """Remove chunks no manifest references (see the module docstring for the rule)."""
+        """Remove chunks no manifest references (see the module docstring for the rule).
+
+        ``progress(scanned, total)`` follows the chunk files; ``cancel`` is checked before
+        each one, so a cancelled GC stops between chunks (each is deleted or not)."""
         fd = self._lock_fd()
         try:
             deadline = time.monotonic() + wait
@@ -448,11 +459,17 @@ class Repository:
                     if time.monotonic() >= deadline:
                         raise RepositoryBusy("a backup holds the repository lock") from None
                     time.sleep(0.1)
-            return self._gc_locked(grace, stale_after)
+            return self._gc_locked(grace, stale_after, progress, cancel)
         finally:
             os.close(fd)
 
-    def _gc_locked(self, grace: float, stale_after: float) -> GcResult:
+    def _gc_locked(
+        self,
+        grace: float,
+        stale_after: float,
+        progress: Callable[[int, int], None] | None,
+        cancel: Callable[[], bool] | None,
+    ) -> GcResult:
         start = time.time()
         marker = self._live_marker_start(stale_after)  # markers BEFORE manifests
         cutoff = start - grace
@@ -462,7 +479,12 @@ class Repository:
         for m in self.manifests():
             referenced |= m.chunk_ids()
         removed = freed = kept = temps = 0
-        for path, name in self._chunk_files():
+        files = list(self._chunk_files())
+        for n, (path, name) in enumerate(files):
+            if cancel is not None and cancel():
+                return GcResult(removed, freed, kept, temps, cancelled=True)
+            if progress is not None and n % 256 == 0:
+                progress(n, len(files))
             try:
                 st = os.stat(path)
             except FileNotFoundError:
@@ -480,6 +502,8 @@ class Repository:
             os.unlink(path)
             removed += 1
             freed += st.st_size
+        if progress is not None:
+            progress(len(files), len(files))
         return GcResult(removed, freed, kept, temps)
 
     def _chunk_files(self) -> Iterator[tuple[str, str]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hostagent.backup.format import Manifest
@@ -39,6 +40,8 @@ class PruneResult:
     deleted: tuple[str, ...]
     pinned: tuple[str, ...]  # kept only because a running backup builds on them
     gc: GcResult | None
+    #: stopped by ``cancel``: ``deleted`` are gone, the manifests not reached were not judged.
+    cancelled: bool = False
 
 
 def _day(m: Manifest) -> datetime.date:
@@ -73,11 +76,17 @@ def prune(
     gc: bool = True,
     grace: float = 3600.0,
     wait: float = 0.0,
+    progress: Callable[[str, int, int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> PruneResult:
     """Delete the backups ``policy`` does not keep (per volume), then collect garbage.
 
     ``dry_run`` only reports. GC raises :class:`RepositoryBusy` after ``wait`` seconds if a
     backup holds the repository lock; the deletions stand and the next GC frees the chunks.
+    ``progress(phase, done, total)`` reports manifests judged (phase ``retention``), then
+    chunk files scanned (``gc``). ``cancel`` is checked before each manifest and each chunk:
+    a cancelled prune stops between them (what it deleted stays deleted, nothing is half
+    deleted) and says so in ``cancelled``.
     """
     pinned_ids = {str(doc.get("parent_id")) for doc in repo.running() if doc.get("parent_id")}
     by_volume: dict[str, list[Manifest]] = defaultdict(list)
@@ -86,9 +95,16 @@ def prune(
     kept: list[str] = []
     deleted: list[str] = []
     pinned: list[str] = []
+    total = sum(len(ms) for ms in by_volume.values())
+    judged = 0
     for vol, ms in sorted(by_volume.items()):
         keep = select(ms, policy)
         for m in ms:
+            if cancel is not None and cancel():
+                return PruneResult(tuple(kept), tuple(deleted), tuple(pinned), None, True)
+            judged += 1
+            if progress is not None:
+                progress("retention", judged, total)
             if m.backup_id in keep:
                 kept.append(m.backup_id)
             elif m.backup_id in pinned_ids:
@@ -97,5 +113,13 @@ def prune(
                 if not dry_run:
                     repo.delete(vol, m.backup_id)
                 deleted.append(m.backup_id)
-    collected = repo.gc(grace=grace, wait=wait) if gc and not dry_run else None
-    return PruneResult(tuple(kept), tuple(deleted), tuple(pinned), collected)
+    collected = None
+    if gc and not dry_run:
+
+        def scanned(done: int, total: int) -> None:
+            if progress is not None:
+                progress("gc", done, total)
+
+        collected = repo.gc(grace=grace, wait=wait, progress=scanned, cancel=cancel)
+    stopped = collected is not None and collected.cancelled
+    return PruneResult(tuple(kept), tuple(deleted), tuple(pinned), collected, stopped)
