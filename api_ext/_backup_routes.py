@@ -74,6 +74,18 @@ class BackupAgent(Protocol):
         dry_run: bool,
     ) -> dict[str, Any]: ...
 
+    def start_prune(
+        self,
+        ctxt: Mapping[str, Any],
+        *,
+        keep_last: int | None,
+        keep_daily: int | None,
+        volume_id: str | None,
+        dry_run: bool,
+    ) -> api.Operation:
+        """RPC 1.3: the prune as a cancellable operation (result = prune_backups' dict)."""
+        ...
+
 
 def connect(m: routes.Mapper) -> None:
     """The backup routes; actions are ``backup_*`` (dispatched to :class:`BackupRoutes`)."""
@@ -176,7 +188,7 @@ class BackupRoutes:
         self._authorize(auth.BACKUP_VERIFY, ctx)
         bid = schemas.backup_id(backup_id)
         host = schemas.host_query(req.query_string)["host"]
-        self._no_body(req, "verify")
+        self.no_body(req, "verify")
         rpc = self._rpc_ctxt(ctx)
         op = self._any_host(host, lambda a: a.verify_backup(rpc, bid))
         return 202, {"operation": op.to_wire()}
@@ -205,9 +217,9 @@ class BackupRoutes:
         self._authorize(auth.BACKUP_PRUNE, ctx)
         p = schemas.backup_prune(self._body(req))
         rpc = self._rpc_ctxt(ctx)
-        result = self._any_host(
+        op = self._any_host(
             p.host,
-            lambda a: a.prune_backups(
+            lambda a: a.start_prune(
                 rpc,
                 keep_last=p.keep_last,
                 keep_daily=p.keep_daily,
@@ -215,10 +227,10 @@ class BackupRoutes:
                 dry_run=p.dry_run,
             ),
         )
-        return 200, {"prune": result}
+        return 202, {"operation": op.to_wire()}
 
     @staticmethod
-    def _no_body(req: webob.Request, what: str) -> None:
+    def no_body(req: webob.Request, what: str) -> None:
         """Bodiless POSTs: a body means the caller expects options we do not have."""
         if req.content_length or (req.is_body_readable and req.body_file.read(1)):
             raise schemas.BadRequest(f"Invalid input: {what} takes no request body")

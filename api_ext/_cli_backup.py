@@ -129,19 +129,27 @@ def add_parsers(
 
     prune = cmds.add_parser(
         "prune",
-        parents=[fmt],
+        parents=[fmt, wait],
         help="delete the backups a retention rule does not keep",
         description="Per volume, keep the --keep-last newest backups and the newest backup "
         "of each of the last --keep-daily days (UTC); delete the rest, then free "
         "unreferenced chunks. A volume's newest backup is always kept. Neither option: "
-        "the agent's configured default retention.",
+        "the agent's configured default retention. Runs as an operation (cancellable with "
+        "qsnap ops cancel): waits for it with progress and prints the result unless "
+        "--no-wait.",
     )
     prune.add_argument("--keep-last", type=_count, metavar="N")
     prune.add_argument("--keep-daily", type=_count, metavar="D")
     prune.add_argument("--volume", dest="volume_id", metavar="VOLUME_ID", help="only this volume")
     prune.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
     prune.add_argument("--host", help=host_help)
-    prune.set_defaults(run=_prune)
+    prune.add_argument(
+        "--wait",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="wait for the prune to finish, showing progress (default: wait)",
+    )
+    prune.set_defaults(run=lambda ns, c, io: finish(ns, c, _prune_body(ns, c), io, None))
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -211,24 +219,11 @@ def _delete(ns: argparse.Namespace, client: ApiClient, io: Io) -> int:
     return 0
 
 
-def _prune(ns: argparse.Namespace, client: ApiClient, io: Io) -> int:
-    body = client.prune_backups(
+def _prune_body(ns: argparse.Namespace, client: ApiClient) -> dict[str, Any]:
+    return client.prune_backups(
         keep_last=ns.keep_last,
         keep_daily=ns.keep_daily,
         volume_id=ns.volume_id,
         dry_run=ns.dry_run,
         host=ns.host,
     )
-    if ns.format == "json":
-        output.print_json(body, io[0])
-        return 0
-    result: Mapping[str, Any] = body.get("prune") or {}
-    gone = "would_delete" if ns.dry_run else "deleted"
-    rows = [
-        [gone, ", ".join(result.get("deleted") or ()) or "-"],
-        ["kept", ", ".join(result.get("kept") or ()) or "-"],
-        ["chunks_removed", str(result.get("chunks_removed", 0))],
-        ["bytes_freed", output.human_bytes(result.get("bytes_freed", 0))],
-    ]
-    output.table(["FIELD", "VALUE"], rows, io[0])
-    return 0

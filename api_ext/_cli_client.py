@@ -177,6 +177,12 @@ class ApiClient:
             path += "?" + urlencode({"host": host})
         return self._call("GET", path)
 
+    def cancel_operation(self, op_id: str, host: str | None = None) -> dict[str, Any]:
+        path = f"/v1/operations/{quote(op_id, safe='')}/cancel"
+        if host:
+            path += "?" + urlencode({"host": host})
+        return self._call("POST", path)
+
     def list_operations(self, **filters: object) -> dict[str, Any]:
         query = {k: str(v) for k, v in filters.items() if v is not None}
         return self._call("GET", "/v1/operations" + ("?" + urlencode(query) if query else ""))

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
-FINAL_STATES = ("succeeded", "failed")
+FINAL_STATES = ("succeeded", "failed", "cancelled")
 _BAR_WIDTH = 30
 
 

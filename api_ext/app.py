@@ -48,6 +48,7 @@ _AGENT_ERRORS: tuple[tuple[type[api.AgentRpcError], int], ...] = (
     (api.OperationNotFound, 404),
     (api.SnapshotNotFound, 404),
     (api.DiskBusy, 409),
+    (api.NotCancellable, 409),
     (api.InvalidRequest, 400),
 )
 # The same by name: a RemoteError naming one (an agent newer or older than this API, or a
@@ -58,6 +59,7 @@ _AGENT_ERRORS_BY_NAME = {
     "VolumeNotFound": 404,
     "InstanceNotFound": 404,
     "DiskBusy": 409,
+    "NotCancellable": 409,
     "InvalidRequest": 400,
 }
 #: Hosts asked at once by the operations listing (each call blocks one thread).
@@ -99,6 +101,10 @@ class AgentClient(Protocol):
     ) -> api.Operation: ...
 
     def get_operation(self, ctxt: Mapping[str, Any], op_id: str) -> api.Operation: ...
+
+    def cancel_operation(self, ctxt: Mapping[str, Any], operation_id: str) -> api.Operation:
+        """RPC 1.3: OperationNotFound (404), NotCancellable (409)."""
+        ...
 
     def list_operations(
         self, ctxt: Mapping[str, Any], filters: api.OperationFilters | None = None
@@ -160,6 +166,11 @@ class ApiApp:
         )
         m.connect("/v1/operations", action="list_operations", conditions={"method": ["GET"]})
         m.connect("/v1/operations/{op_id}", action="get_operation", conditions={"method": ["GET"]})
+        m.connect(
+            "/v1/operations/{op_id}/cancel",
+            action="cancel_operation",
+            conditions={"method": ["POST"]},
+        )
         m.connect(
             "/v1/volumes/{volume_id}/snapshots/{snapshot_id}",
             action="delete_snapshot",
@@ -290,6 +301,22 @@ class ApiApp:
 
     def _get_operation(self, req: webob.Request, ctx: Any, op_id: str) -> webob.Response:
         self._authorize(auth.GET_OPERATION, ctx)
+        rpc = self._rpc_ctxt(ctx)
+        op = self._on_op_host(req, op_id, lambda a: a.get_operation(rpc, op_id))
+        return _json_response(200, {"operation": op.to_wire()})
+
+    def _cancel_operation(self, req: webob.Request, ctx: Any, op_id: str) -> webob.Response:
+        """202: the agent flagged it; the operation ends ``cancelled`` at its next chunk."""
+        self._authorize(auth.CANCEL_OPERATION, ctx)
+        _backup_routes.BackupRoutes.no_body(req, "cancel")
+        rpc = self._rpc_ctxt(ctx)
+        op = self._on_op_host(req, op_id, lambda a: a.cancel_operation(rpc, op_id))
+        return _json_response(202, {"operation": op.to_wire()})
+
+    def _on_op_host(
+        self, req: webob.Request, op_id: str, call: Callable[[AgentClient], api.Operation]
+    ) -> api.Operation:
+        """``call`` on ``?host=``, else on each known host until one knows the operation."""
         if not op_id.replace("-", "").isalnum() or len(op_id) > 64:  # agents use uuid4 ids
             raise schemas.BadRequest("Invalid input for field/attribute operation_id")
         host = req.GET.get("host")
@@ -298,10 +325,9 @@ class ApiApp:
             raise HttpError(404, f"unknown host {host!r}")
         for candidate in [host] if host else hosts:
             try:
-                op = self._agents(candidate).get_operation(self._rpc_ctxt(ctx), op_id)
+                return call(self._agents(candidate))
             except api.OperationNotFound:
                 continue
-            return _json_response(200, {"operation": op.to_wire()})
         raise HttpError(404, f"operation {op_id} not found")
 
     def _snapshot_instance(

@@ -33,6 +33,7 @@ DELETE_ASSISTED = "qsnap:assisted_snapshot:delete"
 INSTANCE_SNAPSHOT = "qsnap:instance_snapshot:create"
 GET_OPERATION = "qsnap:operation:get"
 LIST_OPERATIONS = "qsnap:operation:list"
+CANCEL_OPERATION = "qsnap:operation:cancel"
 DELETE_SNAPSHOT = "qsnap:snapshot:delete"
 BACKUP_CREATE = "qsnap:backup:create"
 BACKUP_LIST = "qsnap:backup:list"
@@ -78,6 +79,13 @@ RULES = [
         ADMIN,
         "List operations of every known host (or one), newest first.",
         [{"method": "GET", "path": "/v1/operations"}],
+    ),
+    policy.DocumentedRuleDefault(
+        CANCEL_OPERATION,
+        ADMIN,
+        "Cancel a running backup, verify, prune or restore (snapshot operations are not "
+        "cancellable).",
+        [{"method": "POST", "path": "/v1/operations/{operation_id}/cancel"}],
     ),
     policy.DocumentedRuleDefault(
         BACKUP_CREATE,

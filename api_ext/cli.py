@@ -1,7 +1,9 @@
 """``qsnap``: the admin CLI over qsnap-api's native /v1 API.
 
-Exit status: 0 success; 1 the operation failed, the API refused the request (its message is
-printed), the API could not be reached, or ``--wait-timeout`` passed while waiting; 2 usage errors.
+Exit status: 0 success; 1 the operation failed or was cancelled, the API refused the request
+(its message is printed), the API could not be reached, or ``--wait-timeout`` passed while
+waiting; 2 usage errors; 130 Ctrl-C while waiting (the operation goes on: the command that
+cancels it is printed; nothing is cancelled implicitly).
 Results go to stdout (a table, or with ``--format json`` exactly the API's JSON body);
 progress, warnings and errors go to stderr.
 """
@@ -140,8 +142,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
     _cli_backup.add_parsers(top, fmt, wait, _finish)
 
-    ops = top.add_parser("ops", help="list or show operations")
-    ops_cmds = ops.add_subparsers(dest="command", metavar="{list,show}", required=True)
+    ops = top.add_parser("ops", help="list, show or cancel operations")
+    ops_cmds = ops.add_subparsers(dest="command", metavar="{list,show,cancel}", required=True)
     lst = ops_cmds.add_parser(
         "list",
         parents=[fmt],
@@ -160,6 +162,27 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     show.add_argument("op_id", metavar="OP_ID")
     show.add_argument("--host", help="ask only this host's agent (default: every host)")
     show.set_defaults(run=_ops_show)
+
+    cancel = ops_cmds.add_parser(
+        "cancel",
+        parents=[fmt, wait],
+        help="cancel a running backup, verify, prune or restore",
+        description="Ask the operation's agent to stop it at its next chunk; it then ends "
+        "'cancelled' (backups already published stay published, nothing partial is "
+        "published). Snapshot operations are not cancellable (HTTP 409), nor is an operation "
+        "that already ended. Exit 0: the cancel was accepted (without --wait), or the "
+        "operation ended cancelled (--wait); exit 1: refused, or with --wait it ended "
+        "succeeded/failed before it noticed the cancel.",
+    )
+    cancel.add_argument("op_id", metavar="OP_ID")
+    cancel.add_argument("--host", help="the operation's host (default: every host is asked)")
+    cancel.add_argument(
+        "--wait",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="follow the operation to its end (default: return once accepted)",
+    )
+    cancel.set_defaults(run=_ops_cancel)
     return parser
 
 
@@ -184,20 +207,60 @@ def _finish(
     """Wait if asked, print the operation; 1 if it failed (or ``check`` names a problem)."""
     out, err = io
     if ns.wait:
-        reporter = output.ProgressReporter(err)
         try:
-            body = wait_for(client, body, ns.poll_interval, ns.wait_timeout, reporter)
-        finally:
-            reporter.close()
+            body = _wait(ns, client, body, err)
+        except KeyboardInterrupt:
+            return _interrupted(body["operation"], err)
     _emit_operation(ns, body, out)
     op = body["operation"]
-    if op["state"] == "failed":
+    if op["state"] in ("failed", "cancelled"):
         error = op.get("error") or {}
-        err.write(f"qsnap: operation {op['id']} failed: {error.get('message') or 'no error'}\n")
+        why = error.get("message") or "no error"
+        err.write(f"qsnap: operation {op['id']} {op['state']}: {why}\n")
         return 1
     problem = check(op) if check is not None and op["state"] == "succeeded" else None
     if problem:
         err.write(f"qsnap: {problem}\n")
+        return 1
+    return 0
+
+
+def _wait(
+    ns: argparse.Namespace, client: ApiClient, body: dict[str, Any], err: TextIO
+) -> dict[str, Any]:
+    reporter = output.ProgressReporter(err)
+    try:
+        return wait_for(client, body, ns.poll_interval, ns.wait_timeout, reporter)
+    finally:
+        reporter.close()
+
+
+#: Operation kinds ``qsnap ops cancel`` can stop (the agent refuses the others).
+CANCELLABLE = ("backup", "restore")
+
+
+def _interrupted(op: Mapping[str, Any], err: TextIO) -> int:
+    """Ctrl-C while waiting: the operation goes on; say how to follow or cancel it."""
+    op_id = op["id"]
+    err.write(f"\nqsnap: stopped waiting; operation {op_id} goes on (qsnap ops show {op_id})\n")
+    if op.get("kind") in CANCELLABLE:
+        err.write(f"qsnap: to cancel it: qsnap ops cancel {op_id}\n")
+    err.flush()
+    return 130
+
+
+def _ops_cancel(ns: argparse.Namespace, client: ApiClient, io: Io) -> int:
+    out, err = io
+    body = client.cancel_operation(ns.op_id, ns.host)
+    if ns.wait:
+        try:
+            body = _wait(ns, client, body, err)
+        except KeyboardInterrupt:
+            return _interrupted(body["operation"], err)
+    _emit_operation(ns, body, out)
+    op = body["operation"]
+    if ns.wait and op["state"] != "cancelled":
+        err.write(f"qsnap: operation {op['id']} ended {op['state']} before it was cancelled\n")
         return 1
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -187,6 +188,57 @@ class FakeAgent:
             "chunks_removed": 0 if dry_run else 2 * len(gone),
             "bytes_freed": 0 if dry_run else 8388608 * len(gone),
         }
+
+    def start_prune(
+        self,
+        ctxt: Mapping[str, Any],
+        *,
+        keep_last: int | None,
+        keep_daily: int | None,
+        volume_id: str | None,
+        dry_run: bool,
+    ) -> api.Operation:
+        """RPC 1.3: the prune runs at once here; the operation shows its result."""
+        result = self.prune_backups(
+            ctxt, keep_last=keep_last, keep_daily=keep_daily, volume_id=volume_id, dry_run=dry_run
+        )
+        self.calls[-1] = ("start_prune", self.calls[-1][1])
+        done = op(
+            f"prune-{len(self.ops)}",
+            self.host,
+            "succeeded",
+            kind=api.OperationKind.BACKUP,
+            steps=[("prune", "done")],
+            progress=(3, 3),
+            volumes=(),
+            **result,
+        )
+        self.ops.append(done)
+        return done
+
+    def cancel_operation(self, ctxt: Mapping[str, Any], operation_id: str) -> api.Operation:
+        """RPC 1.3: refuses like the agent; a running op's next state is ``cancelled``."""
+        self._record("cancel", operation_id)
+        known = next((o for o in self.ops if o.id == operation_id), None)
+        if known is None:
+            raise api.OperationNotFound(f"no operation {operation_id}")
+        if known.kind not in (api.OperationKind.BACKUP, api.OperationKind.RESTORE):
+            raise api.NotCancellable(
+                f"operation {operation_id} is a {known.kind.value} operation: snapshot "
+                "operations run to completion or roll back; they are not cancellable"
+            )
+        with self._lock:
+            shown = (self.script.get(operation_id) or [known])[-1]
+        if shown.state not in (api.OperationState.QUEUED, api.OperationState.RUNNING):
+            raise api.NotCancellable(f"operation {operation_id} already ended: {shown.state.value}")
+        ended = dataclasses.replace(
+            known,
+            state=api.OperationState.CANCELLED,
+            error={"code": "OperationCancelled", "message": "cancelled on request"},
+        )
+        with self._lock:
+            self.script[operation_id] = [ended]
+        return known
 
     def _find_backup(self, backup_id: str) -> dict[str, Any]:
         for b in self.backups:

@@ -28,6 +28,7 @@ from tests.unit.api_ext.fakes import (
     FakeAgent,
     backup,
 )
+from tests.unit.api_ext.fakes import op as make_op
 
 OTHER_INST = "77777777-7777-4777-8777-777777777777"
 
@@ -284,8 +285,10 @@ def test_restore_on_unknown_host_is_404(app: webtest.TestApp, agents: dict[str, 
 def test_prune(app: webtest.TestApp, agents: dict[str, FakeAgent]) -> None:
     body = {"prune": {"keep_last": 1, "dry_run": True}}
     resp = app.post_json("/v1/backups/prune", body, headers=ADMIN)
-    assert resp.status_int == 200
-    assert resp.json["prune"] == {
+    assert resp.status_int == 202  # RPC 1.3: an operation (start_prune)
+    op = resp.json["operation"]
+    assert op["kind"] == "backup" and op["host"] == "host-a"
+    assert {k: op["result"][k] for k in ("deleted", "kept", "chunks_removed", "bytes_freed")} == {
         "deleted": [BK2],
         "kept": [BK1],
         "chunks_removed": 0,
@@ -295,10 +298,40 @@ def test_prune(app: webtest.TestApp, agents: dict[str, FakeAgent]) -> None:
     app.post_json("/v1/backups/prune", body, headers=ADMIN)
     app.post_json("/v1/backups/prune", {"prune": {}}, headers=ADMIN)  # the agent's default
     assert _calls(agents) == [
-        ("host-a", "prune_backups", (1, None, None, True)),
-        ("host-a", "prune_backups", (None, None, None, False)),
-        ("host-b", "prune_backups", (None, 7, VOL2, False)),
+        ("host-a", "start_prune", (1, None, None, True)),
+        ("host-a", "start_prune", (None, None, None, False)),
+        ("host-b", "start_prune", (None, 7, VOL2, False)),
     ]
+
+
+# -- cancel -------------------------------------------------------------------------------
+def test_cancel_operation_routes_refuses_and_is_admin_only(
+    app: webtest.TestApp, agents: dict[str, FakeAgent]
+) -> None:
+    b = agents["host-b"]
+    b.ops += [
+        make_op("run-1", "host-b", "running", kind=api.OperationKind.BACKUP),
+        make_op("done-1", "host-b", "succeeded", kind=api.OperationKind.BACKUP),
+        make_op("snap-1", "host-b", "running"),  # an instance snapshot
+    ]
+    resp = app.post("/v1/operations/run-1/cancel", headers=ADMIN)
+    assert resp.status_int == 202 and resp.json["operation"]["id"] == "run-1"
+    # asked host by host like GET: host-a does not know it, host-b cancels it
+    assert [(h, n) for h, n, _ in _calls(agents)] == [("host-a", "cancel"), ("host-b", "cancel")]
+    shown = app.get("/v1/operations/run-1", headers=ADMIN).json["operation"]
+    assert shown["state"] == "cancelled"
+    resp = app.post("/v1/operations/done-1/cancel?host=host-b", headers=ADMIN, status=409)
+    assert "already ended: succeeded" in resp.json["conflictingRequest"]["message"]
+    resp = app.post("/v1/operations/snap-1/cancel", headers=ADMIN, status=409)
+    assert "not cancellable" in resp.json["conflictingRequest"]["message"]
+    app.post("/v1/operations/nope/cancel", headers=ADMIN, status=404)
+    app.post("/v1/operations/run-1/cancel?host=host-z", headers=ADMIN, status=404)
+    app.post("/v1/operations/a..b/cancel", headers=ADMIN, status=400)
+    app.post("/v1/operations/run-1/cancel", "{}", headers=ADMIN, status=400)  # no body
+    before = len(b.calls)
+    app.post("/v1/operations/run-1/cancel", headers=SERVICE, status=403)
+    app.get("/v1/operations/run-1/cancel", headers=ADMIN, status=405)
+    assert len(b.calls) == before  # refused before any agent was asked
 
 
 @pytest.mark.parametrize(

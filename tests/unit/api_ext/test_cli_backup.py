@@ -63,7 +63,7 @@ def server(module_server: Server, agents: dict[str, FakeAgent]) -> Server:
 
 
 def _rows(out: str) -> dict[str, str]:
-    return dict(line.split(None, 1) for line in out.splitlines()[2:])
+    return dict([*line.split(None, 1), ""][:2] for line in out.splitlines()[2:])
 
 
 def _script_backup(agent: FakeAgent, op_id: str = "bk1", **final: Any) -> None:
@@ -246,20 +246,72 @@ def test_restore_relative_path_is_the_api_400(server: Server) -> None:
 
 
 # -- prune --------------------------------------------------------------------------------
-def test_prune_dry_run_and_for_real(server: Server, agents: dict[str, FakeAgent]) -> None:
+def test_prune_is_followed_as_an_operation(server: Server, agents: dict[str, FakeAgent]) -> None:
     rc, out, err = run(server, "backup", "prune", "--keep-last", "1", "--dry-run")
-    assert (rc, err) == (0, "")
+    assert rc == 0 and "step prune, 100%" in err  # followed with progress by default
     rows = _rows(out)
-    assert rows["would_delete"] == BK1 and rows["kept"] == BK2
+    assert rows["state"] == "succeeded" and rows["kind"] == "backup"
+    assert json.loads(rows["result.deleted"]) == [BK1]
+    assert json.loads(rows["result.kept"]) == [BK2]
     assert len(agents["host-a"].backups) == 2
     rc, out, _ = run(server, "backup", "prune", "--keep-last", "1", "--keep-daily", "3",
                      "--volume", VOL, "-f", "json")  # fmt: skip
-    assert json.loads(out)["prune"]["bytes_freed"] == 8388608
-    assert agents["host-a"].calls[-1] == ("prune_backups", (1, 3, VOL, False))
+    assert json.loads(out)["operation"]["result"]["bytes_freed"] == 8388608
+    assert ("start_prune", (1, 3, VOL, False)) in agents["host-a"].calls
     rc, _, err = run(server, "backup", "prune", "--keep-last", "0")
     assert rc == 1 and "prune must keep something" in err
-    rc, _, err = run(server, "backup", "prune")  # no rule: the agent's default retention
-    assert (rc, agents["host-a"].calls[-1]) == (0, ("prune_backups", (None, None, None, False)))
+    before = len(agents["host-a"].calls)
+    rc, out, err = run(server, "backup", "prune", "--no-wait")  # the agent's default retention
+    assert (rc, err) == (0, "") and _rows(out)["id"].startswith("prune-")
+    assert agents["host-a"].calls[before:] == [("start_prune", (None, None, None, False))]
+
+
+def test_ops_cancel(server: Server, agents: dict[str, FakeAgent]) -> None:
+    a = agents["host-a"]
+    a.ops += [
+        op("run-1", "host-a", "running", kind=kind_of("BACKUP")),
+        op("snap-1", "host-a", "running"),
+    ]
+    a.script["run-1"] = [a.ops[-2]]  # shown running until the cancel
+    rc, out, err = run(server, "ops", "cancel", "run-1")
+    assert (rc, err) == (0, "") and _rows(out)["state"] == "running"  # accepted
+    rc, _, err = run(server, "ops", "cancel", "run-1")  # it ended (cancelled): refused
+    assert rc == 1 and "HTTP 409" in err and "already ended: cancelled" in err
+    a.ops.append(op("run-2", "host-a", "running", kind=kind_of("BACKUP")))
+    rc, out, err = run(server, "ops", "cancel", "run-2", "--wait", "-f", "json")
+    assert rc == 0 and json.loads(out)["operation"]["state"] == "cancelled"
+    rc, _, err = run(server, "ops", "cancel", "snap-1")
+    assert rc == 1 and "HTTP 409" in err and "not cancellable" in err
+    rc, _, err = run(server, "ops", "cancel", "nope")
+    assert rc == 1 and "HTTP 404" in err
+
+
+def test_waiting_create_ended_cancelled_exits_1(
+    server: Server, agents: dict[str, FakeAgent]
+) -> None:
+    a = agents["host-a"]
+    a.next_op = op("bk-c", "host-a", kind=kind_of("BACKUP"))
+    err_info = {"code": "OperationCancelled", "message": "cancelled on request; stay published"}
+    a.script["bk-c"] = [op("bk-c", "host-a", "cancelled", kind=kind_of("BACKUP"), error=err_info)]
+    rc, out, err = run(server, "backup", "create", "--volume", VOL, "--wait")
+    assert rc == 1 and "operation bk-c cancelled: cancelled on request" in err
+    assert _rows(out)["state"] == "cancelled"
+
+
+def test_ctrl_c_while_waiting_prints_the_cancel_command(
+    monkeypatch: pytest.MonkeyPatch, server: Server, agents: dict[str, FakeAgent]
+) -> None:
+    a = agents["host-a"]
+    a.next_op = op("bk-i", "host-a", "running", kind=kind_of("BACKUP"))
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "wait_for", interrupted)
+    rc, out, err = run(server, "backup", "create", "--volume", VOL, "--wait")
+    assert rc == 130 and out == ""
+    assert "qsnap ops cancel bk-i" in err and "goes on" in err
+    assert not [c for c in a.calls if c[0] == "cancel"]  # nothing cancelled implicitly
 
 
 # -- usage --------------------------------------------------------------------------------
