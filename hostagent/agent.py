@@ -23,6 +23,7 @@ from oslo_log import log as oslo_log
 from hostagent._backup_service import BackupSettings, LiveEngine
 from hostagent._notify_queue import NoCinder, NotifyQueue
 from hostagent._pool import KeyedPool
+from hostagent._stranded import OverlayReaper
 from hostagent.backup import recover_backup
 from hostagent.cinder_meta import CinderMeta
 from hostagent.config import make_conf
@@ -134,8 +135,13 @@ class Agent:
             transport = get_transport(conf)
             self._owned.append(transport)
         self.transport = transport
+        self.reaper = OverlayReaper(conn, journal, roots=roots)
         self.tracker = InventoryTracker(
-            conn, conf.host, InventoryFanout(transport), interval=conf.agent.inventory_interval
+            conn,
+            conf.host,
+            InventoryFanout(transport),
+            interval=conf.agent.inventory_interval,
+            on_refresh=self.reaper.remember,
         )
         self._server: Any = None
 
@@ -143,6 +149,9 @@ class Agent:
         """Reconcile unfinished work, then start the queue, tracker and RPC server threads."""
         if self.events is not None:
             self.events.start()
+        # a release of stranded backup overlays is finished, not failed: its base may be torn
+        for decided in self.reaper.resume():
+            LOG.info("resumed overlay release: %s", decided)
         # before any request is served and before the queue's first pass delivers what it owes
         reconcile(
             self.journal,
@@ -157,6 +166,7 @@ class Agent:
             ),
         )
         self.queue.start()  # resends what an earlier run left pending
+        self.reaper.start()  # before the tracker: no stop may pass unseen once volumes are known
         self.tracker.start()
         self._server = get_server(self.transport, self.host, self.service)
         self._server.start()
@@ -170,6 +180,7 @@ class Agent:
             self._server = None
         self.pool.shutdown(wait=True)
         self.tracker.stop()
+        self.reaper.stop()
         self.queue.stop()
         if self.events is not None:
             self.events.stop()

@@ -52,6 +52,8 @@ def read_attachments(conn: libvirt.virConnect) -> tuple[VolumeAttachment, ...]:
 class InventoryTracker:
     """Keeps ``current()`` up to date and calls ``publish`` on change and periodically.
 
+    ``on_refresh`` (optional) sees every inventory read, on the tracker's thread.
+
     ``generation`` grows by one per observed change, so receivers can drop stale updates.
     """
 
@@ -62,8 +64,10 @@ class InventoryTracker:
         publish: Publisher,
         *,
         interval: float = 60.0,
+        on_refresh: Callable[[Inventory], None] | None = None,
     ) -> None:
         self._conn = conn
+        self._on_refresh = on_refresh
         self._host = host
         self._publish = publish
         self._interval = interval
@@ -134,6 +138,11 @@ class InventoryTracker:
                 self._stopping.wait(min(1.0, self._interval))
                 self._dirty.set()
                 continue
+            if self._on_refresh is not None:
+                try:
+                    self._on_refresh(inventory)
+                except Exception:  # an observer never stops publishing
+                    LOG.exception("inventory observer failed")
             # At start and on change at once, otherwise once per interval.
             if changed or not woke or not self._sent_once:
                 self._send(inventory)
