@@ -72,7 +72,7 @@ def operation_rows(op: Mapping[str, Any]) -> list[list[str]]:
         ["kind", str(op["kind"])],
         ["state", str(op["state"])],
         ["host", str(op["host"])],
-        ["volumes", ", ".join(op.get("volume_ids") or ())],
+        ["volumes", ", ".join(op.get("volume_ids") or ()) or "-"],
     ]
     for key in ("snapshot_id", "instance_uuid", "created_at", "updated_at"):
         if op.get(key):

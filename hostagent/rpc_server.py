@@ -227,10 +227,10 @@ class AgentEndpoint:
     # -- 1.3: cancel, prune as an operation -------------------------------------------------
     def cancel_operation(self, ctxt: dict[str, Any], operation_id: object) -> dict[str, Any]:
         def call() -> dict[str, Any]:
-            if not isinstance(operation_id, str) or not is_uuid(operation_id):
-                raise api.OperationNotFound(f"no operation {operation_id!r}")
+            if not isinstance(operation_id, str) or not operation_id or len(operation_id) > 64:
+                raise api.InvalidRequest(f"bad operation id {operation_id!r}")
             c = api.CallContext.from_wire(ctxt)
-            return self._service.cancel_operation(c, operation_id.lower()).to_wire()
+            return self._service.cancel_operation(c, operation_id).to_wire()
 
         return self._run("cancel_operation", call)
 

@@ -200,15 +200,36 @@ def test_cli_backup_steps(api_url: str) -> None:
     assert (rc, out) == (1, "")
     assert err == f"qsnap: error: HTTP 400: restore target {target} exists\n"
 
-    # prune: a dry run deletes nothing; keep_last=1 deletes the full backup
-    rc, out, _ = qsnap(api_url, "backup", "prune", "--keep-last", "1", "--dry-run", "-f", "json")
-    assert full_id in json.loads(out)["prune"]["deleted"]
+    # prune (an operation, followed): a dry run deletes nothing; keep_last=1 deletes the full
+    rc, out, err = qsnap(api_url, "backup", "prune", "--keep-last", "1", "--dry-run", "-f",
+                         "json", "--poll-interval", "0.1")  # fmt: skip
+    assert rc == 0, err
+    assert full_id in json.loads(out)["operation"]["result"]["deleted"]
     rc, out, _ = qsnap(api_url, "backup", "show", full_id)
     assert rc == 0
-    rc, out, _ = qsnap(api_url, "backup", "prune", "--keep-last", "1", "--volume", VOL_OK)
-    assert rc == 0 and full_id in _rows(out)["deleted"]
+    rc, out, err = qsnap(api_url, "backup", "prune", "--keep-last", "1", "--volume", VOL_OK,
+                         "--poll-interval", "0.1")  # fmt: skip
+    assert rc == 0 and full_id in _rows(out)["result.deleted"]
+    assert "step prune, 50%" in err
     rc, out, err = qsnap(api_url, "backup", "show", full_id)
     assert (rc, err) == (1, f"qsnap: error: HTTP 404: no backup {full_id}\n")
+
+    # ops cancel: a running verify is cancelled (--wait: exit 0 once it ended cancelled);
+    # cancelling it again, or a snapshot operation, is 409; an unknown id 404
+    rc, out, _ = qsnap(api_url, "backup", "verify", inc["backup_id"], "-f", "json")
+    vop = json.loads(out)["operation"]["id"]
+    rc, out, err = qsnap(api_url, "ops", "cancel", vop, "--wait", "--poll-interval", "0.1")
+    assert rc == 0, err
+    assert _rows(out)["state"] == "cancelled"
+    rc, _, err = qsnap(api_url, "ops", "cancel", vop)
+    assert rc == 1 and "HTTP 409" in err and "already ended: cancelled" in err
+    rc, out, _ = qsnap(api_url, "snapshot", "create", "--instance", INSTANCE, "--no-wait",
+                       "-f", "json")  # fmt: skip
+    sop = json.loads(out)["operation"]["id"]
+    rc, _, err = qsnap(api_url, "ops", "cancel", sop)
+    assert rc == 1 and "HTTP 409" in err and "not cancellable" in err
+    rc, _, err = qsnap(api_url, "ops", "cancel", "0" * 32)
+    assert rc == 1 and "HTTP 404" in err
 
     # delete; again: 404; an unknown volume: 404 before any agent
     rc, out, _ = qsnap(api_url, "backup", "delete", inc["backup_id"])

@@ -333,6 +333,36 @@ class StubService:
             "bytes_freed": freed,
         }
 
+    # -- RPC 1.3 --------------------------------------------------------------------------
+    def start_prune(self, ctxt: api.CallContext, *args: Any, **kw: Any) -> api.Operation:
+        """The prune as an operation: judged, then GC'd, then its result (prune_backups')."""
+        final = self.prune_backups(ctxt, *args, **kw)
+        op = self._new(ctxt, _kind("BACKUP"))
+        step = _step("prune")
+        return self._staged(
+            op,
+            [
+                _stage(op, "running", [step], (1, 2)),
+                _stage(op, "succeeded", [_done(step)], (2, 2), final=final),
+            ],
+        )
+
+    def cancel_operation(self, ctxt: api.CallContext, op_id: str) -> api.Operation:
+        """Refuses like the agent; a running backup/restore's next look is ``cancelled``."""
+        op = self.get_operation(ctxt, op_id)
+        if op.kind not in (_kind("BACKUP"), _kind("RESTORE")):
+            raise api.NotCancellable(
+                f"operation {op_id} is a {op.kind.value} operation: snapshot operations run "
+                "to completion or roll back; they are not cancellable"
+            )
+        if op.state not in (api.OperationState.QUEUED, api.OperationState.RUNNING):
+            raise api.NotCancellable(f"operation {op_id} already ended: {op.state.value}")
+        err = {"code": "OperationCancelled", "message": "cancelled on request"}
+        ended = dataclasses.replace(op, state=api.OperationState.CANCELLED, error=err)
+        with self._lock:
+            self._stages[op_id] = [ended]
+        return op
+
     def get_inventory(self, ctxt: api.CallContext) -> api.Inventory:
         vol = api.VolumeAttachment(VOL_OK, INSTANCE, "instance-0001", "vdb", "/x/volume-" + VOL_OK)
         return api.Inventory(self.host, (vol,), generation=1)

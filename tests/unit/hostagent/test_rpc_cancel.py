@@ -48,7 +48,8 @@ def test_cancel_and_start_prune_round_trip(tmp_path: Path) -> None:
         server.stop()
         server.wait()
         transport.cleanup()
-    # the endpoint refuses a non-UUID id without asking the service
+    # the endpoint refuses a non-string id without asking the service; a bad string is 404
     ep = AgentEndpoint(bed.svc)
+    assert isinstance(_expected(lambda: ep.cancel_operation({}, 7)), api.InvalidRequest)
     assert isinstance(_expected(lambda: ep.cancel_operation({}, "../x")), api.OperationNotFound)
     assert ep.target.version == "1.3"
