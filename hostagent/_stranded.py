@@ -158,8 +158,10 @@ class OverlayReaper:
             if seen is None:
                 return None
             directory = seen.directory
+        if not _overlays(directory, volume_id):
+            return None  # the common case: no backup overlay, nothing to wait for
         self._await_idle(volume_id)
-        names = sorted(n for n in os.listdir(directory) if is_backup_overlay(n, volume_id))
+        names = _overlays(directory, volume_id)
         if not names or self._all_live(volume_id, names):
             return None
         request = {"action": "release", "volume_ids": [volume_id], "directory": directory,
@@ -254,10 +256,18 @@ class OverlayReaper:
             for s in self._j.steps(op.id):
                 if s.state is ops.StepState.PLANNED:
                     self._j.step_undone(op.id, s.seq, {"recovery": "run again after a restart"})
-            names = sorted(n for n in os.listdir(directory) if is_backup_overlay(n, vid))
+            names = _overlays(directory, vid)
             if names:
                 self._release(op.id, vid, directory, names)
             else:  # the last removal was done: nothing is left to merge
                 self._j.finish(op.id, ops.OperationState.SUCCEEDED, result={"released": []})
             decided.append(f"{vid}: {self._j.get(op.id).state.value}")
         return decided
+
+
+def _overlays(directory: str, volume_id: str) -> list[str]:
+    """The volume's backup overlays (checkpoint or temporary) in its directory, sorted."""
+    try:
+        return sorted(n for n in os.listdir(directory) if is_backup_overlay(n, volume_id))
+    except FileNotFoundError:  # the share or directory is gone: nothing of ours is left
+        return []
