@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 PYTEST  := $(PY) -m pytest
 SHELL   := /bin/bash
 
-.PHONY: help setup test lint unit functional bench demo clean
+.PHONY: help setup test lint unit functional bench bench-backup demo clean
 
 help:
 	@echo "make demo        the main job end to end in one process (boot, snapshot while writing, delete, check)"
@@ -14,6 +14,7 @@ help:
 	@echo "make functional  real-peer tests, then the leftover check"
 	@echo "make lint        ruff + mypy"
 	@echo "make bench       benchmark scripts (ratios against in-run baselines)"
+	@echo "make bench-backup  issue 7's backup figures in one run (full/incr/restore, vs Cinder, 10 at once)"
 
 setup:
 	@tools/host_setup.sh
@@ -37,6 +38,12 @@ functional: setup
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; PYTHONPATH=. $(PY) $$b || exit 1; done
+
+# The backup figures in one run: vs the nbdcopy|zstd pipe and qemu-img convert, vs Cinder's
+# PosixBackupDriver on the same 4 GiB volume, 10 volumes at once.
+bench-backup: setup
+	@for b in backup_full backup_cinder backup_parallel; do echo "== bench/$$b.py"; \
+	PYTHONPATH=. $(PY) bench/$$b.py || exit 1; done
 
 # One process: qsnap-api + agent on fake://, a 3-disk TCG guest; cleans up after itself.
 demo: setup
