@@ -235,9 +235,10 @@ class InstanceSnapshots(OwnedBase):
     def resume(self, op: ops.Operation, last: dict[str, ops.Step], obs: Observer) -> str:
         plan_step = last.get("plan")
         if plan_step is None or plan_step.state is not ops.StepState.DONE:
-            err = ops.ErrorInfo("RecoveredFailure", "restart before the plan: nothing touched")
+            # at most a backup checkpoint was released (journaled, recovered by OwnedOps)
+            err = ops.ErrorInfo("RecoveredFailure", "restart before the plan: no snapshot taken")
             self._j.finish(op.id, ops.OperationState.FAILED, error=err)
-            return "not planned: failed, nothing touched"
+            return "not planned: failed, no snapshot taken"
         plan, vols = plan_step.data, self._vols(plan_step.data)
         recorded = "cinder_create" in last
         with contextlib.suppress(Exception):

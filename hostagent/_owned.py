@@ -20,6 +20,7 @@ import logging
 from hostagent import journal as jn
 from hostagent import operations as ops
 from hostagent import service_api as api
+from hostagent._checkpoints import has_planned_release, recover_release, settle_of
 from hostagent._instance_snapshot import InstanceSnapshots
 from hostagent._located import DiskLocks, Hypervisor
 from hostagent._notify_queue import NotifyQueue
@@ -44,7 +45,7 @@ class OwnedOps:
         roots: list[str],
         step: StepFn,
     ) -> None:
-        self._j, self._locks = journal, locks
+        self._j, self._locks, self._hv, self._roots = journal, locks, hv, roots
         self.instances = InstanceSnapshots(journal, hv, queue, pool, locks, roots=roots, step=step)
         self.deletes = OwnedDeletes(journal, hv, queue, pool, locks, roots=roots, step=step)
 
@@ -62,7 +63,9 @@ class OwnedOps:
             str(v["key"]) for s in rec.steps if s.name == "plan" for v in s.data.get("volumes", ())
         ]
         keys += [
-            str(s.data["disk"]) for s in rec.steps if s.name == "validate" and "disk" in s.data
+            str(s.data["disk"])
+            for s in rec.steps
+            if s.name in ("validate", "release_checkpoint") and "disk" in s.data
         ]
         with self._locks.hold(keys):
             decision = self._resume(rec, obs, job_timeout)
@@ -70,9 +73,20 @@ class OwnedOps:
         return decision
 
     def _resume(self, rec: ops.OperationRecord, obs: Observer, job_timeout: float) -> str:
-        op = rec.operation
-        last = {s.name: s for s in rec.steps}
-        for s in rec.steps:  # a PLANNED step may or may not have acted: judged below
+        op, steps = rec.operation, rec.steps
+        released: list[str] = []
+        if has_planned_release(steps):  # killed mid-release: settle + clean up first
+            settle = settle_of(obs)
+            args = (self._hv.locate, settle, self._roots, job_timeout)
+            released = recover_release(self._j, op.id, steps, *args)
+            steps = tuple(self._j.steps(op.id))
+        return "; ".join([*released, self._judge(op, steps, obs, job_timeout)])
+
+    def _judge(
+        self, op: ops.Operation, steps: tuple[ops.Step, ...], obs: Observer, job_timeout: float
+    ) -> str:
+        last = {s.name: s for s in steps}
+        for s in steps:  # a PLANNED step may or may not have acted: judged below
             if s.state is ops.StepState.PLANNED and s.name not in ("snapshot", "merge"):
                 self._j.step_undone(op.id, s.seq, {"recovery": "re-judged after restart"})
         if op.kind is ops.OperationKind.INSTANCE_SNAPSHOT:

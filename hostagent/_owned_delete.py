@@ -5,7 +5,7 @@ the agent does it all: the newest snapshot by ACTIVE COMMIT + pivot into its bac
 (copies only the overlay), an inner one by commit into its backing file; then the ledger
 (``active`` moves back when the newest went), the merged-away file, and Cinder's record
 (snapshot-delete-metadata). Steps: validate, merge, ledger, remove, cinder_delete; the merge
-reports progress. :meth:`resume` awaits a job still running after a crash.
+reports progress. :meth:`resume` settles a job still on the disk after a crash.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 import uuid
 from dataclasses import asdict
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 from hostagent import journal as jn
 from hostagent import operations as ops
 from hostagent import service_api as api
-from hostagent._checkpoints import release_step
+from hostagent._checkpoints import release_step, settle_of
 from hostagent._located import Located, chain_names
 from hostagent._owned_base import Observer, OwnedBase, checked_ledger
 from hostagent.cinder_meta import MetaAction
@@ -207,12 +206,7 @@ class OwnedDeletes(OwnedBase):
         return "merge done: ledger, removal and Cinder record completed"
 
     def _await_job(self, volume_id: str, obs: Observer, timeout: float) -> list[str]:
-        """No BlockJob object survives a crash: poll until the disk has no job (bounded)."""
-        deadline = time.monotonic() + timeout
-        where = self._hv.locate(volume_id)
-        while obs.block_job(where):
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"block job on {where.key} still running after restart")
-            time.sleep(0.2)
-            where = self._hv.locate(volume_id)
-        return chain_names(where, self._roots)
+        """No BlockJob object survives a crash: the job is adopted and settled, bounded (an
+        interrupted active commit of the newest snapshot is READY forever: it is pivoted)."""
+        settle_of(obs)(self._hv.locate(volume_id), timeout)
+        return chain_names(self._hv.locate(volume_id), self._roots)

@@ -14,6 +14,7 @@ from typing import Any
 import libvirt
 
 from hostagent import service_api as api
+from hostagent.backup.online import BACKUP_NAMING
 from hostagent.inventory import read_attachments
 from hostagent.service import Located
 from libvirt_ops import (
@@ -30,6 +31,7 @@ from libvirt_ops import (
     domain_disks,
     flatten,
     pull,
+    settle_block_job,
     take_snapshot,
 )
 from qcow2.naming import is_uuid
@@ -167,6 +169,21 @@ class LibvirtHypervisor:
         """For recovery: the disk's running block job (empty when none)."""
         info = self._conn.lookup(where.domain_uuid).blockJobInfo(where.disk.target, 0)
         return dict(info) if info else {}
+
+    def settle_job(self, where: Located, timeout: float) -> dict[str, Any]:
+        """For recovery: bring a job a killed agent left on the disk to its end (an active
+        commit is pivoted, its intent); the naming admits backup checkpoint overlays."""
+        dom = self._conn.lookup(where.domain_uuid)
+        res = settle_block_job(
+            self._conn, dom, where.disk.target, timeout=timeout, roots=self._roots,
+            naming=BACKUP_NAMING,
+        )  # fmt: skip
+        return {
+            "found": res.found.name if res.found is not None else None,
+            "end": res.end.name if res.end is not None else None,
+            "pivoted": res.pivoted,
+            "chain_after": [os.path.basename(p) for p in res.chain_after],
+        }
 
     def thaw_if_frozen(self, domain_uuid: str) -> bool:
         """For recovery: a guest we may have frozen before a crash is thawed now."""

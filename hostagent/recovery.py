@@ -18,6 +18,11 @@ files), because a PLANNED step may or may not have taken effect. Decisions:
 - a notify step PLANNED -> its report is owed again (``Journal.enqueue`` de-duplicates a
   pending one; one already delivered may be sent twice, which Cinder accepts while it waits).
 Guests of unfinished creates are thawed if ``guest-fsfreeze-status`` says frozen.
+- a ``release_checkpoint`` step PLANNED (killed while merging a backup checkpoint down) ->
+  the disk's job is settled (the active commit pivoted), the overlay removed once out of the
+  live chain (:func:`hostagent._checkpoints.recover_release`), then the decisions above.
+- a merge awaited after a restart is settled, not only polled: an interrupted ACTIVE commit
+  stays READY in libvirt forever, so it is pivoted (its intent) instead of timing out.
 
 Operations the agent owns end to end (instance snapshots, owned deletes) are resumed in the
 pool by :meth:`hostagent._owned.OwnedOps.resume`, which shares the step code of a fresh run:
@@ -39,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -47,6 +51,7 @@ from typing import Any, Protocol
 from hostagent import journal as jn
 from hostagent import operations as ops
 from hostagent import service_api as api
+from hostagent._checkpoints import has_planned_release, recover_release, settle_of
 from hostagent._crash import CRASH_ENV as CRASH_ENV  # re-exported for tests and tools
 from hostagent._crash import crash_point as crash_point
 from hostagent._notify_queue import NotifyQueue
@@ -67,6 +72,10 @@ class RecoveryHypervisor(Hypervisor, Protocol):
 
     def thaw_if_frozen(self, domain_uuid: str) -> bool:
         """Thaw the guest if qemu-ga says frozen; True if a thaw was needed."""
+        ...
+
+    def settle_job(self, where: Located, timeout: float) -> dict[str, Any]:
+        """Bring a job a dead agent left to its end (active commit: pivot); what it did."""
         ...
 
 
@@ -143,6 +152,16 @@ class _Recovery:
             return "agent-owned: resumed in the pool"
         if op.kind in (ops.OperationKind.BACKUP, ops.OperationKind.RESTORE):
             return self.recover_backup(rec)
+        released: list[str] = []
+        if has_planned_release(steps):  # before anything judges the chain
+            settle = settle_of(self.hv)
+            args = (self.hv.locate, settle, self.roots, self.job_timeout)
+            released = recover_release(self.j, op.id, steps, *args)
+            steps = self.j_steps(op.id)
+        decision = self.recover_assisted(op, steps)
+        return "; ".join([*released, decision])
+
+    def recover_assisted(self, op: ops.Operation, steps: tuple[ops.Step, ...]) -> str:
         sid = str(op.request.get("snapshot_id"))
         notify = [s for s in steps if s.name == "notify"]
         if notify:  # the outcome was decided; only its report/finish may be missing
@@ -273,13 +292,9 @@ class _Recovery:
     ) -> None:
         try:
             expected = expected_after(before, req)
-            deadline = time.monotonic() + self.job_timeout
+            # no BlockJob object survives us: the job is adopted and settled, bounded
+            settle_of(self.hv)(self.hv.locate(req.volume_id), self.job_timeout)
             where = self.hv.locate(req.volume_id)
-            while self.hv.block_job(where):  # no BlockJob object survives us: poll, bounded
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"block job on {where.key} still running after restart")
-                time.sleep(0.2)
-                where = self.hv.locate(req.volume_id)
             names = self.live_names(where)
         except Exception as exc:
             self.j.step_failed(op_id, step.seq, exc)

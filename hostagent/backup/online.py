@@ -33,9 +33,12 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import libvirt
+
 import libvirt_ops as lo
+from hostagent._crash import crash_point
 from hostagent.backup.engine import BackupResult, Cancel, Progress, backup_full, backup_incremental
-from hostagent.backup.format import BackupError, Checkpoint, Manifest
+from hostagent.backup.format import BackupCancelled, BackupError, Checkpoint, Manifest
 from hostagent.backup.repository import Repository
 from hostagent.journal import Journal
 from hostagent.operations import (
@@ -54,6 +57,8 @@ BACKUP_NAMING = Naming(
     image_pattern=rf"(?:{DEFAULT_IMAGE_PATTERN})|volume-{_UUID}\.qsnap-bk-{_UUID}"
 )
 _BK = re.compile(rf"volume-({_UUID})\.qsnap-bk-({_UUID})")
+#: Bound on settling a block job a killed agent left on the disk (see :func:`_put_back`).
+SETTLE_TIMEOUT = 600.0
 
 
 def overlay_name(volume_id: str, backup_key: str) -> str:
@@ -63,6 +68,12 @@ def overlay_name(volume_id: str, backup_key: str) -> str:
 def is_backup_overlay(name: str, volume_id: str) -> bool:
     m = _BK.fullmatch(name)
     return m is not None and m.group(1) == volume_id
+
+
+def overlay_volume(name: str) -> str | None:
+    """The volume id a checkpoint overlay's name carries (None: not such a name)."""
+    m = _BK.fullmatch(name)
+    return m.group(1) if m is not None else None
 
 
 @dataclass(frozen=True)
@@ -183,7 +194,10 @@ def backup_volume(
                 decision = _put_back(conn, journal, op.id, request, rts)
             except Exception as again:  # recovery at the next start retries
                 decision = f"put back failed: {again}"
-            journal.finish(op.id, OperationState.FAILED, error=exc)
+            # a cancel is the caller's decision, not a failure (``ops list --state``)
+            cancelled = isinstance(exc, BackupCancelled)
+            state = OperationState.CANCELLED if cancelled else OperationState.FAILED
+            journal.finish(op.id, state, error=exc)
             exc.add_note(f"chain: {decision}")
         raise
 
@@ -351,7 +365,9 @@ def _put_back(
     """Bring the live chain back to a state consistent with the repository.
 
     If the backup was published its checkpoint is honoured (only the old checkpoint is
-    merged away); otherwise the chain goes back to exactly ``chain_before``.
+    merged away); otherwise the chain goes back to exactly ``chain_before``. A block job a
+    killed agent left on the disk (a merge step mid-job) is settled first, so the chain is
+    judged after that merge's intended end instead of while it still moves.
     """
     domain, target = str(request["domain"]), str(request["target"])
     k_new, k_old = str(request["overlay"]), request.get("old_checkpoint")
@@ -361,10 +377,14 @@ def _put_back(
         return "domain not running: chain left for an offline repair"
     disk = lo.resolve_disk(dom, target)
     share = os.path.dirname(disk.source)
+    rts = list(roots) or [share]
+    done: list[str] = []
+    settled = _settle_left_job(conn, dom, target, rts)
+    if settled is not None:
+        done.append(settled)
+        disk = lo.resolve_disk(dom, target)
     live = _names(disk)
     published = any(s.name == "read" and s.state is StepState.DONE for s in journal.steps(op))
-    done: list[str] = []
-    rts = list(roots) or [share]
     if k_new in live and live[0] == k_new and (not published or not keep):
         with journal.step(op, "merge", {"kind": "active_commit", "top": k_new, "recovery": 1}):
             lo.active_commit(conn, dom, target, roots=rts, naming=BACKUP_NAMING)
@@ -384,6 +404,25 @@ def _put_back(
                     os.unlink(path)
                 done.append(f"removed {name}")
     return "; ".join(done) or "chain already consistent"
+
+
+def _settle_left_job(
+    conn: lo.Connection, dom: libvirt.virDomain, target: str, roots: list[str]
+) -> str | None:
+    """Settle a job a killed agent left on the disk (our merge step mid-job); what it did.
+
+    Only a real :class:`libvirt_ops.Connection` has block jobs: the offline unit fakes of
+    this module (``tests/unit/backup/test_online_recovery.py``) model none.
+    """
+    if not isinstance(conn, lo.Connection):
+        return None
+    res = lo.settle_block_job(
+        conn, dom, target, timeout=SETTLE_TIMEOUT, roots=roots, naming=BACKUP_NAMING
+    )
+    if res.found is None:
+        return None
+    how = "pivoted" if res.pivoted else f"ended {res.end.name if res.end else '?'}"
+    return f"settled a {res.found.name} job left on {target} ({how})"
 
 
 def recover_backup(
@@ -436,7 +475,10 @@ def release_checkpoint(
     if not is_backup_overlay(top, volume_id):
         return None
     share = os.path.dirname(disk.source)
-    lo.active_commit(conn, dom, disk.target, roots=list(roots) or [share], naming=BACKUP_NAMING)
+    # test-only: a kill -9 with the job running (crash_point is inert unless its env is set)
+    opts = lo.JobOptions(started=lambda: crash_point("release_checkpoint", "job"))
+    rts = list(roots) or [share]
+    lo.active_commit(conn, dom, disk.target, roots=rts, naming=BACKUP_NAMING, options=opts)
     live = _names(lo.resolve_disk(dom, disk.target))
     if top not in live:
         os.unlink(os.path.join(share, top))
