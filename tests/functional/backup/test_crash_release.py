@@ -1,0 +1,249 @@
+"""kill -9 of a real ``qsnap-agent`` while it releases a backup checkpoint; the restart heals.
+
+An incremental backup leaves ``volume-<vid>.qsnap-bk-<key>`` as the live top. An assisted
+create (the releasing operation that needs no Cinder: ``[cinder] enabled = false``) first
+merges it down with an active commit. With ``QSNAP_TEST_CRASH_AT=release_checkpoint:job``
+the agent dies right after libvirt accepted that job, which libvirt keeps READY forever.
+After each crash the agent is restarted and must leave: no block job on the disk, the
+checkpoint out of the live chain and its file gone (or, killed before the job, still the
+valid live top), live chain == the files' headers, the create failed as recovery says (the
+snapshot was never taken: Cinder's retry then works), the guest still writing clean records,
+and the next incremental backup falling back to a full read that says the checkpoint is gone.
+Also ``:planned`` (release never started) and ``:done`` (released, killed before validate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import libvirt_ops as lo
+from hostagent import service_api as api
+from hostagent._crash import CRASH_ENV
+from hostagent._messaging import messaging
+from hostagent.config import make_conf
+from hostagent.rpcapi import AgentAPI, get_transport
+from tests.bed import procs
+from tests.bed.guest import GuestFactory
+from tests.bed.shares import DirShare
+
+pytestmark = [pytest.mark.functional, pytest.mark.timeout(900)]
+ROOT = Path(__file__).resolve().parents[3]
+CTX: dict[str, Any] = {"request_id": "req-crash-release"}
+
+
+@pytest.fixture(scope="module")
+def guest(libvirt_host: Any, guest_image: Any) -> Iterator[tuple[Any, DirShare]]:
+    share = DirShare()
+    factory = GuestFactory(libvirt_host.connection, guest_image, lambda: share.new_dir("cr"))
+    try:
+        yield factory(ndisks=1, share=share), share
+    finally:
+        factory.close()
+        share.close()
+
+
+class Agent:
+    """One agent identity (conf, state, repository); processes started and killed in turn."""
+
+    def __init__(self, share: DirShare, rabbit: Any, work: Path) -> None:
+        self.host = f"cr-{uuid.uuid4().hex[:6]}"
+        self.log = work / "agent.log"
+        self.conf = work / "agent.conf"
+        self.conf.write_text(
+            f"[DEFAULT]\nhost = {self.host}\ntransport_url = {rabbit.transport_url}\n"
+            f"state_path = {work / 'state'}\n"
+            f"[shares]\nallowed_roots = {share.root}\n"
+            "[agent]\nworkers = 2\nmerge_timeout = 120\n[cinder]\nenabled = false\n"
+            f"[backup]\nrepository = {work / 'repo'}\nmax_parallel = 1\n"
+        )
+        self.transport = get_transport(make_conf(), rabbit.transport_url)
+        self.api = AgentAPI(self.transport, self.host, timeout=60)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, crash_at: str | None = None) -> None:
+        env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
+        env["PYTHONWARNINGS"] = "ignore"
+        if crash_at is not None:
+            env[CRASH_ENV] = crash_at
+        seen = self.log.read_bytes().count(b"READY") if self.log.exists() else 0
+        argv = [sys.executable, "-m", "hostagent.cli", "--config-file", str(self.conf)]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [*argv, "--ready-line"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=env,
+            )  # fmt: skip
+        procs.record("qsnap-agent", self.proc.pid)
+        deadline = time.monotonic() + 90
+        while self.log.read_bytes().count(b"READY") <= seen:
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.tail()
+            time.sleep(0.1)
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def wait_died(self) -> None:
+        assert self.proc is not None
+        assert self.proc.wait(60) == 137, self.tail()
+        self.proc = None
+
+    def wait(self, op: api.Operation, timeout: float = 300) -> api.Operation:
+        deadline = time.monotonic() + timeout
+        while op.state in (api.OperationState.QUEUED, api.OperationState.RUNNING):
+            assert time.monotonic() < deadline, f"operation {op.id} still {op.state}"
+            time.sleep(0.3)
+            op = self.api.get_operation(CTX, op.id)
+        return op
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        self.transport.cleanup()
+
+
+def _live(g: Any, vid: str) -> list[str]:
+    return [os.path.basename(x.path) for x in lo.find_disk(g.dom, volume_id=vid).chain]
+
+
+def _headers(path: Path) -> list[str]:
+    """The chain as qemu-img reads the files' headers (pinned format, -U: in use)."""
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "-f", "qcow2", "--backing-chain", "--output=json", str(path)],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    return [os.path.basename(i["filename"]) for i in json.loads(out)]
+
+
+def _backup(agent: Agent, vid: str) -> dict[str, Any]:
+    op = agent.wait(agent.api.create_backup(CTX, volume_ids=[vid], instance_uuid=None,
+                                            incremental=True))  # fmt: skip
+    assert op.state is api.OperationState.SUCCEEDED, op.error
+    (res,) = op.result["backups"]
+    return dict(res)
+
+
+def _create(agent: Agent, g: Any, base: str, snap: str) -> tuple[str, dict[str, Any]]:
+    """An assisted create as Cinder sends it: new_file pre-created on Cinder's active file."""
+    new_file = f"volume-{g.disks[0].volume_id}.{snap}"
+    path = Path(g.dir) / new_file
+    if not path.exists():
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", str(path)],
+            check=True,
+        )
+        os.chmod(path, 0o666)
+    return new_file, {"snapshot_id": snap, "type": "qcow2", "new_file": new_file}
+
+
+def _send_and_die(agent: Agent, vid: str, info: dict[str, Any]) -> None:
+    quick = AgentAPI(agent.transport, agent.host, timeout=10)
+    with contextlib.suppress(messaging().MessagingTimeout):  # died before its reply
+        quick.create_assisted_snapshot(CTX, vid, info)
+    agent.wait_died()
+
+
+def _check_healed(g: Any, vid: str, base: str, overlay: str, records_before: int) -> None:
+    dom = g.dom
+    assert not dom.blockJobInfo(g.disks[0].target, 0), "a block job is left on the disk"
+    assert _live(g, vid) == [base] == _headers(Path(g.dir) / base)
+    assert not (Path(g.dir) / overlay).exists(), f"{overlay} left on the share"
+    log = g.records(g.disks[0].mountpoint)
+    assert log.clean and log.count > records_before, log.problems
+
+
+def test_kill_during_release_heals_after_restart(
+    guest: tuple[Any, DirShare], rabbitmq: Any, bed_dir: Path
+) -> None:
+    g, share = guest
+    vid = g.disks[0].volume_id
+    base = _live(g, vid)[0]
+    mnt = g.disks[0].mountpoint
+    agent = Agent(share, rabbitmq, bed_dir)
+    try:
+        g.start_writers(interval_ms=10)
+        agent.start()
+        first = _backup(agent, vid)
+        k1 = first["checkpoint"]
+        assert _live(g, vid) == [k1, base]
+        agent.stop()
+
+        # 1. killed with the release's active commit running: libvirt keeps it READY forever
+        agent.start("release_checkpoint:job")
+        snap = str(uuid.uuid4())
+        new_file, info = _create(agent, g, base, snap)
+        _send_and_die(agent, vid, info)
+        job = g.dom.blockJobInfo(g.disks[0].target, 0)
+        assert job and job["type"] == lo.JobType.ACTIVE_COMMIT, f"no job left: {job}"
+        assert _live(g, vid)[0] == k1
+        n0 = g.records(mnt).count
+        agent.start()
+        _check_healed(g, vid, base, k1, n0)
+        op = agent.wait(agent.api.create_assisted_snapshot(CTX, vid, info))  # Cinder's retry
+        assert op.state is api.OperationState.FAILED  # snapshot never taken: error to Cinder
+        steps = {s["name"]: s for s in op.result["steps"]}
+        rel = steps["release_checkpoint"]
+        assert rel["state"] == "done" and rel["data"]["recovered"] is True
+        assert rel["data"]["job"]["found"] == "ACTIVE_COMMIT" and rel["data"]["job"]["pivoted"]
+        assert "snapshot" not in steps and new_file not in _live(g, vid)
+
+        # 2. the next backup works and says the checkpoint is gone (full read, deduplicated)
+        second = _backup(agent, vid)
+        assert "no longer the live top" in (second["fallback_reason"] or ""), second
+        k2 = second["checkpoint"]
+        assert _live(g, vid) == [k2, base]
+        agent.stop()
+
+        # 3. killed right after journaling the release (nothing started): checkpoint kept
+        agent.start("release_checkpoint:planned")
+        _new2, info2 = _create(agent, g, base, str(uuid.uuid4()))
+        _send_and_die(agent, vid, info2)
+        agent.start()
+        op = agent.wait(agent.api.create_assisted_snapshot(CTX, vid, info2))
+        assert op.state is api.OperationState.FAILED
+        rel = next(s for s in op.result["steps"] if s["name"] == "release_checkpoint")
+        assert rel["state"] == "undone"
+        assert _live(g, vid) == [k2, base] == _headers(Path(g.dir) / k2)
+        assert not g.dom.blockJobInfo(g.disks[0].target, 0)
+        agent.stop()
+
+        # 4. killed right after the release was journaled done: chain already Cinder's
+        agent.start("release_checkpoint:done")
+        _new3, info3 = _create(agent, g, base, str(uuid.uuid4()))
+        _send_and_die(agent, vid, info3)
+        n1 = g.records(mnt).count
+        agent.start()
+        _check_healed(g, vid, base, k2, n1)
+        op = agent.wait(agent.api.create_assisted_snapshot(CTX, vid, info3))
+        assert op.state is api.OperationState.FAILED
+
+        # 5. Cinder's retry with a new snapshot works on the healed chain
+        new4, info4 = _create(agent, g, base, str(uuid.uuid4()))
+        op = agent.wait(agent.api.create_assisted_snapshot(CTX, vid, info4))
+        assert op.state is api.OperationState.SUCCEEDED, op.error
+        assert _live(g, vid) == [new4, base] == _headers(Path(g.dir) / new4)
+        third = _backup(agent, vid)
+        assert third["checkpoint"] and "no longer the live top" in (third["fallback_reason"] or "")
+        g.stop_writers()
+        log = g.records(mnt)
+        assert log.clean and log.count > n1, log.problems
+    finally:
+        agent.close()
