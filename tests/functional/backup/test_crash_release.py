@@ -9,7 +9,8 @@ checkpoint out of the live chain and its file gone (or, killed before the job, s
 valid live top), live chain == the files' headers, the create failed as recovery says (the
 snapshot was never taken: Cinder's retry then works), the guest still writing clean records,
 and the next incremental backup falling back to a full read that says the checkpoint is gone.
-Also ``:planned`` (release never started) and ``:done`` (released, killed before validate).
+Also ``:planned`` (release never started) and ``:done`` (released, killed before validate),
+and an instance snapshot (agent-owned, resumed in the pool) killed mid-release.
 """
 
 from __future__ import annotations
@@ -242,8 +243,38 @@ def test_kill_during_release_heals_after_restart(
         assert _live(g, vid) == [new4, base] == _headers(Path(g.dir) / new4)
         third = _backup(agent, vid)
         assert third["checkpoint"] and "no longer the live top" in (third["fallback_reason"] or "")
+        k3 = third["checkpoint"]
+        assert _live(g, vid) == [k3, new4, base]
+        agent.stop()
+
+        # 6. an instance snapshot (agent-owned, resumed in the pool) killed mid-release
+        agent.start("release_checkpoint:job")
+        quick = AgentAPI(agent.transport, agent.host, timeout=10)
+        with contextlib.suppress(messaging().MessagingTimeout):
+            quick.snapshot_instance(CTX, g.uuid, [vid])
+        agent.wait_died()
+        assert g.dom.blockJobInfo(g.disks[0].target, 0), "the release's job must be left"
+        n2 = g.records(mnt).count
+        agent.start()
+        kind = api.OperationFilters(kind=api.OperationKind.INSTANCE_SNAPSHOT)
+        (iop,) = agent.api.list_operations(CTX, kind)
+        iop = agent.wait(iop)
+        assert iop.state is api.OperationState.FAILED  # never planned: no snapshot taken
+        rel = next(s for s in iop.result["steps"] if s["name"] == "release_checkpoint")
+        assert rel["state"] == "done" and rel["data"]["job"]["pivoted"] is True
+        assert not g.dom.blockJobInfo(g.disks[0].target, 0)
+        assert _live(g, vid) == [new4, base] == _headers(Path(g.dir) / new4)
+        assert not (Path(g.dir) / k3).exists()
+        assert not (Path(g.dir) / f"volume-{vid}.info").exists(), "no ledger for a failed one"
+        # ... and the same request again succeeds; the agent's ledger matches the live chain
+        iop = agent.wait(agent.api.snapshot_instance(CTX, g.uuid, [vid]))
+        assert iop.state is api.OperationState.SUCCEEDED, iop.error
+        top = _live(g, vid)[0]
+        ledger = json.loads((Path(g.dir) / f"volume-{vid}.info").read_text())
+        assert ledger["active"] == top and _live(g, vid) == [top, new4, base]
+        assert _headers(Path(g.dir) / top) == [top, new4, base]
         g.stop_writers()
         log = g.records(mnt)
-        assert log.clean and log.count > n1, log.problems
+        assert log.clean and log.count > n2, log.problems
     finally:
         agent.close()
