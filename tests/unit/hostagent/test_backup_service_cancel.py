@@ -177,3 +177,25 @@ def test_instance_of_nothing_to_prune(tmp_path: Path) -> None:
     op = bed.wait(bed.svc.start_prune(CTX, api.PruneBackupsRequest(None, None, None, False)))
     assert op.state is api.OperationState.SUCCEEDED and op.result["deleted"] == []
     assert INST  # the bed's instance is untouched by prunes
+
+
+def test_cancelled_verify_and_restore_end_cancelled_and_write_nothing(tmp_path: Path) -> None:
+    bed = _bed(tmp_path)
+    bed.create([V1])
+    bid = bed.svc.list_backups(CTX, V1)[0]["id"]
+    target = bed.dir / "copy.raw"
+    gates = {key: threading.Event() for key in (f"backup:{bid}", f"restore:{target}")}
+    for key, gate in gates.items():  # each queued behind a job of its pool key
+        bed.pool.submit(key, lambda g=gate: g.wait(30) and None)
+    ver = bed.svc.verify_backup(CTX, bid)
+    res = bed.svc.restore_backup(CTX, api.RestoreBackupRequest(bid, str(target), None, "raw"))
+    for op in (ver, res):
+        assert bed.svc.cancel_operation(CTX, op.id).state is api.OperationState.QUEUED
+    for gate in gates.values():
+        gate.set()
+    ver, res = bed.wait(ver), bed.wait(res)
+    assert ver.state is res.state is api.OperationState.CANCELLED
+    assert ver.result["backup_id"] == bid and ver.result["bad_chunks"] == []
+    assert res.result["path"] is None and res.error is not None
+    assert "nothing was written" in res.error["message"]
+    assert not target.exists() and not [p for p in bed.dir.iterdir() if ".restore-" in p.name]
