@@ -199,3 +199,30 @@ def test_cancelled_verify_and_restore_end_cancelled_and_write_nothing(tmp_path: 
     assert res.result["path"] is None and res.error is not None
     assert "nothing was written" in res.error["message"]
     assert not target.exists() and not [p for p in bed.dir.iterdir() if ".restore-" in p.name]
+
+
+def test_a_prune_interrupted_by_a_restart_is_failed_by_recovery(tmp_path: Path) -> None:
+    from hostagent import operations as ops
+    from hostagent.recovery import reconcile
+
+    bed = _bed(tmp_path)
+    gate = threading.Event()
+    bed.pool.submit("backup:prune", lambda: gate.wait(30) and None)
+    op = bed.svc.start_prune(CTX, api.PruneBackupsRequest(1, None, None, False))
+    # "restart": the journal still says queued; recovery fails it (action prune != create)
+    out = reconcile(
+        bed.journal,
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        submit=lambda key, fn: None,
+        roots=bed.roots,
+        backup_recover=lambda rec: "unused",
+    )
+    assert uuid.UUID(op.id) in {o.op_id for o in out}
+    row = bed.journal.get(uuid.UUID(op.id))
+    assert row.state is ops.OperationState.FAILED and row.error is not None
+    assert "prune interrupted by a restart" in row.error.message
+    gate.set()
+    assert bed.pool.wait_idle(30)  # the queued job finds its operation ended: no prune
+    assert bed.journal.get(uuid.UUID(op.id)).state is ops.OperationState.FAILED
+    assert bed.journal.steps(uuid.UUID(op.id)) == []
