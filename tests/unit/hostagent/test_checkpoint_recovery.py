@@ -269,3 +269,42 @@ def test_owned_delete_killed_mid_release_then_runs_the_delete(tmp_path: Path) ->
         assert sid not in meta.records
     finally:
         again.close()
+
+
+def test_owned_delete_of_the_newest_killed_mid_active_commit_is_pivoted(tmp_path: Path) -> None:
+    d = tmp_path / "share"
+    d.mkdir()
+    hv = owned_t.MultiHv(d)
+    meta = owned_t.FakeMeta()
+    vid = owned_t.VOLS[0]
+    first = owned_t.Agent(tmp_path, hv, meta)
+    sid = owned_t._snap(first, [vid]).result["snapshots"][0]["snapshot_id"]
+    died, pivots = threading.Event(), []
+    real_merge = hv.merge_owned
+
+    def killed(where: Located, file: str, progress: Any) -> dict[str, Any]:
+        hv.job_polls = 10**9  # READY forever: a poll-only resume would wait its whole timeout
+        died.set()
+        raise _Crash("merge:job")
+
+    def settle_job(where: Located, timeout: float) -> dict[str, Any]:
+        hv.job_polls = 0
+        pivots.append(hv.chains[vid].pop(0))  # the pivot onto the base
+        return {"found": "ACTIVE_COMMIT", "pivoted": True}
+
+    hv.merge_owned = killed  # type: ignore[method-assign]
+    op = first.svc.delete_snapshot(CTX, api.DeleteOwnedSnapshotRequest(vid, sid))
+    assert died.wait(30)
+    first.close()
+    hv.merge_owned = real_merge  # type: ignore[method-assign]
+    hv.settle_job = settle_job  # type: ignore[attr-defined]
+    again = owned_t.Agent(tmp_path, hv, meta)
+    try:
+        again.restart()
+        final = again.svc.get_operation(CTX, op.id)
+        assert final.state is api.OperationState.SUCCEEDED, final.error
+        assert pivots == [f"volume-{vid}.{sid}"] and hv.chains[vid] == [f"volume-{vid}"]
+        assert not (d / f"volume-{vid}.{sid}").exists()  # removed once out of the chain
+        assert not [c for c in hv.calls if c[0] == "merge"], "merged again"
+    finally:
+        again.close()
