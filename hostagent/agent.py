@@ -120,6 +120,7 @@ class Agent:
             max_parallel=b.max_parallel,
             keep_last=b.keep_last,
             restore_dir=b.restore_dir,
+            bandwidth_mib=b.bandwidth_mib,
         )
         service = AssistedService(
             journal,

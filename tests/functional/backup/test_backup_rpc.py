@@ -40,15 +40,6 @@ MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[3]
 CTX: dict[str, Any] = {"request_id": "req-backup-rpc"}
 BANDWIDTH_MIB = 4
-#: Starts the agent with ``[backup] bandwidth_mib`` in its BackupSettings. hostagent/agent.py
-#: does not pass the option to BackupSettings yet (not this module's file); once it does,
-#: its keyword overrides this default and the shim is a no-op.
-SHIM = (
-    "import functools, sys\n"
-    "from hostagent import _backup_service as bs, agent, cli\n"
-    f"agent.BackupSettings = functools.partial(bs.BackupSettings, bandwidth_mib={BANDWIDTH_MIB})\n"
-    "sys.exit(cli.main())\n"
-)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +71,7 @@ class Agent:
         )
         self.repo = work / "repo"
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-        argv = [sys.executable, "-c", SHIM, "--config-file", str(conf), "--ready-line"]
+        argv = [sys.executable, "-m", "hostagent.cli", "--config-file", str(conf), "--ready-line"]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
