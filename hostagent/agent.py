@@ -165,6 +165,7 @@ class Agent:
             backup_recover=lambda rec: recover_backup(
                 self.journal, self.connection, rec, roots=self._roots
             ),
+            release=self.service.checkpoint_release,
         )
         self.queue.start()  # resends what an earlier run left pending
         self.reaper.start()  # before the tracker: no stop may pass unseen once volumes are known

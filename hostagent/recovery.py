@@ -51,7 +51,13 @@ from typing import Any, Protocol
 from hostagent import journal as jn
 from hostagent import operations as ops
 from hostagent import service_api as api
-from hostagent._checkpoints import has_planned_release, recover_release, settle_of
+from hostagent._checkpoints import (
+    Release,
+    has_planned_release,
+    recover_release,
+    release_step,
+    settle_of,
+)
 from hostagent._crash import CRASH_ENV as CRASH_ENV  # re-exported for tests and tools
 from hostagent._crash import crash_point as crash_point
 from hostagent._notify_queue import NotifyQueue
@@ -104,7 +110,9 @@ class _Recovery:
         job_timeout: float,
         owned: OwnedOps | None = None,
         backup_recover: BackupRecover | None = None,
+        release: Release | None = None,
     ) -> None:
+        self.release = release
         self.backup_recover = backup_recover
         self.owned = owned
         self.j = journal
@@ -324,6 +332,9 @@ class _Recovery:
         """The merge again, as the service runs it (libvirt_ops re-checks the chain)."""
         try:
             if before is None:
+                # a checkpoint the kill left on top hides Cinder's chain: merge it down first
+                if release_step(self.j.step, op_id, where, self.release) is None:
+                    where = self.hv.locate(req.volume_id)
                 with self.j.step(op_id, "validate") as vstep:
                     before = self.live_names(where)
                     vstep.data.update({"disk": where.key, "chain": before, "recovered": True})
@@ -387,6 +398,7 @@ def reconcile(
     job_timeout: float = 3600.0,
     owned: OwnedOps | None = None,
     backup_recover: BackupRecover | None = None,
+    release: Release | None = None,
 ) -> list[Outcome]:
     """Decide every unfinished operation; long work (merges) goes to ``submit``.
 
@@ -395,10 +407,20 @@ def reconcile(
     ``owned`` (the service's :class:`OwnedOps`) resumes instance snapshots and owned
     deletes; without it they are failed as not recoverable. ``backup_recover`` puts the
     chain of an interrupted online backup back; without it such backups stay unfinished.
+    ``release`` (the backup engine's) merges a checkpoint overlay down before an assisted
+    delete is run again; without it such a delete fails against the checkpointed chain.
     Request-level backup operations are failed after the volumes' own (journal order).
     """
     rec = _Recovery(
-        journal, hypervisor, notifier_queue, submit, roots, job_timeout, owned, backup_recover
+        journal,
+        hypervisor,
+        notifier_queue,
+        submit,
+        roots,
+        job_timeout,
+        owned,
+        backup_recover,
+        release,
     )
     out: list[Outcome] = []
     for record in journal.unfinished():

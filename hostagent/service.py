@@ -22,7 +22,7 @@ from hostagent import journal as jn
 from hostagent import operations as ops
 from hostagent import service_api as api
 from hostagent._backup_service import BackupEngine, BackupService, BackupSettings
-from hostagent._checkpoints import cinder_chain, release_step
+from hostagent._checkpoints import Release, cinder_chain, release_step
 from hostagent._crash import crash_point
 from hostagent._located import DiskLocks, Hypervisor, Located
 from hostagent._notify_queue import NotifyQueue
@@ -90,6 +90,12 @@ class AssistedService:
             journal, hypervisor, notify, pool, self._locks, roots=roots, step=self._step
         )
         self.owned.instances.release = self.owned.deletes.release = self._release
+
+    @property
+    def checkpoint_release(self) -> Release | None:
+        """Merges a backup checkpoint down (recovery re-runs deletes after it); None without
+        a backup engine."""
+        return self._release
 
     # -- validation (touches nothing) -----------------------------------------------------
     def _chain_names(self, where: Located) -> list[str]:

@@ -20,6 +20,7 @@ from hostagent._checkpoints import recover_release, settle_of
 from hostagent.journal import Journal
 from hostagent.notifier import Report
 from hostagent.operations import OperationKind, OperationState, StepState
+from hostagent.recovery import reconcile
 from hostagent.service import AssistedService, Located
 from tests.unit.hostagent import test_owned as owned_t
 from tests.unit.hostagent.test_recovery import Agent, Bed, RecHv, _Crash
@@ -308,3 +309,49 @@ def test_owned_delete_of_the_newest_killed_mid_active_commit_is_pivoted(tmp_path
         assert not [c for c in hv.calls if c[0] == "merge"], "merged again"
     finally:
         again.close()
+
+
+def test_delete_killed_before_its_release_releases_then_merges(tmp_path: Path) -> None:
+    """Killed at release_checkpoint:planned: the checkpoint is still the top after the
+    restart, so recovery must release it (with the engine's release) before the merge Cinder
+    asked for can be judged; without ``release`` that delete could only fail."""
+    bed = Bed(tmp_path)
+    hv = JobHv(bed.dir, [bed.base])
+    bed.hv = hv
+    s1 = str(uuid.uuid4())
+    f1, f2 = bed.snapshot_now(s1), bed.snapshot_now(str(uuid.uuid4()))
+    overlay = f"volume-{VOL}.qsnap-bk-{uuid.uuid4()}"
+    _img(bed.dir / overlay, f2)
+    hv.chain.insert(0, overlay)
+    first = Agent(bed.tmp, hv, bed.notifier)
+    first.svc = AssistedService(
+        first.journal, hv, first.queue, first.pool, roots=[str(bed.dir)],
+        backup_engine=KilledRelease(hv, started=False),  # type: ignore[arg-type]
+    )  # fmt: skip
+    first.svc.delete_assisted_snapshot(CTX, api.DeleteSnapshotRequest(VOL, s1, f1, bed.base))
+    assert hv.died.wait(30)
+    first.pool.shutdown(wait=True)
+    first.journal.close()
+    assert hv.chain == [overlay, f2, f1, bed.base]
+    released: list[str] = []
+
+    def release(where: Located) -> str | None:
+        top = hv.chain.pop(0)  # active commit + pivot of the checkpoint, file removed
+        (bed.dir / top).unlink()
+        released.append(top)
+        return top
+
+    agent = Agent(bed.tmp, hv, bed.notifier)
+    try:
+        reconcile(
+            agent.journal, hv, agent.queue, submit=agent.pool.submit, roots=[str(bed.tmp)],
+            release=release,
+        )  # fmt: skip
+        assert agent.pool.wait_idle(30)
+        agent.queue.flush(due_only=False)
+        assert released == [overlay]
+        assert hv.chain == [f2, bed.base]  # f1 committed into the base as Cinder asked
+        assert bed.notifier.sent == [(s1, Report.DELETE_DONE)]
+        assert agent.journal.unfinished() == []
+    finally:
+        agent.close()
