@@ -17,108 +17,34 @@ finish (published backups stay published).
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Iterator
+from typing import Any
 
-import libvirt_ops as lo
 from hostagent import backup as bk
 from hostagent import journal as jn
 from hostagent import operations as ops
 from hostagent import service_api as api
+from hostagent._backup_create import CreateRun
+from hostagent._backup_live import (
+    BackupEngine,
+    BackupSettings,
+    Cancel,
+    LiveEngine,
+    Progress,
+    request_level,
+)
 from hostagent._checkpoints import cinder_chain
-from hostagent._located import DiskLocks, Hypervisor, Located
+from hostagent._located import DiskLocks, Hypervisor
 from hostagent._pool import KeyedPool
 from hostagent.backup.engine import RateLimit
 
 LOG = logging.getLogger(__name__)
-Progress = Callable[[int, int], None]
-Cancel = Callable[[], bool]
 
-
-def request_level(op: ops.Operation) -> bool:
-    """A request-level backup/restore/verify operation (never touches a chain itself)."""
-    return "action" in op.request
-
-
-@dataclass(frozen=True)
-class BackupSettings:
-    """The ``[backup]`` group, resolved (``repository`` absolute)."""
-
-    repository: str
-    zstd_level: int = 1
-    chunk_size: int = 4 * bk.format.MiB
-    max_parallel: int = 2
-    keep_last: int = 7
-    restore_dir: str | None = None
-    #: MiB/s per volume read stream; 0 = unlimited.
-    bandwidth_mib: int = 0
-
-
-class BackupEngine(Protocol):
-    """The libvirt-facing half (faked in unit tests)."""
-
-    def backup(
-        self,
-        where: Located,
-        incremental: bool,
-        repository: str,
-        progress: Progress,
-        cancel: Cancel,
-    ) -> dict[str, Any]:
-        """One volume's online backup; the create result's per-volume entry."""
-        ...
-
-    def release(self, where: Located) -> str | None:
-        """Merge the volume's checkpoint overlay down; its name, or None if none."""
-        ...
-
-
-class LiveEngine:
-    """:class:`BackupEngine` on libvirt via :mod:`hostagent.backup.online`."""
-
-    def __init__(self, conn: lo.Connection, journal: jn.Journal, roots: list[str]) -> None:
-        self._conn, self._journal, self._roots = conn, journal, roots
-
-    def backup(
-        self,
-        where: Located,
-        incremental: bool,
-        repository: str,
-        progress: Progress,
-        cancel: Cancel,
-    ) -> dict[str, Any]:
-        vid = str(where.disk.serial).lower()
-        req = bk.BackupRequest(where.domain_uuid, vid, repository, incremental=incremental)
-        res = bk.backup_volume(
-            self._conn,
-            self._journal,
-            req,
-            roots=self._roots,
-            progress=progress,
-            cancel=cancel,
-            not_busy=request_level,
-        )
-        return {
-            "volume_id": vid,
-            "backup_id": res.result.manifest.backup_id,
-            "incremental": res.incremental,
-            "bytes_read": res.result.bytes_read,
-            "bytes_stored": res.result.bytes_stored,
-            "fallback_reason": res.result.fallback_reason,
-            "checkpoint": res.checkpoint,
-            "operation_id": res.operation_id,
-        }
-
-    def release(self, where: Located) -> str | None:
-        vid = str(where.disk.serial).lower()
-        return bk.release_checkpoint(self._conn, where.domain_uuid, vid, roots=self._roots)
+__all__ = ["BackupEngine", "BackupService", "BackupSettings", "LiveEngine", "request_level"]
 
 
 @contextlib.contextmanager
@@ -137,31 +63,6 @@ def typed_errors() -> Iterator[None]:
 def _under(path: str, roots: list[str]) -> bool:
     real = [os.path.realpath(r) for r in roots]
     return any(path == r or path.startswith(r.rstrip("/") + "/") for r in real)
-
-
-class _Throttle:
-    """Sums the volumes' progress into the request's, journaled at most once a second."""
-
-    def __init__(self, journal: jn.Journal, op_id: uuid.UUID) -> None:
-        self._j, self._op = journal, op_id
-        self._lock = threading.Lock()
-        self._parts: dict[str, tuple[int, int]] = {}
-        self._last = 0.0
-
-    def part(self, key: str) -> Progress:
-        def report(done: int, total: int) -> None:
-            with self._lock:
-                self._parts[key] = (done, total)
-                now = time.monotonic()
-                if now - self._last < 1.0 and done < total:
-                    return
-                self._last = now
-                cur = sum(d for d, _ in self._parts.values())
-                end = sum(t for _, t in self._parts.values())
-            with contextlib.suppress(jn.JournalError):  # advisory; never fail a backup for it
-                self._j.set_progress(self._op, cur, end)
-
-        return report
 
 
 class BackupService:
@@ -241,7 +142,7 @@ class BackupService:
             "incremental": req.incremental,
         }
         op = self._j.begin(ops.OperationKind.BACKUP, request, locks=[f"volume:{v}" for v in vols])
-        run = _CreateRun(self, op.operation.id, found, req.incremental)
+        run = CreateRun(self, op.operation.id, found, req.incremental)
         run.launch()
         return op.operation
 
@@ -553,96 +454,3 @@ class BackupService:
             self._j.finish(op_id, ops.OperationState.FAILED, error=exc)
         finally:
             self._forget(op_id)
-
-
-class _CreateRun:
-    """One create request: its volumes launched ``max_parallel`` at a time, then finished."""
-
-    def __init__(
-        self, svc: BackupService, op_id: uuid.UUID, found: list[Located], incremental: bool
-    ) -> None:
-        self._svc, self._op, self._incremental = svc, op_id, incremental
-        self._todo = list(found)
-        self._skipped: list[str] = []  # queued when cancelled: never started
-        self._running = 0
-        self._done = False
-        self._results: list[dict[str, Any]] = []
-        self._errors: list[dict[str, str]] = []
-        self._lock = threading.Lock()
-        self._progress = _Throttle(svc._j, op_id)
-
-    def launch(self) -> None:
-        """Submit volumes until ``max_parallel`` run; the last one to end finishes the op."""
-        finish = False
-        with self._lock:
-            batch: list[Located] = []
-            if self._todo and self._svc.cancelled(self._op):
-                self._skipped += [str(w.disk.serial).lower() for w in self._todo]
-                self._todo.clear()
-            while self._todo and self._running < self._svc._s.max_parallel:
-                batch.append(self._todo.pop(0))
-                self._running += 1
-            finish = not self._running and not self._todo and not self._done
-            self._done = self._done or finish
-        for where in batch:
-            self._svc._pool.submit(where.key, functools.partial(self._one, where))
-        if finish:
-            self._finish()
-
-    def _one(self, where: Located) -> None:
-        svc, vid = self._svc, str(where.disk.serial).lower()
-
-        def cancel() -> bool:
-            return svc.cancelled(self._op)
-
-        try:
-            with svc._locks.hold([where.key]):
-                if cancel():  # cancelled while it waited for the disk: never starts
-                    with self._lock:
-                        self._skipped.append(vid)
-                else:
-                    self._backup(where, vid, cancel)
-        except Exception as exc:
-            if isinstance(exc, bk.BackupCancelled) and cancel():
-                LOG.info("backup of volume %s cancelled: %s", vid, exc)
-                with self._lock:
-                    self._skipped.append(vid)
-            else:
-                LOG.warning("backup of volume %s failed: %s", vid, exc)
-                with self._lock:
-                    self._errors.append({"volume_id": vid, "error": f"{type(exc).__name__}: {exc}"})
-        with self._lock:
-            self._running -= 1
-        self.launch()
-
-    def _backup(self, where: Located, vid: str, cancel: Cancel) -> None:
-        svc = self._svc
-        with svc._j.step(self._op, "volume", {"volume_id": vid, "disk": where.key}) as h:
-            # the chain may have moved while queued: locate again under the lock
-            now = svc._hv.locate(vid)
-            progress = svc._stream_progress(self._progress.part(vid), cancel)
-            out = svc._engine.backup(now, self._incremental, svc._s.repository, progress, cancel)
-            h.data.update(out)
-        with self._lock:
-            self._results.append(out)
-
-    def _finish(self) -> None:
-        j, op = self._svc._j, self._op
-        order = {v: i for i, v in enumerate(j.get(op).request.get("volume_ids", []))}
-        backups = sorted(self._results, key=lambda r: order.get(r["volume_id"], 0))
-        result: dict[str, Any] = {"backups": backups}
-        if self._svc.cancelled(op) and self._skipped:  # all done anyway: not "cancelled"
-            if self._errors:
-                result["failed"] = self._errors
-            result["cancelled"] = sorted(self._skipped, key=lambda v: order.get(v, 0))
-            done = ", ".join(b["volume_id"] for b in backups) or "none"
-            what = f"volumes whose backup was published stay published ({done})"
-            self._svc._finish_cancelled(op, result, what)
-        elif self._errors:
-            result["failed"] = self._errors
-            names = ", ".join(f"{e['volume_id']}: {e['error']}" for e in self._errors)
-            err = ops.ErrorInfo("BackupFailed", f"{len(self._errors)} volume(s) failed: {names}")
-            j.finish(op, ops.OperationState.FAILED, result=result, error=err)
-        else:
-            j.finish(op, ops.OperationState.SUCCEEDED, result=result)
-        self._svc._forget(op)

@@ -57,14 +57,16 @@ def fake_lo(monkeypatch: pytest.MonkeyPatch) -> None:
         dom.jobs.append(("commit", top))
         dom.chain.remove(top)
 
-    def settle_block_job(_c: Any, dom: FakeDom, target: str, **_kw: Any) -> lo.SettleResult:
-        chain = tuple(dom.chain)  # these fakes model no job a dead agent left
-        return lo.SettleResult(target, None, None, False, chain, chain, 0.0)
-
-    monkeypatch.setattr(lo, "settle_block_job", settle_block_job)
+    monkeypatch.setattr(lo, "settle_block_job", no_left_job)
     monkeypatch.setattr(lo, "resolve_disk", resolve_disk)  # online calls lo.<verb>
     monkeypatch.setattr(lo, "active_commit", active_commit)
     monkeypatch.setattr(lo, "commit", commit)
+
+
+def no_left_job(_c: Any, dom: FakeDom, target: str, **_kw: Any) -> lo.SettleResult:
+    """``settle_block_job`` for these fakes: they model no job a dead agent left."""
+    chain = tuple(dom.chain)
+    return lo.SettleResult(target, None, None, False, chain, chain, 0.0)
 
 
 def _killed_backup(

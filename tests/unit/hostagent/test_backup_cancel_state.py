@@ -17,7 +17,7 @@ from hostagent.backup.format import BackupCancelled
 from hostagent.backup.repository import Repository
 from hostagent.journal import Journal
 from hostagent.operations import OperationKind, OperationState
-from tests.unit.backup.test_online_recovery import VOL, A, FakeConn, FakeDom
+from tests.unit.backup.test_online_recovery import VOL, A, FakeConn, FakeDom, no_left_job
 
 
 @pytest.mark.parametrize(
@@ -34,6 +34,7 @@ def test_cancelled_backup_is_cancelled_and_put_back(
     dom = FakeDom(share, [A])
     monkeypatch.setattr(lo, "find_disk", lambda _d, **_kw: dom.disk())
     monkeypatch.setattr(lo, "resolve_disk", lambda _d, _t: dom.disk())
+    monkeypatch.setattr(lo, "settle_block_job", no_left_job)
 
     def run(*_a: Any) -> Any:
         raise exc
