@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,14 +24,12 @@ import pytest
 
 import libvirt_ops as lo
 from hostagent import service_api as api
-from hostagent.config import make_conf
 from hostagent.journal import Journal
-from hostagent.rpcapi import AgentAPI, get_transport
-from tests.bed import procs
 from tests.bed.disks import fsck_clean, read_guest_file
 from tests.bed.guest import GuestFactory
 from tests.bed.records import parse_records
 from tests.bed.shares import DirShare
+from tests.functional.backup.agent_proc import AgentProcess
 from tests.functional.backup.test_online_backup import _allocated
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(900)]
@@ -53,56 +50,6 @@ def guest(libvirt_host: Any, guest_image: Any) -> Iterator[tuple[Any, DirShare]]
         share.close()
 
 
-class Agent:
-    """The agent process and an RPC client to it."""
-
-    def __init__(self, share: DirShare, rabbit: Any, work: Path) -> None:
-        self.host = f"bk-{uuid.uuid4().hex[:6]}"
-        self.log = work / "agent.log"
-        self.state = work / "state"
-        conf = work / "agent.conf"
-        conf.write_text(
-            f"[DEFAULT]\nhost = {self.host}\ntransport_url = {rabbit.transport_url}\n"
-            f"state_path = {self.state}\n"
-            f"[shares]\nallowed_roots = {share.root}\n"
-            "[agent]\nworkers = 4\nmerge_timeout = 120\n[cinder]\nenabled = false\n"
-            f"[backup]\nrepository = {work / 'repo'}\nmax_parallel = 2\n"
-            f"bandwidth_mib = {BANDWIDTH_MIB}\n"
-        )
-        self.repo = work / "repo"
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-        argv = [sys.executable, "-m", "hostagent.cli", "--config-file", str(conf), "--ready-line"]
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env,
-            )  # fmt: skip
-        procs.record("qsnap-agent", self.proc.pid)
-        deadline = time.monotonic() + 90
-        while b"READY" not in self.log.read_bytes():
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
-            time.sleep(0.2)
-        self.transport = get_transport(make_conf(), rabbit.transport_url)
-        self.api = AgentAPI(self.transport, self.host, timeout=60)
-
-    def wait(self, op: api.Operation, timeout: float = 600) -> api.Operation:
-        deadline = time.monotonic() + timeout
-        while op.state in (api.OperationState.QUEUED, api.OperationState.RUNNING):
-            assert time.monotonic() < deadline, f"operation {op.id} still {op.state}"
-            time.sleep(0.5)
-            op = self.api.get_operation(CTX, op.id)
-        return op
-
-    def close(self) -> None:
-        self.transport.cleanup()
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def _chain(g: Any, vid: str) -> list[str]:
     return [os.path.basename(x.path) for x in lo.find_disk(g.dom, volume_id=vid).chain]
 
@@ -111,14 +58,20 @@ def test_backup_rpc_lifecycle(guest: Any, rabbitmq: Any, bed_dir: Path) -> None:
     g, share = guest
     v1, v2 = (d.volume_id for d in g.disks[:2])
     base = {v: _chain(g, v) for v in (v1, v2)}
-    agent = Agent(share, rabbitmq, bed_dir)
+    agent = AgentProcess(
+        share.root, rabbitmq, bed_dir, workers=4, max_parallel=2,
+        backup=f"bandwidth_mib = {BANDWIDTH_MIB}\n",
+    )  # fmt: skip
+    agent.start()
     try:
         _walk(agent, g, v1, v2, base, bed_dir)
     finally:
         agent.close()
 
 
-def _walk(agent: Agent, g: Any, v1: str, v2: str, base: dict[str, list[str]], d: Path) -> None:
+def _walk(
+    agent: AgentProcess, g: Any, v1: str, v2: str, base: dict[str, list[str]], d: Path
+) -> None:
     a = agent.api
     # 1. the whole instance while the guest writes: both volumes, in parallel, checkpointed
     g.start_writers(interval_ms=10)
@@ -224,7 +177,7 @@ def _walk(agent: Agent, g: Any, v1: str, v2: str, base: dict[str, list[str]], d:
     g.check(["sh", "-c", f"echo after > {g.disks[1].mountpoint}/after; sync"])
 
 
-def _cancel_mid_read(agent: Agent, g: Any, vid: str) -> None:
+def _cancel_mid_read(agent: AgentProcess, g: Any, vid: str) -> None:
     a, mnt = agent.api, g.disks[0].mountpoint
     before = _chain(g, vid)
     files = sorted(os.listdir(g.dir))

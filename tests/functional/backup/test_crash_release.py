@@ -19,8 +19,6 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,13 +28,11 @@ import pytest
 
 import libvirt_ops as lo
 from hostagent import service_api as api
-from hostagent._crash import CRASH_ENV
 from hostagent._messaging import messaging
-from hostagent.config import make_conf
-from hostagent.rpcapi import AgentAPI, get_transport
-from tests.bed import procs
+from hostagent.rpcapi import AgentAPI
 from tests.bed.guest import GuestFactory
 from tests.bed.shares import DirShare
+from tests.functional.backup.agent_proc import AgentProcess
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[3]
@@ -54,73 +50,6 @@ def guest(libvirt_host: Any, guest_image: Any) -> Iterator[tuple[Any, DirShare]]
         share.close()
 
 
-class Agent:
-    """One agent identity (conf, state, repository); processes started and killed in turn."""
-
-    def __init__(self, share: DirShare, rabbit: Any, work: Path) -> None:
-        self.host = f"cr-{uuid.uuid4().hex[:6]}"
-        self.log = work / "agent.log"
-        self.conf = work / "agent.conf"
-        self.conf.write_text(
-            f"[DEFAULT]\nhost = {self.host}\ntransport_url = {rabbit.transport_url}\n"
-            f"state_path = {work / 'state'}\n"
-            f"[shares]\nallowed_roots = {share.root}\n"
-            "[agent]\nworkers = 2\nmerge_timeout = 120\n[cinder]\nenabled = false\n"
-            f"[backup]\nrepository = {work / 'repo'}\nmax_parallel = 1\n"
-        )
-        self.transport = get_transport(make_conf(), rabbit.transport_url)
-        self.api = AgentAPI(self.transport, self.host, timeout=60)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, crash_at: str | None = None) -> None:
-        env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
-        env["PYTHONWARNINGS"] = "ignore"
-        if crash_at is not None:
-            env[CRASH_ENV] = crash_at
-        seen = self.log.read_bytes().count(b"READY") if self.log.exists() else 0
-        argv = [sys.executable, "-m", "hostagent.cli", "--config-file", str(self.conf)]
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [*argv, "--ready-line"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, env=env,
-            )  # fmt: skip
-        procs.record("qsnap-agent", self.proc.pid)
-        deadline = time.monotonic() + 90
-        while self.log.read_bytes().count(b"READY") <= seen:
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.tail()
-            time.sleep(0.1)
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def wait_died(self) -> None:
-        assert self.proc is not None
-        assert self.proc.wait(60) == 137, self.tail()
-        self.proc = None
-
-    def wait(self, op: api.Operation, timeout: float = 300) -> api.Operation:
-        deadline = time.monotonic() + timeout
-        while op.state in (api.OperationState.QUEUED, api.OperationState.RUNNING):
-            assert time.monotonic() < deadline, f"operation {op.id} still {op.state}"
-            time.sleep(0.3)
-            op = self.api.get_operation(CTX, op.id)
-        return op
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-
-    def close(self) -> None:
-        self.stop()
-        self.transport.cleanup()
-
-
 def _live(g: Any, vid: str) -> list[str]:
     return [os.path.basename(x.path) for x in lo.find_disk(g.dom, volume_id=vid).chain]
 
@@ -134,7 +63,7 @@ def _headers(path: Path) -> list[str]:
     return [os.path.basename(i["filename"]) for i in json.loads(out)]
 
 
-def _backup(agent: Agent, vid: str) -> dict[str, Any]:
+def _backup(agent: AgentProcess, vid: str) -> dict[str, Any]:
     op = agent.wait(agent.api.create_backup(CTX, volume_ids=[vid], instance_uuid=None,
                                             incremental=True))  # fmt: skip
     assert op.state is api.OperationState.SUCCEEDED, op.error
@@ -142,7 +71,7 @@ def _backup(agent: Agent, vid: str) -> dict[str, Any]:
     return dict(res)
 
 
-def _create(agent: Agent, g: Any, base: str, snap: str) -> tuple[str, dict[str, Any]]:
+def _create(agent: AgentProcess, g: Any, base: str, snap: str) -> tuple[str, dict[str, Any]]:
     """An assisted create as Cinder sends it: new_file pre-created on Cinder's active file."""
     new_file = f"volume-{g.disks[0].volume_id}.{snap}"
     path = Path(g.dir) / new_file
@@ -155,7 +84,7 @@ def _create(agent: Agent, g: Any, base: str, snap: str) -> tuple[str, dict[str, 
     return new_file, {"snapshot_id": snap, "type": "qcow2", "new_file": new_file}
 
 
-def _send_and_die(agent: Agent, vid: str, info: dict[str, Any]) -> None:
+def _send_and_die(agent: AgentProcess, vid: str, info: dict[str, Any]) -> None:
     quick = AgentAPI(agent.transport, agent.host, timeout=10)
     with contextlib.suppress(messaging().MessagingTimeout):  # died before its reply
         quick.create_assisted_snapshot(CTX, vid, info)
@@ -178,7 +107,7 @@ def test_kill_during_release_heals_after_restart(
     vid = g.disks[0].volume_id
     base = _live(g, vid)[0]
     mnt = g.disks[0].mountpoint
-    agent = Agent(share, rabbitmq, bed_dir)
+    agent = AgentProcess(share.root, rabbitmq, bed_dir)
     try:
         g.start_writers(interval_ms=10)
         agent.start()
