@@ -121,7 +121,12 @@ class OverlayReaper:
     def _run(self) -> None:
         while (item := self._work.get()) is not None:
             dom_uuid, why = item
-            for vid in self._left(dom_uuid):
+            try:
+                left = self._left(dom_uuid)
+            except Exception:  # libvirt gone for a moment: never kill the thread
+                LOG.exception("volumes of stopped domain %s: unknown; overlays left", dom_uuid)
+                continue
+            for vid in left:
                 try:
                     self.sweep(vid, why)
                 except Exception:  # never kill the thread; the operation says what failed
