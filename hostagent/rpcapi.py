@@ -189,15 +189,8 @@ class AgentAPI:
         volume_id: str | None,
         dry_run: bool,
     ) -> dict[str, Any]:
-        out: dict[str, Any] = self._call(
-            ctxt,
-            "prune_backups",
-            version="1.2",
-            keep_last=keep_last,
-            keep_daily=keep_daily,
-            volume_id=volume_id,
-            dry_run=dry_run,
-        )
+        rule = _prune_rule(keep_last, keep_daily, volume_id, dry_run)
+        out: dict[str, Any] = self._call(ctxt, "prune_backups", version="1.2", **rule)
         return out
 
     # -- 1.3 ------------------------------------------------------------------------------
@@ -219,16 +212,20 @@ class AgentAPI:
         dry_run: bool,
     ) -> api.Operation:
         """Prune as an operation (its result is what ``prune_backups`` returns)."""
-        out = self._call(
-            ctxt,
-            "start_prune",
-            version="1.3",
-            keep_last=keep_last,
-            keep_daily=keep_daily,
-            volume_id=volume_id,
-            dry_run=dry_run,
-        )
-        return api.Operation.from_wire(out)
+        rule = _prune_rule(keep_last, keep_daily, volume_id, dry_run)
+        return api.Operation.from_wire(self._call(ctxt, "start_prune", version="1.3", **rule))
+
+
+def _prune_rule(
+    keep_last: int | None, keep_daily: int | None, volume_id: str | None, dry_run: bool
+) -> dict[str, Any]:
+    """The wire arguments of both prunes (1.2's synchronous one and 1.3's operation)."""
+    return {
+        "keep_last": keep_last,
+        "keep_daily": keep_daily,
+        "volume_id": volume_id,
+        "dry_run": dry_run,
+    }
 
 
 class InventoryFanout:
