@@ -34,7 +34,7 @@ unit: setup
 functional: setup
 	@rid=$$(date +%s)$$RANDOM; export QSNAP_BED_RUN=$$rid; \
 	$(PYTEST) -q -m functional --timeout=600 -p no:cacheprovider --durations=20; rc=$$?; \
-	$(PY) -m tests.bed.leftovers $$rid || rc=1; exit $$rc
+	$(PY) -m testbed.leftovers $$rid || rc=1; exit $$rc
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; PYTHONPATH=. $(PY) $$b || exit 1; done

@@ -24,8 +24,8 @@ import webob
 
 from api_ext import auth, schemas
 from api_ext.router import NotRouted, Router
-from hostagent import service_api as api
-from hostagent.rpcapi import om
+from hostagent.rpc import contract as api
+from hostagent.rpc.client import om
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,7 +33,7 @@ Reply = tuple[int, object]
 
 
 class BackupAgent(Protocol):
-    """The backup half of ``hostagent.rpcapi.AgentAPI`` (RPC API 1.2)."""
+    """The backup half of ``hostagent.rpc.client.AgentAPI`` (RPC API 1.2)."""
 
     def create_backup(
         self,

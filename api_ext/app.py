@@ -21,8 +21,8 @@ from oslo_policy import policy
 
 from api_ext import _backup_routes, auth, schemas
 from api_ext.router import NotRouted, Router
-from hostagent import service_api as api
-from hostagent.rpcapi import om
+from hostagent.rpc import contract as api
+from hostagent.rpc.client import om
 
 LOG = logging.getLogger(__name__)
 NOVA_VERSION_HEADERS = {
@@ -78,7 +78,7 @@ def _agent_error_status(exc: Exception) -> int | None:
 
 
 class AgentClient(Protocol):
-    """What the API needs of ``hostagent.rpcapi.AgentAPI`` (a fake in unit tests)."""
+    """What the API needs of ``hostagent.rpc.client.AgentAPI`` (a fake in unit tests)."""
 
     def create_assisted_snapshot(
         self, ctxt: Mapping[str, Any], volume_id: str, create_info: Mapping[str, Any]
@@ -182,7 +182,7 @@ class ApiApp:
             conditions={"method": ["POST"]},
         )
         _backup_routes.connect(m)
-        # Until hostagent.rpcapi.AgentAPI has RPC 1.2's backup methods, AgentClient cannot
+        # Until hostagent.rpc.client.AgentAPI has RPC 1.2's backup methods, AgentClient cannot
         # require them (server.py hands AgentAPI in); BackupAgent describes what is called.
         backup_agents = cast(Callable[[str], _backup_routes.BackupAgent], agents)
         self._backups = _backup_routes.BackupRoutes(

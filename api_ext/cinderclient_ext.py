@@ -1,7 +1,7 @@
 """python-cinderclient extension for qsnap's Cinder API extension (api_ext.cinder_extension).
 
 Use: ``Client(..., extensions=[Extension("qsnap_snapshots", cinderclient_ext)])``, then
-``client.qsnap_snapshots.create_metadata(...)``. The code lives in ``hostagent.cinder_meta``
+``client.qsnap_snapshots.create_metadata(...)``. The code lives in ``hostagent.cinder.records``
 (the agent makes these calls and may not import api_ext/); this module re-exports it so
 cinderclient users keep one stable module. cinderclient binds a module's last
 ``base.Manager`` subclass: exactly one is re-exported here.
@@ -9,7 +9,7 @@ cinderclient users keep one stable module. cinderclient binds a module's last
 
 from __future__ import annotations
 
-from hostagent.cinder_meta import (
+from hostagent.cinder.records import (
     CREATE,
     DELETE,
     FINALIZE,

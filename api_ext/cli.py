@@ -22,7 +22,7 @@ from api_ext import _cli_backup
 from api_ext import _cli_output as output
 from api_ext._cli_client import ApiClient, ApiError, Unreachable, UsageError, make_client
 from api_ext._cli_client import register_options as register_auth_options
-from hostagent import service_api as api
+from hostagent.rpc import contract as api
 
 #: CLI quiesce words -> the API's values.
 QUIESCE = {"require": "required", "prefer": "preferred", "off": "none"}

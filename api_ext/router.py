@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hostagent import service_api as api
-from hostagent.rpcapi import INVENTORY_TOPIC, om
+from hostagent.rpc import contract as api
+from hostagent.rpc.client import INVENTORY_TOPIC, om
 
 LOG = logging.getLogger(__name__)
 

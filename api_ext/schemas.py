@@ -2,7 +2,7 @@
 
 Nova validates the create body with JSON Schema (extra fields rejected) and reads
 ``delete_info`` from the query string with ``parse_qs`` then ``json.loads``. We do the same,
-then build the agent's typed requests (``hostagent.service_api``) so UUIDs and Cinder file
+then build the agent's typed requests (``hostagent.rpc.contract``) so UUIDs and Cinder file
 names are checked here, at the edge, before anything travels. Every failure is a
 :class:`BadRequest` whose message names the field.
 """
@@ -16,7 +16,7 @@ from urllib.parse import parse_qs
 
 import jsonschema
 
-from hostagent import service_api as api
+from hostagent.rpc import contract as api
 from qcow2.naming import is_uuid
 
 # nova/api/openstack/compute/schemas/assisted_volume_snapshots.py (v2.1)

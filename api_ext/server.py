@@ -28,7 +28,7 @@ from api_ext import auth
 from api_ext.app import AgentClient, ApiApp
 from api_ext.config import make_conf
 from api_ext.router import InventoryListener, Router
-from hostagent.rpcapi import AgentAPI, get_transport
+from hostagent.rpc.client import AgentAPI, get_transport
 
 LOG = logging.getLogger(__name__)
 

@@ -178,7 +178,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     from backup_full import VOL, build, timed, tree_bytes
 
-    from hostagent.backup import Repository, backup_full, backup_incremental
+    from hostagent.backup.repo import Repository, backup_full, backup_incremental
 
     size = int(args.size.rstrip("G")) * GiB
     d = Path(args.dir)

@@ -35,7 +35,7 @@ from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hostagent.backup import Repository, backup_full, backup_incremental, restore
+from hostagent.backup.repo import Repository, backup_full, backup_incremental, restore
 
 MiB = 1 << 20
 VOL = str(uuid.uuid5(uuid.NAMESPACE_OID, "qsnap-bench-backup-v2"))

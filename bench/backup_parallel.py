@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from backup_full import _text_blocks, tree_bytes
 
-from hostagent.backup import BackupResult, Repository, backup_full
+from hostagent.backup.repo import BackupResult, Repository, backup_full
 
 MiB = 1 << 20
 

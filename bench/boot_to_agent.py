@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.bed.session import TestBed
+from testbed.session import TestBed
 
 
 def main() -> int:

@@ -24,7 +24,7 @@ from typing import Any
 import libvirt_qemu
 
 import libvirt_ops as lo
-from tests.bed.session import TestBed
+from testbed.session import TestBed
 from tests.functional.libvirt_ops.merge_helpers import snapshot_disk
 
 MIB = 1 << 20

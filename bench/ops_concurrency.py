@@ -118,7 +118,7 @@ def precreate(vols: list[Volume], per_volume: int) -> list[list[Req]]:
 
 
 def submit(client: Any, r: Req) -> None:
-    from hostagent import service_api as api
+    from hostagent.rpc import contract as api
 
     info = {"snapshot_id": r.sid, "type": "qcow2", "new_file": r.new_file}
     t0 = time.perf_counter()
@@ -183,7 +183,7 @@ def verify(client: Any, reports: Reports, per_vol: list[list[Req]]) -> tuple[lis
     Returns (succeeded operations, one line per failed one saying whether its overlay is
     nevertheless the live chain's). Chains must hold exactly the files of taken snapshots.
     """
-    from hostagent import service_api as api
+    from hostagent.rpc import contract as api
 
     ok: list[Any] = []
     bad: list[str] = []
@@ -345,9 +345,9 @@ def main() -> int:
     args = ap.parse_args()
 
     from hostagent.config import make_conf
-    from hostagent.rpcapi import AgentAPI, get_transport
-    from tests.bed import procs
-    from tests.bed.session import TestBed
+    from hostagent.rpc.client import AgentAPI, get_transport
+    from testbed import procs
+    from testbed.session import TestBed
     from tests.functional.hostagent.test_agent_assisted import CinderRecorder
 
     with TestBed("dir", rabbitmq=True) as bed:

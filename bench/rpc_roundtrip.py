@@ -1,6 +1,6 @@
 """Bench P7: agent RPC round trip over RabbitMQ vs a raw oslo.messaging call, same run.
 
-A private RabbitMQ node (tests.bed.rabbit.RabbitNode) and one server process holding two RPC
+A private RabbitMQ node (testbed.rabbit.RabbitNode) and one server process holding two RPC
 servers on the same transport: the agent's real endpoint (AgentEndpoint: wire validation,
 typed service call, result serialisation) on topic qsnap-agent, and a raw no-op endpoint on
 another topic. The client (this process) alternates the two calls, so noise hits both
@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from hostagent.config import make_conf
-from hostagent.rpcapi import AgentAPI, get_transport
+from hostagent.rpc.client import AgentAPI, get_transport
 
 HOST = "bench-host"
 RAW_TOPIC = "bench-raw"
@@ -36,8 +36,8 @@ class NoOp:
 
 def serve(url: str) -> int:
     """Child: both servers on one transport until stdin closes."""
-    from hostagent._messaging import messaging
-    from hostagent.rpc_server import get_server
+    from hostagent.rpc.messaging import messaging
+    from hostagent.rpc.server import get_server
     from tests.functional.hostagent.stub_agent import StubService
 
     om = messaging()
@@ -59,7 +59,7 @@ def serve(url: str) -> int:
 
 
 def measure(url: str, calls: int, warmup: int) -> None:
-    from hostagent._messaging import messaging
+    from hostagent.rpc.messaging import messaging
 
     om = messaging()
     conf = make_conf()
@@ -109,7 +109,7 @@ def main() -> int:
     if args.serve:
         return serve(args.serve)
 
-    from tests.bed.rabbit import RabbitNode
+    from testbed.rabbit import RabbitNode
 
     with RabbitNode() as node:
         child = subprocess.Popen(

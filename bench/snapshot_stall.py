@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import libvirt_ops as lo
-from tests.bed.session import TestBed
+from testbed.session import TestBed
 
 WINDOW_S = 2.0
 MS = 1e6

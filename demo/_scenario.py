@@ -25,12 +25,12 @@ import libvirt
 
 from demo._stack import Stack
 from libvirt_ops import find_disk
-from tests.bed import procs
-from tests.bed.disks import fsck_clean, read_guest_file
-from tests.bed.guest import Guest, GuestFactory
-from tests.bed.guestimage import build_guest_image
-from tests.bed.host import LibvirtHost
-from tests.bed.records import RecordLog, parse_records
+from testbed import procs
+from testbed.disks import fsck_clean, read_guest_file
+from testbed.guest import Guest, GuestFactory
+from testbed.guestimage import build_guest_image
+from testbed.host import LibvirtHost
+from testbed.records import RecordLog, parse_records
 
 DEMO_ROOT = Path("/var/lib/qsnap-demo")
 Out = Callable[[str], None]

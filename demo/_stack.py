@@ -20,10 +20,10 @@ from oslo_config import cfg
 
 from api_ext.config import make_conf as api_conf
 from api_ext.server import ApiServer
-from hostagent._messaging import messaging
 from hostagent.agent import Agent
 from hostagent.config import make_conf as agent_conf
-from hostagent.rpcapi import get_transport
+from hostagent.rpc.client import get_transport
+from hostagent.rpc.messaging import messaging
 
 HOST = "demo-host"
 FINAL = ("succeeded", "failed")

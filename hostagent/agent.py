@@ -20,17 +20,12 @@ from typing import Any
 from oslo_config import cfg
 from oslo_log import log as oslo_log
 
-from hostagent._backup_service import BackupSettings, LiveEngine
-from hostagent._notify_queue import NoCinder, NotifyQueue
-from hostagent._pool import KeyedPool
-from hostagent._stranded import OverlayReaper
-from hostagent.backup import recover_backup
-from hostagent.cinder_meta import CinderMeta
-from hostagent.config import make_conf
-from hostagent.hypervisor import LibvirtHypervisor
-from hostagent.inventory import InventoryTracker
-from hostagent.journal import Journal
-from hostagent.notifier import (
+from hostagent.backup.online import recover_backup
+from hostagent.backup.reaper import OverlayReaper
+from hostagent.backup.service import BackupSettings, LiveEngine
+from hostagent.cinder.outbox import NoCinder, NotifyQueue
+from hostagent.cinder.records import CinderMeta
+from hostagent.cinder.status import (
     AuthSettings,
     CinderNotifier,
     NoAuthSettings,
@@ -38,10 +33,15 @@ from hostagent.notifier import (
     PasswordSettings,
     RetryPolicy,
 )
-from hostagent.op_events import make_events
+from hostagent.config import make_conf
+from hostagent.inventory import InventoryTracker
+from hostagent.journal.events import make_events
+from hostagent.journal.store import Journal
+from hostagent.libvirt_hypervisor import LibvirtHypervisor
+from hostagent.pool import KeyedPool
 from hostagent.recovery import reconcile
-from hostagent.rpc_server import get_server
-from hostagent.rpcapi import InventoryFanout, get_transport
+from hostagent.rpc.client import InventoryFanout, get_transport
+from hostagent.rpc.server import get_server
 from hostagent.service import AssistedService
 from libvirt_ops import Connection
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from oslo_config import cfg
 from oslo_log import log as oslo_log
 
-from hostagent._messaging import register_messaging_opts
+from hostagent.rpc.messaging import register_messaging_opts
 
 default_opts: list[cfg.Opt] = [
     cfg.StrOpt(

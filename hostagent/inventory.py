@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import libvirt
 
-from hostagent.service_api import Inventory, VolumeAttachment
+from hostagent.rpc.contract import Inventory, VolumeAttachment
 from libvirt_ops import Connection, LibvirtUnavailable, domain_disks
 from qcow2.naming import is_uuid
 

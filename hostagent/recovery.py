@@ -20,12 +20,13 @@ files), because a PLANNED step may or may not have taken effect. Decisions:
 Guests of unfinished creates are thawed if ``guest-fsfreeze-status`` says frozen.
 - a ``release_checkpoint`` step PLANNED (killed while merging a backup checkpoint down) ->
   the disk's job is settled (the active commit pivoted), the overlay removed once out of the
-  live chain (:func:`hostagent._checkpoints.recover_release`), then the decisions above.
+  live chain (:func:`hostagent.backup.checkpoints.recover_release`), then the decisions above.
 - a merge awaited after a restart is settled, not only polled: an interrupted ACTIVE commit
   stays READY in libvirt forever, so it is pivoted (its intent) instead of timing out.
 
 Operations the agent owns end to end (instance snapshots, owned deletes) are resumed in the
-pool by :meth:`hostagent._owned.OwnedOps.resume`, which shares the step code of a fresh run:
+pool by :meth:`hostagent.snapshots.owned.OwnedOps.resume`, which shares the step code of a
+fresh run:
 overlays made but no snapshot -> overlays removed + Cinder record ``error``; snapshot taken
 -> ledger + record ``available``; delete: a running job is awaited, a finished merge gets
 its ledger, file removal and delete-metadata, an unchanged chain is merged again.
@@ -48,22 +49,22 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from hostagent import journal as jn
-from hostagent import operations as ops
-from hostagent import service_api as api
-from hostagent._checkpoints import (
+from hostagent.backup.checkpoints import (
     Release,
     has_planned_release,
     recover_release,
     release_step,
     settle_of,
 )
-from hostagent._crash import CRASH_ENV as CRASH_ENV  # re-exported for tests and tools
-from hostagent._crash import crash_point as crash_point
-from hostagent._notify_queue import NotifyQueue
-from hostagent._owned import OwnedOps
-from hostagent.notifier import Report
+from hostagent.cinder.outbox import NotifyQueue
+from hostagent.cinder.status import Report
+from hostagent.journal import model as ops
+from hostagent.journal import store as jn
+from hostagent.journal.crash import CRASH_ENV as CRASH_ENV  # re-exported for tests and tools
+from hostagent.journal.crash import crash_point as crash_point
+from hostagent.rpc import contract as api
 from hostagent.service import Hypervisor, Located
+from hostagent.snapshots.owned import OwnedOps
 from qcow2 import CINDER, Qcow2Error, inspect_chain
 
 LOG = logging.getLogger(__name__)

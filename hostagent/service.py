@@ -18,17 +18,17 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
-from hostagent import journal as jn
-from hostagent import operations as ops
-from hostagent import service_api as api
-from hostagent._backup_service import BackupEngine, BackupService, BackupSettings
-from hostagent._checkpoints import Release, cinder_chain, release_step
-from hostagent._crash import crash_point
-from hostagent._located import DiskLocks, Hypervisor, Located
-from hostagent._notify_queue import NotifyQueue
-from hostagent._owned import OwnedOps
-from hostagent._pool import KeyedPool
-from hostagent.notifier import Report
+from hostagent.backup.checkpoints import Release, cinder_chain, release_step
+from hostagent.backup.service import BackupEngine, BackupService, BackupSettings
+from hostagent.cinder.outbox import NotifyQueue
+from hostagent.cinder.status import Report
+from hostagent.hypervisor import DiskLocks, Hypervisor, Located
+from hostagent.journal import model as ops
+from hostagent.journal import store as jn
+from hostagent.journal.crash import crash_point
+from hostagent.pool import KeyedPool
+from hostagent.rpc import contract as api
+from hostagent.snapshots.owned import OwnedOps
 from qcow2 import CINDER, Qcow2Error, inspect_chain
 from qcow2.naming import volume_base_name
 
@@ -59,7 +59,7 @@ def _iso(ts: float) -> str:
 
 
 class AssistedService:
-    """:class:`hostagent.service_api.AgentService` over a journal, a pool and a hypervisor."""
+    """:class:`hostagent.rpc.contract.AgentService` over a journal, a pool and a hypervisor."""
 
     def __init__(
         self,

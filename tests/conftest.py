@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bed import procs
+from testbed import procs
 
 procs.run_id()  # fix the run id early so every child (and the leftover check) shares it
 
@@ -47,14 +47,14 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 @pytest.fixture(scope="session")
 def guest_image() -> object:
-    from tests.bed.guestimage import build_guest_image
+    from testbed.guestimage import build_guest_image
 
     return build_guest_image()
 
 
 @pytest.fixture(scope="session")
 def libvirt_host() -> Iterator[object]:
-    from tests.bed.host import LibvirtHost
+    from testbed.host import LibvirtHost
 
     host = LibvirtHost()
     yield host
@@ -63,7 +63,7 @@ def libvirt_host() -> Iterator[object]:
 
 @pytest.fixture(scope="session", params=["dir", "gluster"])
 def share(request: pytest.FixtureRequest) -> Iterator[object]:
-    from tests.bed.shares import make_share
+    from testbed.shares import make_share
 
     s = make_share(request.param)
     yield s
@@ -74,7 +74,7 @@ def share(request: pytest.FixtureRequest) -> Iterator[object]:
 def guest_factory(
     libvirt_host: object, guest_image: object, share: object, request: pytest.FixtureRequest
 ) -> Iterator[object]:
-    from tests.bed.guest import GuestFactory
+    from testbed.guest import GuestFactory
 
     factory = GuestFactory(
         libvirt_host.connection,
@@ -92,7 +92,7 @@ def guest(guest_factory: object, share: object) -> object:
 
 @pytest.fixture(scope="session")
 def rabbitmq() -> Iterator[object]:
-    from tests.bed.rabbit import RabbitNode
+    from testbed.rabbit import RabbitNode
 
     node = RabbitNode()
     yield node

@@ -36,18 +36,24 @@ from dataclasses import dataclass
 import libvirt
 
 import libvirt_ops as lo
-from hostagent._crash import crash_point
-from hostagent.backup.engine import BackupResult, Cancel, Progress, backup_full, backup_incremental
-from hostagent.backup.format import BackupCancelled, BackupError, Checkpoint, Manifest
-from hostagent.backup.repository import Repository
-from hostagent.journal import Journal
-from hostagent.operations import (
+from hostagent.backup.repo.engine import (
+    BackupResult,
+    Cancel,
+    Progress,
+    backup_full,
+    backup_incremental,
+)
+from hostagent.backup.repo.format import BackupCancelled, BackupError, Checkpoint, Manifest
+from hostagent.backup.repo.repository import Repository
+from hostagent.journal.crash import crash_point
+from hostagent.journal.model import (
     Operation,
     OperationKind,
     OperationRecord,
     OperationState,
     StepState,
 )
+from hostagent.journal.store import Journal
 from qcow2 import Qcow2Error, QemuImgError, inspect_chain
 from qcow2.naming import DEFAULT_IMAGE_PATTERN, Naming, is_uuid
 

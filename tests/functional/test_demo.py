@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from demo._scenario import DEMO_ROOT, run_demo
-from tests.bed import procs
+from testbed import procs
 
 pytestmark = pytest.mark.functional
 

@@ -9,8 +9,8 @@ import time
 import libvirt
 import pytest
 
-from tests.bed.disks import fsck_clean, read_guest_file
-from tests.bed.records import parse_records
+from testbed.disks import fsck_clean, read_guest_file
+from testbed.records import parse_records
 
 pytestmark = pytest.mark.functional
 

@@ -23,8 +23,8 @@ from cinderclient.extension import Extension
 
 import qcow2
 from api_ext import cinderclient_ext
-from tests.bed.cinder import REPO, VENV, CinderPeer
-from tests.bed.shares import DirShare
+from testbed.cinder import REPO, VENV, CinderPeer
+from testbed.shares import DirShare
 
 EXT = "api_ext.cinder_extension.Qsnap_snapshot_metadata"
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from hostagent import service_api as api
 from hostagent.config import make_conf
-from hostagent.rpcapi import InventoryFanout, get_transport
+from hostagent.rpc import contract as api
+from hostagent.rpc.client import InventoryFanout, get_transport
 from tests.functional.api_ext.test_nova_compat import _spawn, _stop
 from tests.functional.hostagent.stub_agent import INSTANCE, VOL_BUSY, VOL_OK
 

@@ -25,10 +25,10 @@ from keystoneauth1 import session, token_endpoint
 from novaclient import client as nova_client
 from novaclient import exceptions as nova_exc
 
-from hostagent import service_api as api
 from hostagent.config import make_conf
-from hostagent.rpcapi import InventoryFanout, get_transport
-from tests.bed import procs
+from hostagent.rpc import contract as api
+from hostagent.rpc.client import InventoryFanout, get_transport
+from testbed import procs
 from tests.functional.hostagent.stub_agent import INSTANCE, VOL_BUSY, VOL_OK
 
 pytestmark = pytest.mark.functional

@@ -11,11 +11,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from hostagent import service_api as api
-from hostagent._crash import CRASH_ENV
 from hostagent.config import make_conf
-from hostagent.rpcapi import AgentAPI, get_transport
-from tests.bed import procs
+from hostagent.journal.crash import CRASH_ENV
+from hostagent.rpc import contract as api
+from hostagent.rpc.client import AgentAPI, get_transport
+from testbed import procs
 
 ROOT = Path(__file__).resolve().parents[3]
 CTX: dict[str, Any] = {"request_id": "req-backup-functional"}

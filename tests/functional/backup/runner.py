@@ -10,7 +10,7 @@ import time
 
 import libvirt_ops as lo
 from hostagent.backup.online import BackupRequest, backup_volume
-from hostagent.journal import Journal
+from hostagent.journal.store import Journal
 
 
 def main(argv: list[str]) -> int:

@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 
 import libvirt_ops as lo
-from hostagent import service_api as api
-from hostagent.journal import Journal
-from tests.bed.disks import fsck_clean, read_guest_file
-from tests.bed.guest import GuestFactory
-from tests.bed.records import parse_records
-from tests.bed.shares import DirShare
+from hostagent.journal.store import Journal
+from hostagent.rpc import contract as api
+from testbed.disks import fsck_clean, read_guest_file
+from testbed.guest import GuestFactory
+from testbed.records import parse_records
+from testbed.shares import DirShare
 from tests.functional.backup.agent_proc import AgentProcess
 from tests.functional.backup.test_online_backup import _allocated
 

@@ -27,11 +27,11 @@ from typing import Any
 import pytest
 
 import libvirt_ops as lo
-from hostagent import service_api as api
-from hostagent._messaging import messaging
-from hostagent.rpcapi import AgentAPI
-from tests.bed.guest import GuestFactory
-from tests.bed.shares import DirShare
+from hostagent.rpc import contract as api
+from hostagent.rpc.client import AgentAPI
+from hostagent.rpc.messaging import messaging
+from testbed.guest import GuestFactory
+from testbed.shares import DirShare
 from tests.functional.backup.agent_proc import AgentProcess
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(900)]

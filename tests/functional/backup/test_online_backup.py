@@ -25,7 +25,6 @@ from typing import Any
 import pytest
 
 import libvirt_ops as lo
-from hostagent.backup import CorruptChunk, Repository, RepositoryFull, restore
 from hostagent.backup.online import (
     BackupRequest,
     backup_volume,
@@ -33,11 +32,12 @@ from hostagent.backup.online import (
     recover_backup,
     release_checkpoint,
 )
-from hostagent.journal import Journal
-from hostagent.operations import OperationKind, OperationState
-from tests.bed.disks import fsck_clean, image_sha256, read_guest_file
-from tests.bed.guest import GuestFactory
-from tests.bed.records import parse_records
+from hostagent.backup.repo import CorruptChunk, Repository, RepositoryFull, restore
+from hostagent.journal.model import OperationKind, OperationState
+from hostagent.journal.store import Journal
+from testbed.disks import fsck_clean, image_sha256, read_guest_file
+from testbed.guest import GuestFactory
+from testbed.records import parse_records
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(900)]
 MiB = 1 << 20

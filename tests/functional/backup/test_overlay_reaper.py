@@ -19,14 +19,14 @@ from typing import Any
 import pytest
 
 import libvirt_ops as lo
-from hostagent._stranded import OverlayReaper
-from hostagent.backup import Repository
 from hostagent.backup.online import BackupRequest, backup_volume, is_backup_overlay, overlay_name
+from hostagent.backup.reaper import OverlayReaper
+from hostagent.backup.repo import Repository
 from hostagent.inventory import read_attachments
-from hostagent.journal import Journal
-from hostagent.operations import OperationKind, OperationState
-from hostagent.service_api import Inventory
-from tests.bed.disks import fsck_clean, read_guest_file
+from hostagent.journal.model import OperationKind, OperationState
+from hostagent.journal.store import Journal
+from hostagent.rpc.contract import Inventory
+from testbed.disks import fsck_clean, read_guest_file
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(600)]
 

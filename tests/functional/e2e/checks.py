@@ -17,7 +17,7 @@ from typing import Any
 from cinderclient import exceptions as cinder_exc
 
 from libvirt_ops import find_disk
-from tests.bed.records import RecordLog
+from testbed.records import RecordLog
 from tests.functional.e2e.conftest import Deployment
 
 

@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 
 from hostagent.config import make_conf
-from hostagent.rpcapi import AgentAPI, get_transport
-from tests.bed import procs
-from tests.bed.cinder import REPO, CinderPeer
-from tests.bed.guest import Guest, GuestDisk, GuestError, _Dispatcher, _EventLatch, domain_xml
+from hostagent.rpc.client import AgentAPI, get_transport
+from testbed import procs
+from testbed.cinder import REPO, CinderPeer
+from testbed.guest import Guest, GuestDisk, GuestError, _Dispatcher, _EventLatch, domain_xml
 
 CINDER_EXTENSION = "api_ext.cinder_extension.Qsnap_snapshot_metadata"
 CONNECTOR = {

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from hostagent import service_api as api
-from tests.bed.cinder import REPO
+from hostagent.rpc import contract as api
+from testbed.cinder import REPO
 from tests.functional.e2e.checks import (
     GuestData,
     agent_op,

@@ -1,4 +1,4 @@
-"""Fixtures for hostagent functional tests: a real Cinder peer (see tests/bed/cinder.py)."""
+"""Fixtures for hostagent functional tests: a real Cinder peer (see testbed/cinder.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.bed.cinder import VENV, CinderPeer
-from tests.bed.shares import DirShare
+from testbed.cinder import VENV, CinderPeer
+from testbed.shares import DirShare
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hostagent import service_api as api
 from hostagent.config import make_conf
-from hostagent.rpc_server import parse_args, serve
+from hostagent.rpc import contract as api
+from hostagent.rpc.server import parse_args, serve
 from libvirt_ops import DiskBusy
 
 VOL_OK = "11111111-1111-4111-8111-111111111111"

@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 
-from hostagent import service_api as api
 from hostagent.config import make_conf
-from hostagent.rpcapi import AgentAPI, get_transport
+from hostagent.rpc import contract as api
+from hostagent.rpc.client import AgentAPI, get_transport
 from libvirt_ops import find_disk
 
 pytestmark = pytest.mark.functional

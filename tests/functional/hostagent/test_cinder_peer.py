@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from hostagent.notifier import CinderNotifier, NoAuthSettings, RetryPolicy
-from tests.bed.cinder import CinderPeer
+from hostagent.cinder.status import CinderNotifier, NoAuthSettings, RetryPolicy
+from testbed.cinder import CinderPeer
 
 
 class StubNova(ThreadingHTTPServer):

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from hostagent import service_api as api
+from hostagent.rpc import contract as api
 from tests.functional.hostagent.test_agent_assisted import _chain, _delete, _sha_in_guest
 from tests.functional.hostagent.test_crash_injection import (
     DELETE,

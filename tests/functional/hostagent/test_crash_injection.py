@@ -24,10 +24,10 @@ from typing import Any
 
 import pytest
 
-from hostagent import service_api as api
 from hostagent.config import make_conf
 from hostagent.recovery import CRASH_ENV
-from hostagent.rpcapi import AgentAPI, get_transport
+from hostagent.rpc import contract as api
+from hostagent.rpc.client import AgentAPI, get_transport
 from libvirt_ops import DiskSnapshotSpec, QuiescePolicy, SnapshotRequest, take_snapshot
 from tests.functional.hostagent.test_agent_assisted import (
     PROJECT,
@@ -111,7 +111,7 @@ def dir_share() -> Iterator[Any]:
     depends on the share kind, and both kinds are exercised by test_agent_assisted.py.
     One kind keeps the kill -9 cycles (two agent starts each) inside the CI budget.
     """
-    from tests.bed.shares import DirShare
+    from testbed.shares import DirShare
 
     s = DirShare()
     yield s
@@ -120,8 +120,8 @@ def dir_share() -> Iterator[Any]:
 
 def open_bed(libvirt_host: Any, guest_image: Any, share: Any, rabbitmq: Any) -> Iterator[Bed]:
     """One single-disk guest + recorder + agent identity (a module fixture's body)."""
-    from tests.bed import procs
-    from tests.bed.guest import GuestFactory
+    from testbed import procs
+    from testbed.guest import GuestFactory
 
     factory = GuestFactory(libvirt_host.connection, guest_image, lambda: share.new_dir("guest"))
     directory = procs.run_dir() / f"crash-{uuid.uuid4().hex[:8]}"

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from hostagent import service_api as api
-from tests.bed import procs
+from hostagent.rpc import contract as api
+from testbed import procs
 from tests.functional.hostagent.test_agent_assisted import CTX, _final
 from tests.functional.hostagent.test_instance_snapshot import InstanceBed
 
@@ -76,7 +76,7 @@ class CrashBed:
 
 @pytest.fixture(scope="module")
 def share() -> Iterator[Any]:
-    from tests.bed.shares import DirShare
+    from testbed.shares import DirShare
 
     s = DirShare()
     yield s

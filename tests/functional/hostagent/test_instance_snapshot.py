@@ -24,14 +24,14 @@ from typing import Any
 import pytest
 from cinderclient import exceptions as cexc
 
-from hostagent import service_api as api
 from hostagent.config import make_conf
 from hostagent.recovery import CRASH_ENV
-from hostagent.rpcapi import AgentAPI, get_transport
+from hostagent.rpc import contract as api
+from hostagent.rpc.client import AgentAPI, get_transport
 from libvirt_ops import find_disk
-from tests.bed import procs
-from tests.bed.cinder import REPO, CinderPeer
-from tests.bed.guest import GuestDisk
+from testbed import procs
+from testbed.cinder import REPO, CinderPeer
+from testbed.guest import GuestDisk
 from tests.functional.e2e.checks import qemu_chain
 from tests.functional.e2e.conftest import CONNECTOR, VolumeGuest, wait_status
 from tests.functional.hostagent.test_agent_assisted import CTX, _final, _sha_in_guest
@@ -198,7 +198,7 @@ class InstanceBed:
 def share() -> Iterator[Any]:
     """The dir share only: Cinder's NfsDriver mounts nothing, and recovery and ledgers are
     share-independent (both share kinds are covered by test_agent_assisted.py)."""
-    from tests.bed.shares import DirShare
+    from testbed.shares import DirShare
 
     s = DirShare()
     yield s

@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 
-from hostagent import op_events as ev
-from hostagent import service_api as api
-from hostagent._messaging import messaging
 from hostagent.config import make_conf
-from hostagent.rpcapi import AgentAPI, get_transport
-from tests.bed.guest import GuestFactory
-from tests.bed.shares import DirShare
+from hostagent.journal import events as ev
+from hostagent.rpc import contract as api
+from hostagent.rpc.client import AgentAPI, get_transport
+from hostagent.rpc.messaging import messaging
+from testbed.guest import GuestFactory
+from testbed.shares import DirShare
 
 pytestmark = pytest.mark.functional
 ROOT = Path(__file__).resolve().parents[3]

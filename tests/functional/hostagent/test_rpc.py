@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from hostagent import service_api as api
 from hostagent.config import make_conf
-from hostagent.rpcapi import AgentAPI, get_transport
+from hostagent.rpc import contract as api
+from hostagent.rpc.client import AgentAPI, get_transport
 from tests.functional.hostagent.stub_agent import INSTANCE, VOL_BUSY, VOL_CRASH, VOL_OK
 
 pytestmark = pytest.mark.functional
@@ -182,7 +182,7 @@ def test_typed_errors(client: AgentAPI, call: Any, error: type[Exception]) -> No
 
 def test_typed_errors_without_allowed_exmods(rabbit: Any, agent_proc: Any) -> None:
     """A transport that does not allow our module still yields typed errors (RemoteError map)."""
-    from hostagent._messaging import messaging
+    from hostagent.rpc.messaging import messaging
 
     om = messaging()
     transport = om.get_rpc_transport(make_conf(), url=rabbit.transport_url)
@@ -199,8 +199,8 @@ def test_inventory_fanout_reaches_every_listener(rabbit: Any) -> None:
     """Two API-side listeners on the fanout topic both get the agent's inventory_update."""
     import threading
 
-    from hostagent._messaging import messaging
-    from hostagent.rpcapi import INVENTORY_TOPIC, InventoryFanout
+    from hostagent.rpc.client import INVENTORY_TOPIC, InventoryFanout
+    from hostagent.rpc.messaging import messaging
 
     om = messaging()
     transport = om.get_rpc_transport(make_conf(), url=rabbit.transport_url)

@@ -18,7 +18,7 @@ import pytest
 
 import libvirt_ops as lo
 from libvirt_ops import _snapshot
-from tests.bed.records import RecordLog
+from testbed.records import RecordLog
 
 
 def spec(g: Any, index: int) -> lo.DiskSnapshotSpec:

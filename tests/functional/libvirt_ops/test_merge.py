@@ -20,7 +20,7 @@ import libvirt
 import pytest
 
 import libvirt_ops as lo
-from tests.bed.disks import fsck_clean, image_sha256, read_guest_file
+from testbed.disks import fsck_clean, image_sha256, read_guest_file
 from tests.functional.libvirt_ops.merge_helpers import (
     backing_name,
     qemu_img_check,

@@ -28,8 +28,8 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def one_guest(libvirt_host: Any, guest_image: Any) -> Iterator[tuple[Any, Any]]:
-    from tests.bed.guest import GuestFactory
-    from tests.bed.shares import DirShare
+    from testbed.guest import GuestFactory
+    from testbed.shares import DirShare
 
     share = DirShare()
     factory = GuestFactory(libvirt_host.connection, guest_image, lambda: share.new_dir("settle"))

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 import libvirt_ops as lo
-from tests.bed.disks import fsck_clean, read_guest_file
-from tests.bed.records import parse_records
+from testbed.disks import fsck_clean, read_guest_file
+from testbed.records import parse_records
 from tests.functional.libvirt_ops.snapshot_helpers import hold_inside_freeze, spec, stalls
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(240)]

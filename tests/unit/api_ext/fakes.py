@@ -7,7 +7,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hostagent import service_api as api
+from hostagent.rpc import contract as api
 
 VOL = "11111111-1111-4111-8111-111111111111"
 VOL2 = "22222222-2222-4222-8222-222222222222"

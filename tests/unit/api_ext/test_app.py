@@ -15,8 +15,8 @@ from api_ext import auth
 from api_ext.app import ApiApp
 from api_ext.config import make_conf
 from api_ext.router import Router
-from hostagent import service_api as api
-from hostagent.rpcapi import om
+from hostagent.rpc import contract as api
+from hostagent.rpc.client import om
 
 VOL = "11111111-1111-4111-8111-111111111111"
 SNAP = "55555555-5555-4555-8555-555555555555"

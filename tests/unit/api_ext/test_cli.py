@@ -17,7 +17,7 @@ from api_ext import auth, cli
 from api_ext.app import ApiApp
 from api_ext.config import make_conf
 from api_ext.router import Router
-from hostagent import service_api as api
+from hostagent.rpc import contract as api
 from tests.unit.api_ext.fakes import INST, SNAP, VOL, VOL2, FakeAgent, op
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from api_ext import cli
-from hostagent import service_api as api
+from hostagent.rpc import contract as api
 from tests.unit.api_ext.fakes import (
     BK1,
     BK2,

@@ -12,8 +12,8 @@ from api_ext import auth
 from api_ext.app import ApiApp
 from api_ext.config import make_conf
 from api_ext.router import Router
-from hostagent import service_api as api
-from hostagent.rpcapi import om
+from hostagent.rpc import contract as api
+from hostagent.rpc.client import om
 from tests.unit.api_ext.fakes import ADMIN, INST, SERVICE, SNAP, VOL, VOL2, FakeAgent, op
 
 DELETE_URL = f"/v1/volumes/{VOL}/snapshots/{SNAP}"

@@ -13,10 +13,10 @@ import pytest
 
 from hostagent import agent as agent_mod
 from hostagent import cli
-from hostagent import op_events as ev
 from hostagent.config import make_conf
-from hostagent.operations import OperationKind, OperationState
-from hostagent.rpcapi import AgentAPI, get_transport
+from hostagent.journal import events as ev
+from hostagent.journal.model import OperationKind, OperationState
+from hostagent.rpc.client import AgentAPI, get_transport
 
 VOL = "0b1c2d3e-4f50-4a6b-8c7d-8e9fa0b1c2d3"
 SNAP = "aaaaaaaa-1111-4222-8333-444444444444"

@@ -12,7 +12,7 @@ import libvirt
 import pytest
 
 from hostagent.inventory import InventoryTracker, read_attachments
-from hostagent.service_api import Inventory
+from hostagent.rpc.contract import Inventory
 from libvirt_ops import Connection
 
 DEADLINE = 20.0  # a bound on waiting for the publisher thread, not a speed claim

@@ -19,12 +19,12 @@ import pytest
 
 from hostagent import recovery
 from hostagent import service as service_mod
-from hostagent import service_api as api
-from hostagent._notify_queue import NotifyQueue
-from hostagent._pool import KeyedPool
-from hostagent.journal import Journal
-from hostagent.notifier import Report
+from hostagent.cinder.outbox import NotifyQueue
+from hostagent.cinder.status import Report
+from hostagent.journal.store import Journal
+from hostagent.pool import KeyedPool
 from hostagent.recovery import expected_after, reconcile
+from hostagent.rpc import contract as api
 from hostagent.service import AssistedService, Located
 from tests.unit.hostagent.test_service import VOL, FakeHv, FakeNotifier, _img
 

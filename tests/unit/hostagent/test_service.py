@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from hostagent import service_api as api
-from hostagent._notify_queue import NotifyQueue
-from hostagent._pool import KeyedPool
-from hostagent.journal import Journal
-from hostagent.notifier import NotifyUnreachable, Report, Reported
-from hostagent.operations import NotificationState
+from hostagent.cinder.outbox import NotifyQueue
+from hostagent.cinder.status import NotifyUnreachable, Report, Reported
+from hostagent.journal.model import NotificationState
+from hostagent.journal.store import Journal
+from hostagent.pool import KeyedPool
+from hostagent.rpc import contract as api
 from hostagent.service import AssistedService, Located
 from libvirt_ops import ChainLayer, Disk
 

@@ -1,0 +1,9 @@
+"""hostagent.rpc: the agent's oslo.messaging RPC API.
+
+- :mod:`.contract` -- the wire contract: typed requests, results, errors, the
+  ``AgentService`` protocol. ``api_ext`` imports this and :mod:`.client`; neither reaches
+  libvirt.
+- :mod:`.server` -- the endpoint: wire dicts to typed requests, lower errors to wire errors.
+- :mod:`.client` -- the versioned client (``qsnap-api`` and tools).
+- :mod:`.messaging` -- the oslo.messaging import and option registration.
+"""

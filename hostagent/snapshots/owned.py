@@ -1,0 +1,94 @@
+"""Snapshots the agent takes and deletes ITSELF: instance snapshots and their deletion.
+
+Unlike the assisted path (Cinder drives, Cinder owns the ``.info`` ledger and its files),
+here the agent owns everything: it picks the snapshot uuids, creates the overlays, takes
+ONE atomic snapshot of all the listed disks, writes the ledger exactly as Cinder's remotefs
+driver would (so Cinder can later delete these snapshots the normal way) and keeps Cinder's
+records through qsnap's Cinder extension. Every step is journaled before it is taken, and
+:meth:`OwnedOps.resume` continues or undoes an operation from its journaled steps and the
+live chain after a crash, so a fresh run and a recovered one share the same step code.
+
+Instance snapshot steps: plan, cinder_create, overlays, snapshot, ledger, cinder_finalize
+(failure: cleanup, cinder_finalize error). Owned delete steps: validate, merge, ledger,
+remove, cinder_delete.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from hostagent.backup.checkpoints import has_planned_release, recover_release, settle_of
+from hostagent.cinder.outbox import NotifyQueue
+from hostagent.hypervisor import DiskLocks, Hypervisor
+from hostagent.journal import model as ops
+from hostagent.journal import store as jn
+from hostagent.pool import KeyedPool
+from hostagent.rpc import contract as api
+from hostagent.snapshots.instance import InstanceSnapshots
+from hostagent.snapshots.owned_base import Observer, StepFn
+from hostagent.snapshots.owned_delete import OwnedDeletes
+
+LOG = logging.getLogger(__name__)
+
+
+class OwnedOps:
+    """Instance snapshots and owned deletes over the service's journal, pool and hypervisor."""
+
+    def __init__(
+        self,
+        journal: jn.Journal,
+        hv: Hypervisor,
+        queue: NotifyQueue,
+        pool: KeyedPool,
+        locks: DiskLocks,
+        *,
+        roots: list[str],
+        step: StepFn,
+    ) -> None:
+        self._j, self._locks, self._hv, self._roots = journal, locks, hv, roots
+        self.instances = InstanceSnapshots(journal, hv, queue, pool, locks, roots=roots, step=step)
+        self.deletes = OwnedDeletes(journal, hv, queue, pool, locks, roots=roots, step=step)
+
+    def snapshot_instance(self, req: api.InstanceSnapshotRequest) -> ops.Operation:
+        return self.instances.snapshot_instance(req)
+
+    def delete_snapshot(self, req: api.DeleteOwnedSnapshotRequest) -> ops.Operation:
+        return self.deletes.delete_snapshot(req)
+
+    # -- resume after a crash -------------------------------------------------------------
+    def resume(self, rec: ops.OperationRecord, obs: Observer, job_timeout: float) -> str:
+        """Continue or undo ``rec`` (called in the pool by recovery); returns the decision."""
+        op = rec.operation
+        keys = [
+            str(v["key"]) for s in rec.steps if s.name == "plan" for v in s.data.get("volumes", ())
+        ]
+        keys += [
+            str(s.data["disk"])
+            for s in rec.steps
+            if s.name in ("validate", "release_checkpoint") and "disk" in s.data
+        ]
+        with self._locks.hold(keys):
+            decision = self._resume(rec, obs, job_timeout)
+        LOG.warning("resumed %s %s: %s", op.kind, op.id, decision)
+        return decision
+
+    def _resume(self, rec: ops.OperationRecord, obs: Observer, job_timeout: float) -> str:
+        op, steps = rec.operation, rec.steps
+        released: list[str] = []
+        if has_planned_release(steps):  # killed mid-release: settle + clean up first
+            settle = settle_of(obs)
+            args = (self._hv.locate, settle, self._roots, job_timeout)
+            released = recover_release(self._j, op.id, steps, *args)
+            steps = tuple(self._j.steps(op.id))
+        return "; ".join([*released, self._judge(op, steps, obs, job_timeout)])
+
+    def _judge(
+        self, op: ops.Operation, steps: tuple[ops.Step, ...], obs: Observer, job_timeout: float
+    ) -> str:
+        last = {s.name: s for s in steps}
+        for s in steps:  # a PLANNED step may or may not have acted: judged below
+            if s.state is ops.StepState.PLANNED and s.name not in ("snapshot", "merge"):
+                self._j.step_undone(op.id, s.seq, {"recovery": "re-judged after restart"})
+        if op.kind is ops.OperationKind.INSTANCE_SNAPSHOT:
+            return self.instances.resume(op, last, obs)
+        return self.deletes.resume(op, last, obs, job_timeout)

@@ -1,0 +1,79 @@
+"""What instance snapshots and owned deletes share: their parts, the step wrapper, checks.
+
+Both kinds are carried out entirely by the agent (see :mod:`hostagent.snapshots.owned`); they share
+the journal, pool, queue and hypervisor, the per-disk locks and one consistency check of a
+volume's chain against its ``.info`` ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+from hostagent.backup.checkpoints import Release, cinder_chain
+from hostagent.cinder.outbox import NotifyQueue
+from hostagent.hypervisor import DiskLocks, Hypervisor, Located
+from hostagent.journal import store as jn
+from hostagent.pool import KeyedPool
+from hostagent.rpc import contract as api
+from qcow2 import Ledger, Qcow2Error, read_ledger
+
+LOG = logging.getLogger(__name__)
+
+StepFn = Callable[[uuid.UUID, str, "dict[str, Any] | None"], AbstractContextManager[jn.StepHandle]]
+
+
+class Observer(Protocol):
+    """What resuming after a crash must observe beyond the service's hypervisor."""
+
+    def block_job(self, where: Located) -> dict[str, int]: ...
+    def thaw_if_frozen(self, domain_uuid: str) -> bool: ...
+
+
+def checked_ledger(directory: str, volume_id: str) -> Ledger | None:
+    """The volume's ledger (None: none yet); one we refuse to parse is a typed refusal."""
+    try:
+        return read_ledger(directory, volume_id)
+    except Qcow2Error as exc:
+        raise api.InvalidRequest(f"ledger of volume {volume_id} refused: {exc}") from exc
+
+
+class OwnedBase:
+    """The parts every agent-owned operation uses; ``step`` journals (and crash-points)."""
+
+    #: Merges a backup checkpoint down before the operation acts (None: one is refused).
+    release: Release | None = None
+
+    def __init__(
+        self,
+        journal: jn.Journal,
+        hv: Hypervisor,
+        queue: NotifyQueue,
+        pool: KeyedPool,
+        locks: DiskLocks,
+        *,
+        roots: list[str],
+        step: StepFn,
+    ) -> None:
+        self._j, self._hv, self._q, self._pool = journal, hv, queue, pool
+        self._locks, self._roots, self._step = locks, roots, step
+
+    # -- validation (touches nothing) -----------------------------------------------------
+    def _checked(self, where: Located) -> list[str]:
+        """The chain names; the ledger, if any, must agree that the top is active."""
+        names = cinder_chain(where, self._roots, releasable=self.release is not None)
+        vid = str(where.disk.serial).lower()
+        ledger = checked_ledger(os.path.dirname(where.disk.source), vid)
+        if ledger is not None and ledger.active != names[0]:
+            raise api.InvalidRequest(
+                f"ledger of {vid} says {ledger.active!r} is active, the chain's top is {names[0]!r}"
+            )
+        return names
+
+    def _locked(self, keys: list[str], fn: Callable[..., None], *args: Any) -> None:
+        with self._locks.hold(keys):
+            fn(*args)

@@ -1,0 +1,273 @@
+"""A real Cinder (from PyPI, in ``.venv-cinder``) with the real NfsDriver, as a test peer.
+
+One subprocess runs osapi_volume, the scheduler and one volume service together because
+``transport_url = fake:/`` only works inside a single process; that spares us a RabbitMQ
+node and keeps start-up at a few seconds. The NFS "mount" is a no-op shim: the mount point
+is a symlink to a share directory, so Cinder's volume files land where the test looks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from testbed import procs
+from testbed.rabbit import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+VENV = REPO / ".venv-cinder"
+
+# ServiceLauncher (not ProcessLauncher) keeps every service in this one process.
+_LAUNCHER = """\
+from cinder import monkey_patch; monkey_patch.patch()  # noqa
+import shlex, sys
+import os_brick
+from oslo_config import cfg
+from oslo_log import log as logging
+from oslo_privsep import priv_context
+from oslo_service import service as os_service
+from cinder.common import config
+from cinder import coordination, objects, rpc, service, utils, version
+CONF = cfg.CONF
+objects.register_all()
+CONF(sys.argv[1:], project="cinder", version=version.version_string())
+config.set_middleware_defaults()
+logging.setup(CONF, "cinder")
+priv_context.init(root_helper=shlex.split(utils.get_root_helper()))
+os_brick.setup(CONF)
+coordination.COORDINATOR.start()
+rpc.init(CONF)
+launcher = os_service.ServiceLauncher(CONF)
+launcher.launch_service(service.WSGIService("osapi_volume"))
+launcher.launch_service(service.Service.create(binary="cinder-scheduler"))
+for b in CONF.enabled_backends:
+    launcher.launch_service(service.Service.create(
+        host=f"{CONF.host}@{b}", service_name=b, binary="cinder-volume", coordination=True))
+launcher.wait()
+"""
+
+# Cinder runs privileged commands as `sudo cinder-rootwrap CONF cmd...`; we are root already.
+_SUDO = '#!/bin/sh\ncase "$1" in *cinder-rootwrap) shift 2;; esac\nexec "$@"\n'
+# There is no kernel NFS client here: pretend every NFS mount succeeded.
+_MOUNT = '#!/bin/sh\nfor a in "$@"; do [ "$a" = nfs ] && exit 0; done\nexec /bin/mount "$@"\n'
+_MOUNT_NFS = "#!/bin/sh\nexit 0\n"
+
+NFS_SHARE = "127.0.0.1:/qsnap"
+BACKEND = "nfs1"
+
+
+class CinderPeer:
+    """Cinder API at ``self.endpoint`` (``.../v3``), volumes as files in ``share_dir``."""
+
+    def __init__(
+        self,
+        share_dir: Path,
+        *,
+        nova_endpoint: str = "http://127.0.0.1:9/v2.1",
+        timeout: float = 90.0,
+        extra_extensions: tuple[str, ...] = (),
+        pythonpath: tuple[Path, ...] = (),
+        policy: dict[str, str] | None = None,
+    ) -> None:
+        """``extra_extensions``: API extension classes by dotted path (beside the standard
+        ones), importable from ``pythonpath``. ``policy``: rules for a policy file that
+        :meth:`set_policy` can rewrite while Cinder runs (oslo.policy rereads it on change).
+        """
+        if not (VENV / "bin" / "cinder-manage").exists():
+            raise RuntimeError(f"no Cinder venv at {VENV}: run tools/cinder_setup.sh")
+        self.share_dir = share_dir
+        self.project_id = uuid.uuid4().hex  # Cinder's project_id_regex wants hex
+        self.user_id = "qsnap-test"
+        self.base = procs.run_dir() / f"cinder-{uuid.uuid4().hex[:6]}"
+        self.base.mkdir(mode=0o755)
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}/v3"
+        self.log = self.base / "cinder.log"
+        self.policy_file = self.base / "policy.json"
+        self._write_files(nova_endpoint, extra_extensions, policy is not None)
+        if policy is not None:
+            self.set_policy(policy)
+        self._env = dict(os.environ)
+        self._env["PATH"] = f"{self.base / 'bin'}:{VENV / 'bin'}:{os.environ.get('PATH', '')}"
+        self._env.pop("PYTHONPATH", None)
+        if pythonpath:
+            self._env["PYTHONPATH"] = os.pathsep.join(str(p) for p in pythonpath)
+        conf = ["--config-file", str(self.base / "cinder.conf")]
+        subprocess.run(
+            [str(VENV / "bin" / "cinder-manage"), *conf, "db", "sync"],
+            env=self._env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        out = open(self.base / "launcher.out", "wb")
+        self._proc = subprocess.Popen(
+            [str(VENV / "bin" / "python"), str(self.base / "launch.py"), *conf],
+            env=self._env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        out.close()
+        procs.record("cinder", self._proc.pid)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def mount_point(self) -> Path:
+        """Where the NfsDriver believes the share is mounted (os-brick's md5 naming)."""
+        digest = hashlib.md5(NFS_SHARE.encode(), usedforsecurity=False).hexdigest()
+        return self.base / "mnt" / digest
+
+    def set_policy(self, rules: dict[str, str]) -> None:
+        """Replace the policy file; a new mtime makes oslo.policy reload it on next check."""
+        tmp = self.policy_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rules))
+        os.replace(tmp, self.policy_file)
+        # quick rewrites must still look changed to oslo.policy's mtime cache
+        self._policy_mtime = max(time.time(), getattr(self, "_policy_mtime", 0.0) + 1.0)
+        os.utime(self.policy_file, (self._policy_mtime, self._policy_mtime))
+
+    def _write_files(
+        self, nova_endpoint: str, extra_extensions: tuple[str, ...], with_policy: bool
+    ) -> None:
+        b = self.base
+        ext_lines = "".join(
+            f"osapi_volume_extension = {e}\n"
+            for e in ("cinder.api.contrib.standard_extensions", *extra_extensions)
+        )
+        policy_lines = f"[oslo_policy]\npolicy_file = {self.policy_file}\n" if with_policy else ""
+        (b / "bin").mkdir()
+        for name, text in (("sudo", _SUDO), ("mount", _MOUNT), ("mount.nfs", _MOUNT_NFS)):
+            (b / "bin" / name).write_text(text)
+            os.chmod(b / "bin" / name, 0o755)
+        (b / "launch.py").write_text(_LAUNCHER)
+        (b / "nfs_shares").write_text(NFS_SHARE + "\n")
+        (b / "mnt").mkdir(mode=0o755)
+        self.mount_point.symlink_to(self.share_dir)
+        etc = VENV / "etc" / "cinder"
+        (b / "cinder.conf").write_text(
+            f"""[DEFAULT]
+auth_strategy = noauth
+transport_url = fake:/
+host = qsnap-cinder
+my_ip = 127.0.0.1
+state_path = {b / "state"}
+log_file = {self.log}
+debug = true
+api_paste_config = {etc / "api-paste.ini"}
+rootwrap_config = {etc / "rootwrap.conf"}
+resource_query_filters_file = {etc / "resource_filters.json"}
+osapi_volume_listen = 127.0.0.1
+osapi_volume_listen_port = {self.port}
+osapi_volume_workers = 1
+enabled_backends = {BACKEND}
+report_interval = 2
+periodic_interval = 5
+{ext_lines}{policy_lines}[database]
+connection = sqlite:///{b / "cinder.sqlite"}
+[oslo_concurrency]
+lock_path = {b / "lock"}
+[coordination]
+backend_url = file://{b / "coord"}
+[{BACKEND}]
+volume_driver = cinder.volume.drivers.nfs.NfsDriver
+volume_backend_name = {BACKEND}
+nfs_shares_config = {b / "nfs_shares"}
+nfs_mount_point_base = {b / "mnt"}
+nfs_snapshot_support = true
+nas_secure_file_operations = false
+nas_secure_file_permissions = false
+nfs_sparsed_volumes = true
+[nova]
+auth_type = none
+endpoint = {nova_endpoint}
+"""
+        )
+
+    def get(self, path: str) -> Any:
+        """A raw GET on the API (noauth token), for checks the client does not expose."""
+        # the URL is our own http:// endpoint, built above
+        req = urllib.request.Request(  # noqa: S310
+            f"{self.endpoint}/{self.project_id}/{path}",
+            headers={"X-Auth-Token": f"{self.user_id}:{self.project_id}"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+            return json.loads(resp.read())
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Ready = the scheduler knows a pool: 'services up' comes before volumes can land."""
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"cinder exited rc={self._proc.returncode}: {self.tail()}")
+            try:
+                if self.get("scheduler-stats/get_pools").get("pools"):
+                    return
+            except (OSError, ValueError) as exc:
+                last = exc
+            time.sleep(0.25)
+        raise TimeoutError(f"cinder not ready in {timeout}s ({last}): {self.tail()}")
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        out = (self.base / "launcher.out").read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:] + out[-n:])
+
+    def client(self, api_version: str = "3.44") -> Any:
+        """A python-cinderclient v3 client speaking noauth to this Cinder."""
+        from cinderclient import api_versions
+        from cinderclient import client as cclient
+        from cinderclient.contrib.noauth import CinderNoAuthPlugin
+        from keystoneauth1 import session
+
+        auth = CinderNoAuthPlugin(self.user_id, self.project_id, endpoint=self.endpoint)
+        return cclient.Client(
+            api_versions.APIVersion(api_version), session=session.Session(auth=auth)
+        )
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            procs.stop(self._proc.pid, group=True)
+        self._proc.wait(timeout=10)
+        procs.forget("cinder", self._proc.pid)
+
+    def __enter__(self) -> CinderPeer:
+        return self
+
+    def __exit__(
+        self,
+        et: type[BaseException] | None,
+        ev: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+if __name__ == "__main__":  # manual smoke run: python -m testbed.cinder
+    from testbed.shares import DirShare
+
+    sh = DirShare()
+    t0 = time.monotonic()
+    with CinderPeer(sh.new_dir("cinder")) as peer:
+        print(f"ready in {time.monotonic() - t0:.1f}s at {peer.endpoint}", file=sys.stderr)
+        print(peer.get("scheduler-stats/get_pools"))
+    sh.close()
