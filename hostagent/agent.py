@@ -154,19 +154,13 @@ class Agent:
         for decided in self.reaper.resume():
             LOG.info("resumed overlay release: %s", decided)
         # before any request is served and before the queue's first pass delivers what it owes
-        reconcile(
-            self.journal,
-            self.hypervisor,
-            self.queue,
-            submit=self.pool.submit,
-            roots=self._roots,
+        resumers = self.service.resumers(
             job_timeout=self.conf.agent.merge_timeout,
-            owned=self.service.owned,
-            backup_recover=lambda rec: recover_backup(
+            recover_volume=lambda rec: recover_backup(
                 self.journal, self.connection, rec, roots=self._roots
             ),
-            release=self.service.checkpoint_release,
         )
+        reconcile(self.journal, resumers)
         self.queue.start()  # resends what an earlier run left pending
         self.reaper.start()  # before the tracker: no stop may pass unseen once volumes are known
         self.tracker.start()

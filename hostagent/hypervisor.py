@@ -1,7 +1,7 @@
-"""Where a volume disk is, what the service needs from libvirt, and per-disk locks.
+"""The ONE hypervisor interface every operation uses, where a volume disk is, per-disk locks.
 
-Shared by the assisted service, the agent-owned operations and recovery (which import one
-another's users, so these names live apart to keep imports one-way).
+:class:`Hypervisor` is implemented by :class:`hostagent.libvirt_hypervisor.LibvirtHypervisor`
+and, for unit tests, by one complete fake (``tests/unit/hostagent/fakes.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Located:
 
 
 class Hypervisor(Protocol):
-    """The libvirt side, narrowed to what the service needs (faked in unit tests)."""
+    """The libvirt side, narrowed to what the operations and their recovery need."""
 
     def locate(self, volume_id: str) -> Located: ...
 
@@ -60,6 +60,19 @@ class Hypervisor(Protocol):
 
     def merge_owned(self, where: Located, file: str, progress: Any) -> dict[str, Any]:
         """Merge ``file`` into its backing file (active commit + pivot if it is the top)."""
+        ...
+
+    # -- what recovery observes after a restart ------------------------------------------
+    def block_job(self, where: Located) -> dict[str, int]:
+        """``blockJobInfo`` of the disk; empty when it has no job."""
+        ...
+
+    def thaw_if_frozen(self, domain_uuid: str) -> bool:
+        """Thaw the guest if qemu-ga says frozen; True if a thaw was needed."""
+        ...
+
+    def settle_job(self, where: Located, timeout: float) -> dict[str, Any]:
+        """Bring a job a dead agent left to its end (active commit: pivot); what it did."""
         ...
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import libvirt
 
 from hostagent.backup.online import BACKUP_NAMING
+from hostagent.hypervisor import Located
 from hostagent.inventory import read_attachments
 from hostagent.rpc import contract as api
-from hostagent.service import Located
 from libvirt_ops import (
     Connection,
     Deadlines,

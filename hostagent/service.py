@@ -1,61 +1,39 @@
-"""The agent's :class:`AgentService`: assisted create/delete, journaled and run per disk.
+"""The agent's :class:`hostagent.rpc.contract.AgentService`: the RPC verbs, by concept.
 
-A request is validated against the disk's REAL chain (live XML + qcow2 inspection of every
-file) while the caller waits, so a bad name fails with a typed error and nothing is touched
-or journaled. Accepted requests are journaled (idempotency key = snapshot id) and answered
-at once; a worker re-validates (the chain may have moved while queued) and journals every
-step before taking it. Merged files are never deleted here: Cinder deletes them itself.
+Each verb delegates to the concept that runs it and resumes it after a crash:
+assisted snapshots (:mod:`hostagent.snapshots.assisted`), instance snapshots and owned
+deletes (:mod:`hostagent.snapshots.owned`), backups (:mod:`hostagent.backup.service`).
+:meth:`AssistedService.resumers` hands recovery each kind's resume.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
-import os
 import uuid
-from collections.abc import Iterator
-from dataclasses import asdict
-from datetime import UTC, datetime
 from typing import Any
 
-from hostagent.backup.checkpoints import Release, cinder_chain, release_step
-from hostagent.backup.service import BackupEngine, BackupService, BackupSettings
+from hostagent.backup import service as backup_service
+from hostagent.backup.service import BackupEngine, BackupService, BackupSettings, RecoverVolume
 from hostagent.cinder.outbox import NotifyQueue
-from hostagent.cinder.status import Report
 from hostagent.hypervisor import DiskLocks, Hypervisor, Located
 from hostagent.journal import model as ops
 from hostagent.journal import store as jn
-from hostagent.journal.crash import crash_point
+from hostagent.journal.crash import crash_pointed
 from hostagent.pool import KeyedPool
+from hostagent.recovery import Resume
 from hostagent.rpc import contract as api
+from hostagent.snapshots.assisted import AssistedSnapshots
 from hostagent.snapshots.owned import OwnedOps
-from qcow2 import CINDER, Qcow2Error, inspect_chain
-from qcow2.naming import volume_base_name
 
 __all__ = ["AssistedService", "Hypervisor", "Located"]
 
 LOG = logging.getLogger(__name__)
 
 
-_KINDS = {
-    ops.OperationKind.ASSISTED_CREATE: api.OperationKind.CREATE_ASSISTED,
-    ops.OperationKind.ASSISTED_DELETE: api.OperationKind.DELETE_ASSISTED,
-    ops.OperationKind.INSTANCE_SNAPSHOT: api.OperationKind.INSTANCE_SNAPSHOT,
-    ops.OperationKind.OWNED_DELETE: api.OperationKind.DELETE_OWNED,
-    ops.OperationKind.BACKUP: api.OperationKind.BACKUP,
-    ops.OperationKind.RESTORE: api.OperationKind.RESTORE,
-}
-_STATES = {
-    ops.OperationState.PENDING: api.OperationState.QUEUED,
-    ops.OperationState.RUNNING: api.OperationState.RUNNING,
-    ops.OperationState.SUCCEEDED: api.OperationState.SUCCEEDED,
-    ops.OperationState.FAILED: api.OperationState.FAILED,
-    ops.OperationState.CANCELLED: api.OperationState.CANCELLED,
-}
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat()
+#: The journal's operation model on the wire: the one mapping lives in the contract.
+_KINDS = api.KIND_OF
+_STATES = api.STATE_OF
 
 
 class AssistedService:
@@ -74,134 +52,53 @@ class AssistedService:
     ) -> None:
         self._journal = journal
         self._hv = hypervisor
-        self._notify = notify
         self._pool = pool
-        self._roots = roots
-        self._locks = DiskLocks()
+        locks = DiskLocks()  # one set for every operation: an instance snapshot spans disks
         #: RPC 1.2 backups; None (no engine) refuses them.
         self.backups: BackupService | None = None
         if backup_engine is not None and backup_settings is not None:
             self.backups = BackupService(
-                journal, hypervisor, pool, self._locks, backup_engine, backup_settings, roots=roots
+                journal, hypervisor, pool, locks, backup_engine, backup_settings, roots=roots
             )
-        self._release = backup_engine.release if backup_engine is not None else None
-        #: Instance snapshots and owned deletes (also resumed by recovery after a crash).
-        self.owned = OwnedOps(
-            journal, hypervisor, notify, pool, self._locks, roots=roots, step=self._step
-        )
-        self.owned.instances.release = self.owned.deletes.release = self._release
+        #: Merges a backup checkpoint down before a snapshot operation (None: refused).
+        release = backup_engine.release if backup_engine is not None else None
+        step = crash_pointed(journal)
+        args = (journal, hypervisor, notify, pool, locks)
+        #: Cinder-assisted create/delete (Nova's os-assisted-volume-snapshots).
+        self.assisted = AssistedSnapshots(*args, roots=roots, step=step, release=release)
+        #: Instance snapshots and owned deletes.
+        self.owned = OwnedOps(*args, roots=roots, step=step, release=release)
 
-    @property
-    def checkpoint_release(self) -> Release | None:
-        """Merges a backup checkpoint down (recovery re-runs deletes after it); None without
-        a backup engine."""
-        return self._release
+    def resumers(
+        self, *, job_timeout: float, recover_volume: RecoverVolume | None = None
+    ) -> dict[ops.OperationKind, Resume]:
+        """Each operation kind's resume, for :func:`hostagent.recovery.reconcile`.
 
-    # -- validation (touches nothing) -----------------------------------------------------
-    def _chain_names(self, where: Located) -> list[str]:
-        """The chain as Cinder knows it: a backup checkpoint on top (released first) left out."""
-        return cinder_chain(where, self._roots, releasable=self._release is not None)
-
-    def _validate_create(self, req: api.CreateSnapshotRequest) -> tuple[Located, dict[str, Any]]:
-        where = self._hv.locate(req.volume_id)
-        names = self._chain_names(where)
-        if not req.new_file.startswith(volume_base_name(req.volume_id) + "."):
-            raise api.InvalidRequest(f"new_file {req.new_file!r} is not a file of this volume")
-        if req.new_file in names:
-            raise api.InvalidRequest(f"new_file {req.new_file!r} is already in the chain")
-        path = os.path.join(os.path.dirname(where.disk.source), req.new_file)
-        if os.path.islink(path) or not os.path.isfile(path):
-            raise api.InvalidRequest(f"{path} was not pre-created as a regular file")
-        try:
-            with inspect_chain(path, roots=self._roots, naming=CINDER, fmt="qcow2") as c:
-                top = c.layers[0]
-        except Qcow2Error as exc:
-            raise api.InvalidRequest(f"new_file {req.new_file!r} refused: {exc}") from exc
-        if top.backing_name != names[0] or top.backing_fmt != where.disk.fmt:
-            raise api.InvalidRequest(
-                f"new_file backs onto {top.backing_name!r}, not the active file {names[0]!r}"
+        ``job_timeout`` bounds settling a block job a dead agent left; ``recover_volume``
+        puts one volume's interrupted online backup back (without it such backups stay
+        unfinished for the next start).
+        """
+        out: dict[ops.OperationKind, Resume] = {}
+        for kind in AssistedSnapshots.KINDS:
+            out[kind] = functools.partial(self.assisted.resume, job_timeout=job_timeout)
+        for kind in OwnedOps.KINDS:
+            out[kind] = functools.partial(self.owned.resume_later, job_timeout=job_timeout)
+        for kind in BackupService.KINDS:
+            out[kind] = functools.partial(
+                backup_service.resume, self._journal, recover_volume=recover_volume
             )
-        return where, {"disk": where.key, "active": where.disk.source, "new_path": path}
-
-    def _validate_delete(self, req: api.DeleteSnapshotRequest) -> tuple[Located, dict[str, Any]]:
-        where = self._hv.locate(req.volume_id)
-        names = self._chain_names(where)
-
-        def pos(name: str) -> int:
-            if name not in names:
-                raise api.InvalidRequest(f"{name!r} is not in the chain {names}")
-            return names.index(name)
-
-        if req.merge_target_file is None:  # pull into the active file (Cinder's data stays)
-            if req.file_to_merge is None:
-                if len(names) < 2:
-                    raise api.InvalidRequest("nothing to flatten: the disk has one file")
-                mode = "flatten"
-            else:
-                if pos(req.file_to_merge) < 2:
-                    raise api.InvalidRequest(f"nothing to pull above {req.file_to_merge!r}")
-                mode = "pull"
-        else:
-            assert req.file_to_merge is not None
-            top = pos(req.file_to_merge)
-            if top < 1:
-                raise api.InvalidRequest(f"{req.file_to_merge!r} is the active file")
-            if pos(req.merge_target_file) <= top:
-                raise api.InvalidRequest("merge_target_file is not below file_to_merge")
-            mode = "commit"
-        return where, {"disk": where.key, "mode": mode, "chain": names}
+        return out
 
     # -- AgentService ---------------------------------------------------------------------
-    def _accept(
-        self,
-        kind: ops.OperationKind,
-        req: api.CreateSnapshotRequest | api.DeleteSnapshotRequest,
-        key: str,
-        validate: Any,
-        run: Any,
-    ) -> api.Operation:
-        request = {"kind": kind.value, **asdict(req)}
-        locks = [f"volume:{req.volume_id}"]
-        try:
-            if self._journal.find(kind, key) is None:
-                where, _plan = validate(req)  # raises: nothing journaled, nothing touched
-            else:
-                where = None  # a retry: answer with the first operation, whatever its state
-            begun = self._journal.begin(kind, request, key, locks)
-        except jn.IdempotencyConflict as exc:
-            raise api.InvalidRequest(f"snapshot id reused with another request: {exc}") from exc
-        if begun.created:
-            assert where is not None
-            op_id, key = begun.operation.id, where.key
-
-            def job() -> None:
-                with self._locks.hold([key]):  # instance snapshots hold several disks
-                    run(op_id, req)
-
-            self._pool.submit(key, job)
-        return self._to_api(begun.operation)
-
     def create_assisted_snapshot(
         self, ctxt: api.CallContext, req: api.CreateSnapshotRequest
     ) -> api.Operation:
-        return self._accept(
-            ops.OperationKind.ASSISTED_CREATE,
-            req,
-            req.snapshot_id,
-            self._validate_create,
-            self._run_create,
-        )
+        return self._to_api(self.assisted.create(req))
 
     def delete_assisted_snapshot(
         self, ctxt: api.CallContext, req: api.DeleteSnapshotRequest
     ) -> api.Operation:
-        return self._accept(
-            ops.OperationKind.ASSISTED_DELETE,
-            req,
-            req.snapshot_id + ":delete",
-            self._validate_delete,
-            self._run_delete,
-        )
+        return self._to_api(self.assisted.delete(req))
 
     def snapshot_instance(
         self, ctxt: api.CallContext, req: api.InstanceSnapshotRequest
@@ -286,91 +183,6 @@ class AssistedService:
     def start_prune(self, ctxt: api.CallContext, req: api.PruneBackupsRequest) -> api.Operation:
         return self._to_api(self._bk().start_prune(req))
 
-    # -- workers --------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _step(
-        self, op_id: uuid.UUID, name: str, data: dict[str, Any] | None = None
-    ) -> Iterator[jn.StepHandle]:
-        """``Journal.step`` plus the test-only crash points right after each journal write."""
-        with self._journal.step(op_id, name, data) as handle:
-            crash_point(name, "planned")
-            yield handle
-        crash_point(name, "done")
-
-    def _release_checkpoint(self, op_id: uuid.UUID, volume_id: str) -> None:
-        """A backup checkpoint above Cinder's active file is merged down first (journaled),
-        so the new_file/delete_info Cinder computed from its ledger holds again."""
-        release_step(self._step, op_id, self._hv.locate(volume_id), self._release)
-
-    def _report(self, op_id: uuid.UUID, snapshot_id: str, report: Report) -> None:
-        with self._step(op_id, "notify", {"report": report.name}) as step:
-            step.data["delivered"] = self._notify.send(snapshot_id, report, op_id)
-
-    def _run_create(self, op_id: uuid.UUID, req: api.CreateSnapshotRequest) -> None:
-        j = self._journal
-        try:
-            self._release_checkpoint(op_id, req.volume_id)
-            with self._step(op_id, "validate") as step:
-                where, plan = self._validate_create(req)
-                step.data.update(plan)
-            with self._step(op_id, "snapshot", {"new_file": req.new_file}) as step:
-                step.data.update(self._hv.snapshot(where, req.new_file))
-        except Exception as exc:
-            LOG.warning("create %s of volume %s failed: %s", req.snapshot_id, req.volume_id, exc)
-            self._report(op_id, req.snapshot_id, Report.CREATE_FAILED)
-            j.finish(op_id, ops.OperationState.FAILED, error=exc)
-            return
-        self._report(op_id, req.snapshot_id, Report.CREATE_DONE)
-        j.finish(op_id, ops.OperationState.SUCCEEDED, result={"active": plan["new_path"]})
-
-    def _run_delete(self, op_id: uuid.UUID, req: api.DeleteSnapshotRequest) -> None:
-        j = self._journal
-
-        def progress(cur: int, end: int) -> None:
-            try:
-                j.set_progress(op_id, cur, end)
-            except jn.JournalError:  # progress is advisory; never fail the merge for it
-                LOG.debug("progress of %s not journaled", op_id, exc_info=True)
-
-        try:
-            self._release_checkpoint(op_id, req.volume_id)
-            with self._step(op_id, "validate") as step:
-                where, plan = self._validate_delete(req)
-                step.data.update(plan)
-            data = {"file_to_merge": req.file_to_merge, "target": req.merge_target_file}
-            with self._step(op_id, "merge", data) as step:
-                result = self._hv.merge(where, req.file_to_merge, req.merge_target_file, progress)
-                step.data.update(result)
-        except Exception as exc:
-            LOG.warning("delete %s of volume %s failed: %s", req.snapshot_id, req.volume_id, exc)
-            self._report(op_id, req.snapshot_id, Report.DELETE_FAILED)
-            j.finish(op_id, ops.OperationState.FAILED, error=exc)
-            return
-        self._report(op_id, req.snapshot_id, Report.DELETE_DONE)
-        j.finish(op_id, ops.OperationState.SUCCEEDED, result=result)
-
     # -- model mapping ----------------------------------------------------------------------
     def _to_api(self, op: ops.Operation) -> api.Operation:
-        steps = [
-            {"name": s.name, "state": s.state.value, "data": s.data}
-            for s in self._journal.steps(op.id)
-        ]
-        result: dict[str, Any] = dict(op.result or {})
-        result["steps"] = steps
-        result["progress"] = {"cur": op.progress.cur, "end": op.progress.end}
-        vols = tuple(k.split(":", 1)[1] for k in op.locks if k.startswith("volume:"))
-        return api.Operation(
-            id=str(op.id),
-            kind=_KINDS[op.kind],
-            state=_STATES[op.state],
-            host=op.host,
-            volume_ids=vols,
-            snapshot_id=op.request.get("snapshot_id"),
-            instance_uuid=op.request.get("instance_uuid"),
-            created_at=_iso(op.created_at),
-            updated_at=_iso(op.updated_at),
-            error=None
-            if op.error is None
-            else {"code": op.error.type, "message": op.error.message},
-            result=result,
-        )
+        return api.Operation.of(op, self._journal.steps(op.id))

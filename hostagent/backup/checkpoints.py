@@ -18,53 +18,24 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import uuid
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from hostagent.backup.online import BACKUP_NAMING, is_backup_overlay, overlay_volume
 from hostagent.hypervisor import Located, chain_names
 from hostagent.journal import model as ops
 from hostagent.journal import store as jn
+from hostagent.journal.crash import StepFn
+from hostagent.journal.model import StepName
 from hostagent.rpc import contract as api
 
 LOG = logging.getLogger(__name__)
 
 #: Merge a volume's checkpoint overlay down (active commit + pivot, unlink); its name or None.
 Release = Callable[[Located], "str | None"]
-StepFn = Callable[[uuid.UUID, str, "dict[str, Any] | None"], AbstractContextManager[jn.StepHandle]]
 #: Bring the disk's block job (one a dead agent left) to its end within a timeout; what it did.
 Settle = Callable[[Located, float], "dict[str, Any]"]
-
-
-@runtime_checkable
-class Settler(Protocol):
-    """An observer that can settle a job (``LibvirtHypervisor``): pivot, not only wait."""
-
-    def settle_job(self, where: Located, timeout: float) -> dict[str, Any]: ...
-
-
-class _JobSeer(Protocol):
-    def block_job(self, where: Located) -> dict[str, int]: ...
-
-
-def settle_of(observer: _JobSeer) -> Settle:
-    """The observer's ``settle_job``; one that can only see a job gets a bounded wait for
-    its end (it cannot pivot: a READY active commit then times out, as it used to)."""
-    if isinstance(observer, Settler):
-        return observer.settle_job
-
-    def wait_for_end(where: Located, timeout: float) -> dict[str, Any]:
-        deadline, found = time.monotonic() + timeout, observer.block_job(where)
-        while observer.block_job(where):
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"block job on {where.key} still running after restart")
-            time.sleep(0.2)
-        return {"found": found.get("type") if found else None, "pivoted": False}
-
-    return wait_for_end
 
 
 def checkpoint_of(where: Located) -> str | None:
@@ -106,7 +77,7 @@ def release_step(
     checkpoint = checkpoint_of(where)
     if checkpoint is None or release is None:
         return where
-    with step(op_id, "release_checkpoint", {"overlay": checkpoint, "disk": where.key}) as h:
+    with step(op_id, StepName.RELEASE_CHECKPOINT, {"overlay": checkpoint, "disk": where.key}) as h:
         h.data["released"] = release(where)
     return None
 
@@ -130,7 +101,7 @@ def recover_release(
     """
     out: list[str] = []
     for s in steps:
-        if s.name != "release_checkpoint" or s.state is not ops.StepState.PLANNED:
+        if s.name != StepName.RELEASE_CHECKPOINT or s.state is not ops.StepState.PLANNED:
             continue
         overlay = str(s.data.get("overlay", ""))
         vid = overlay_volume(overlay)
@@ -164,4 +135,6 @@ def recover_release(
 
 
 def has_planned_release(steps: Sequence[ops.Step]) -> bool:
-    return any(s.name == "release_checkpoint" and s.state is ops.StepState.PLANNED for s in steps)
+    return any(
+        s.name == StepName.RELEASE_CHECKPOINT and s.state is ops.StepState.PLANNED for s in steps
+    )

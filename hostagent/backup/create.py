@@ -21,6 +21,7 @@ from hostagent.backup.live import Cancel, Progress
 from hostagent.hypervisor import Located
 from hostagent.journal import model as ops
 from hostagent.journal import store as jn
+from hostagent.journal.model import StepName
 
 if TYPE_CHECKING:
     from hostagent.backup.service import BackupService
@@ -115,7 +116,7 @@ class CreateRun:
 
     def _backup(self, where: Located, vid: str, cancel: Cancel) -> None:
         svc = self._svc
-        with svc._j.step(self._op, "volume", {"volume_id": vid, "disk": where.key}) as h:
+        with svc._j.step(self._op, StepName.VOLUME, {"volume_id": vid, "disk": where.key}) as h:
             # the chain may have moved while queued: locate again under the lock
             now = svc._hv.locate(vid)
             progress = svc._stream_progress(self._progress.part(vid), cancel)

@@ -51,6 +51,7 @@ from hostagent.journal.model import (
     OperationKind,
     OperationRecord,
     OperationState,
+    StepName,
     StepState,
 )
 from hostagent.journal.store import Journal
@@ -227,7 +228,7 @@ def _run(
     snap_req = lo.SnapshotRequest(
         domain=req.domain, disks=(spec,), quiesce=req.quiesce, naming=BACKUP_NAMING
     )
-    with journal.step(op, "snapshot", {"overlay": k_new}) as h:
+    with journal.step(op, StepName.SNAPSHOT, {"overlay": k_new}) as h:
         snap = lo.take_snapshot(conn, snap_req, roots=roots)
         h.data["quiesced"] = snap.quiesced
 
@@ -248,17 +249,17 @@ def _run(
         )
     elif parent.checkpoint.boundary != boundary:
         reason = f"checkpoint boundary {parent.checkpoint.boundary} is no longer under {k_old}"
-    with journal.step(op, "read", {"frozen": os.path.basename(frozen)}) as h:
+    with journal.step(op, StepName.READ, {"frozen": os.path.basename(frozen)}) as h:
         prog = _journaled_progress(journal, op, progress)
         res = _read(req, repo, disk, roots, frozen, parent, boundary, reason, cp, prog, cancel)
         h.data["backup_id"] = res.manifest.backup_id
     dom = conn.lookup(req.domain)
     if k_old is not None:
-        with journal.step(op, "merge", {"kind": "commit", "top": k_old, "base": boundary}):
+        with journal.step(op, StepName.MERGE, {"kind": "commit", "top": k_old, "base": boundary}):
             lo.commit(conn, dom, disk.target, top=k_old, roots=roots, naming=BACKUP_NAMING)
         _remove(journal, op, share, k_old, conn, req.domain, disk.target)
     if not req.keeps_checkpoint:
-        with journal.step(op, "merge", {"kind": "active_commit", "top": k_new}):
+        with journal.step(op, StepName.MERGE, {"kind": "active_commit", "top": k_new}):
             lo.active_commit(conn, dom, disk.target, roots=roots, naming=BACKUP_NAMING)
         _remove(journal, op, share, k_new, conn, req.domain, disk.target)
     after = _names(lo.find_disk(conn.lookup(req.domain), volume_id=req.volume_id))
@@ -350,7 +351,7 @@ def _remove(
     target: str,
 ) -> None:
     """Unlink a merged-away overlay, but never a file still in the live chain."""
-    with journal.step(op, "remove", {"file": name}):
+    with journal.step(op, StepName.REMOVE, {"file": name}):
         live = _names(lo.resolve_disk(conn.lookup(domain), target))
         if name in live:
             raise ChainChanged(f"{name} is still in the live chain {live}: not removed")
@@ -390,15 +391,19 @@ def _put_back(
         done.append(settled)
         disk = lo.resolve_disk(dom, target)
     live = _names(disk)
-    published = any(s.name == "read" and s.state is StepState.DONE for s in journal.steps(op))
+    published = any(
+        s.name == StepName.READ and s.state is StepState.DONE for s in journal.steps(op)
+    )
     if k_new in live and live[0] == k_new and (not published or not keep):
-        with journal.step(op, "merge", {"kind": "active_commit", "top": k_new, "recovery": 1}):
+        with journal.step(
+            op, StepName.MERGE, {"kind": "active_commit", "top": k_new, "recovery": 1}
+        ):
             lo.active_commit(conn, dom, target, roots=rts, naming=BACKUP_NAMING)
         done.append(f"active-committed {k_new}")
     if published and isinstance(k_old, str) and k_old in _names(lo.resolve_disk(dom, target)):
         now = _names(lo.resolve_disk(dom, target))
         if now[0] != k_old:
-            with journal.step(op, "merge", {"kind": "commit", "top": k_old, "recovery": 1}):
+            with journal.step(op, StepName.MERGE, {"kind": "commit", "top": k_old, "recovery": 1}):
                 lo.commit(conn, dom, target, top=k_old, roots=rts, naming=BACKUP_NAMING)
             done.append(f"committed {k_old}")
     now = _names(lo.resolve_disk(dom, target))
@@ -406,7 +411,7 @@ def _put_back(
         if isinstance(name, str) and name not in now:
             path = os.path.join(share, name)
             if os.path.exists(path) and (name == k_new or published):
-                with journal.step(op, "remove", {"file": name, "recovery": 1}):
+                with journal.step(op, StepName.REMOVE, {"file": name, "recovery": 1}):
                     os.unlink(path)
                 done.append(f"removed {name}")
     return "; ".join(done) or "chain already consistent"
@@ -445,7 +450,7 @@ def recover_backup(
         if s.state is StepState.PLANNED:
             journal.step_undone(op.id, s.seq, {"recovery": "interrupted; judged from the chain"})
     decision = _put_back(conn, journal, op.id, request, roots)
-    published = [s for s in record.steps if s.name == "read" and s.state is StepState.DONE]
+    published = [s for s in record.steps if s.name == StepName.READ and s.state is StepState.DONE]
     if published:
         journal.finish(
             op.id,

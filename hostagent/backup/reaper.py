@@ -37,8 +37,10 @@ import libvirt
 import libvirt_ops as lo
 import qcow2
 from hostagent.backup.online import BACKUP_NAMING, is_backup_overlay
+from hostagent.errors import QsnapAgentError
 from hostagent.journal import model as ops
 from hostagent.journal import store as jn
+from hostagent.journal.model import StepName
 from hostagent.rpc.contract import Inventory
 from qcow2.naming import is_uuid
 
@@ -58,7 +60,7 @@ _GONE = frozenset(
 BUSY_WAIT = 60.0
 
 
-class StrandedOverlay(Exception):
+class StrandedOverlay(QsnapAgentError):
     """Overlays of a volume hold data no guest or ledger sees; left for an operator."""
 
 
@@ -239,11 +241,11 @@ class OverlayReaper:
         done: list[str] = []
         for name, fmt in self._stack(vid, directory, names):
             path = os.path.join(directory, name)
-            with self._j.step(op_id, "merge", {"top": name}) as h:
+            with self._j.step(op_id, StepName.MERGE, {"top": name}) as h:
                 into = qcow2.merge_overlay(path, roots=self._roots, naming=BACKUP_NAMING)
                 h.data["into"] = os.path.basename(into)
                 h.data["redefined"] = lo.retarget_inactive_disks(self._conn, path, into, fmt)
-            with self._j.step(op_id, "remove", {"file": name}):
+            with self._j.step(op_id, StepName.REMOVE, {"file": name}):
                 os.unlink(path)
             done.append(name)
         return done

@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 from hostagent.backup import repo as bk
@@ -36,28 +36,18 @@ from hostagent.backup.live import (
     request_level,
 )
 from hostagent.backup.repo.engine import RateLimit
+from hostagent.backup.repo.restore import remove_partial
 from hostagent.hypervisor import DiskLocks, Hypervisor
 from hostagent.journal import model as ops
 from hostagent.journal import store as jn
+from hostagent.journal.model import StepName
 from hostagent.pool import KeyedPool
 from hostagent.rpc import contract as api
+from hostagent.rpc.wire_errors import wire_errors
 
 LOG = logging.getLogger(__name__)
 
 __all__ = ["BackupEngine", "BackupService", "BackupSettings", "LiveEngine", "request_level"]
-
-
-@contextlib.contextmanager
-def typed_errors() -> Iterator[None]:
-    """Repository errors as the RPC's typed errors."""
-    try:
-        yield
-    except bk.BackupNotFound as exc:
-        raise api.BackupNotFound(str(exc)) from exc
-    except bk.RepositoryBusy as exc:
-        raise api.DiskBusy(f"backup repository busy: {exc}") from exc
-    except bk.FormatError as exc:
-        raise api.InvalidRequest(f"backup repository refused: {exc}") from exc
 
 
 def _under(path: str, roots: list[str]) -> bool:
@@ -67,6 +57,9 @@ def _under(path: str, roots: list[str]) -> bool:
 
 class BackupService:
     """The backup methods of :class:`hostagent.service.AssistedService`."""
+
+    #: The operation kinds resumed by :func:`resume` after a crash (recovery's registry keys).
+    KINDS = (ops.OperationKind.BACKUP, ops.OperationKind.RESTORE)
 
     def __init__(
         self,
@@ -87,7 +80,7 @@ class BackupService:
     # -- repository -----------------------------------------------------------------------
     def _repo(self, *, create: bool = False) -> bk.Repository | None:
         path = self._s.repository
-        with typed_errors():
+        with wire_errors():
             if os.path.exists(os.path.join(path, "config.json")):
                 return bk.Repository.open(path)
             if not create:
@@ -99,7 +92,7 @@ class BackupService:
         repo = self._repo()
         if repo is None:
             raise api.BackupNotFound(f"no backup {backup_id} (the repository is empty)")
-        with typed_errors():
+        with wire_errors():
             return repo, repo.find(backup_id)
 
     @staticmethod
@@ -207,7 +200,7 @@ class BackupService:
         repo = self._repo()
         if repo is None:
             return []
-        with typed_errors():
+        with wire_errors():
             ms = repo.manifests(volume_id)
         return [self._summary(repo, m) for m in reversed(ms)]
 
@@ -242,7 +235,7 @@ class BackupService:
         total = 0
         buf = bytearray(repo.config.chunk_size)
         try:
-            with self._j.step(op_id, "verify", {"backup_id": m.backup_id}) as h:
+            with self._j.step(op_id, StepName.VERIFY, {"backup_id": m.backup_id}) as h:
                 for n, cid in enumerate(ids, 1):
                     if self.cancelled(op_id):
                         raise bk.BackupCancelled(f"verify of {m.backup_id} cancelled")
@@ -276,7 +269,7 @@ class BackupService:
         repo, m = self._find(backup_id)
         if any(doc.get("parent_id") == backup_id for doc in repo.running()):
             raise api.DiskBusy(f"a running incremental builds on backup {backup_id}")
-        with typed_errors():
+        with wire_errors():
             repo.delete(m.volume_id, backup_id)  # chunks go at the next prune's GC
 
     # -- restore --------------------------------------------------------------------------
@@ -340,7 +333,7 @@ class BackupService:
                 self._j.set_progress(op_id, done, total)
 
         try:
-            with self._j.step(op_id, "restore", {"path": path, "fmt": fmt}) as h:
+            with self._j.step(op_id, StepName.RESTORE, {"path": path, "fmt": fmt}) as h:
                 res = bk.restore(
                     repo,
                     m.backup_id,
@@ -398,7 +391,7 @@ class BackupService:
         repo = self._repo()
         if repo is None:
             return self._prune_result(None)
-        with typed_errors():
+        with wire_errors():
             res = bk.prune(repo, policy, volume_id=req.volume_id, dry_run=req.dry_run, wait=30.0)
         return self._prune_result(res)
 
@@ -425,11 +418,11 @@ class BackupService:
                 self._j.set_progress(op_id, done, total)
 
         try:
-            with self._j.step(op_id, "prune", {"volume_id": req.volume_id}) as h:
+            with self._j.step(op_id, StepName.PRUNE, {"volume_id": req.volume_id}) as h:
                 repo = self._repo()
                 res = None
                 if repo is not None:
-                    with typed_errors():
+                    with wire_errors():
                         res = bk.prune(
                             repo,
                             policy,
@@ -454,3 +447,35 @@ class BackupService:
             self._j.finish(op_id, ops.OperationState.FAILED, error=exc)
         finally:
             self._forget(op_id)
+
+
+#: Puts one volume's interrupted online backup back (``online.recover_backup``).
+RecoverVolume = Callable[[ops.OperationRecord], str]
+
+
+def resume(
+    journal: jn.Journal, rec: ops.OperationRecord, recover_volume: RecoverVolume | None
+) -> str:
+    """Recovery of a backup/restore operation after a restart; the decision.
+
+    One volume's online backup: its chain is put back by ``recover_volume`` (without it the
+    operation stays unfinished for the next start). A request-level backup, verify, prune
+    or restore is failed as interrupted (its volumes' own operations say what happened to
+    each); an interrupted restore's temporary files are removed: the target never appears
+    half written.
+    """
+    op, steps = rec.operation, rec.steps
+    if "action" not in op.request:  # one volume's online backup: put its chain back
+        if recover_volume is None:
+            raise RuntimeError("no backup recovery configured; left for the next start")
+        return recover_volume(rec)
+    for s in steps:
+        if s.state is ops.StepState.PLANNED:
+            journal.step_undone(op.id, s.seq, {"recovery": "interrupted by a restart"})
+    if op.request.get("action") == "restore":
+        remove_partial(str(op.request.get("path", "")))
+    done = [s.data for s in steps if s.name == StepName.VOLUME and s.state is ops.StepState.DONE]
+    why = f"{op.request.get('action')} interrupted by a restart"
+    result = {"backups": done} if done else None
+    journal.finish(op.id, ops.OperationState.FAILED, result=result, error=RuntimeError(why))
+    return f"failed: {why}"

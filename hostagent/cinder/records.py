@@ -32,6 +32,7 @@ from hostagent.cinder.status import (
     make_session,
     retry_call,
 )
+from hostagent.errors import QsnapAgentError
 from qcow2.naming import is_uuid
 
 CREATE = "create-snapshot-metadata"
@@ -121,7 +122,7 @@ class MetaAction(enum.Enum):
             return None
 
 
-class MetaError(Exception):
+class MetaError(QsnapAgentError):
     """A record call that did not land; ``rejected`` means 4xx (retrying now cannot help)."""
 
     def __init__(self, snapshot_id: str, what: str, detail: str, *, rejected: bool) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from hostagent.errors import QsnapAgentError
 from qcow2.naming import is_uuid
 
 
@@ -92,7 +93,7 @@ class Reported:
     attempts: int
 
 
-class NotifyError(Exception):
+class NotifyError(QsnapAgentError):
     """A report that did not land; carries what the journal needs to retry or alert."""
 
     def __init__(self, snapshot_id: str, report: Report, attempts: int, detail: str) -> None:
@@ -203,7 +204,7 @@ class CinderNotifier:
         return Reported(snapshot_id, report, attempts)
 
 
-class CallRejected(Exception):
+class CallRejected(QsnapAgentError):
     """A Cinder call answered 4xx: retrying cannot help (``code``, Cinder's ``msg``)."""
 
     def __init__(self, code: int, msg: str, attempts: int) -> None:
@@ -211,7 +212,7 @@ class CallRejected(Exception):
         self.code, self.msg, self.attempts = code, msg, attempts
 
 
-class CallUnreachable(Exception):
+class CallUnreachable(QsnapAgentError):
     """Connection errors or 5xx until the retry deadline passed; ``last`` is the last one."""
 
     def __init__(self, last: str, attempts: int) -> None:

@@ -63,6 +63,50 @@ class StepState(enum.StrEnum):
     FAILED = "failed"
 
 
+class StepName(enum.StrEnum):
+    """Every step name the agent journals; recovery matches on them, so values never change.
+
+    A StrEnum, so the journal stores (and returns) the same plain strings as before.
+    """
+
+    #: Check the request against the live chain (and, for a delete, pick the merge).
+    VALIDATE = "validate"
+    #: Merge a checkpoint overlay down before a snapshot operation may touch the chain.
+    RELEASE_CHECKPOINT = "release_checkpoint"
+    #: Take an external disk-only snapshot (assisted create, instance, online backup).
+    SNAPSHOT = "snapshot"
+    #: A block commit/pull that merges a layer away (deletes, backups, the reaper).
+    MERGE = "merge"
+    #: Tell Cinder how an assisted operation went (status and progress).
+    NOTIFY = "notify"
+    #: Journal an instance snapshot's disks, file names and quiesce mode before it acts.
+    PLAN = "plan"
+    #: Create the Cinder snapshot records of an instance snapshot.
+    CINDER_CREATE = "cinder_create"
+    #: Pre-create the overlay files an instance snapshot pivots to.
+    OVERLAYS = "overlays"
+    #: Record (or drop) agent-owned snapshots in the volume's ``.info`` ledger.
+    LEDGER = "ledger"
+    #: Mark an instance snapshot's Cinder records available (or error).
+    CINDER_FINALIZE = "cinder_finalize"
+    #: Remove the overlays of a failed instance snapshot that no disk uses.
+    CLEANUP = "cleanup"
+    #: Delete a file merged away (owned delete, backup overlay, reaper).
+    REMOVE = "remove"
+    #: Delete the Cinder record of an agent-owned snapshot.
+    CINDER_DELETE = "cinder_delete"
+    #: Read a frozen layer's guest view into the repository (publishes the backup).
+    READ = "read"
+    #: One volume's online backup inside a backup request.
+    VOLUME = "volume"
+    #: Read and hash every chunk of a stored backup.
+    VERIFY = "verify"
+    #: Write a backup out to a new file.
+    RESTORE = "restore"
+    #: Apply retention to the repository and collect its unused chunks.
+    PRUNE = "prune"
+
+
 #: Allowed step transitions (from -> set of to).
 STEP_TRANSITIONS: dict[StepState, frozenset[StepState]] = {
     StepState.PLANNED: frozenset({StepState.DONE, StepState.FAILED, StepState.UNDONE}),

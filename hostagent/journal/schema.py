@@ -11,8 +11,10 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
+from hostagent.errors import QsnapAgentError
 
-class SchemaError(Exception):
+
+class SchemaError(QsnapAgentError):
     """The journal file's schema cannot be used by this agent."""
 
 

@@ -2,51 +2,52 @@
 
 The agent may be killed at any instant (kill -9, host crash). Recovery can only finish or
 undo what it knows was attempted, so a step is written (PLANNED) and committed with
-``synchronous=FULL`` before it acts, and marked DONE/FAILED after. sqlite in WAL mode keeps
-readers (status queries) from blocking the workers' writes. Every public call is one
-transaction; one connection guarded by a lock makes the object safe to share between
-threads, and ``BEGIN IMMEDIATE`` makes it safe to share the file between processes.
-Nothing is deleted except by :meth:`Journal.prune`.
+``synchronous=FULL`` before it acts, and marked DONE/FAILED after. Every public call is one
+transaction (:mod:`.sqlite`), safe to share between threads and processes. Nothing is
+deleted except by :meth:`Journal.prune`.
+
+:class:`Journal` is one object over three tables: operations (here), their steps
+(:mod:`.steps`) and the notices owed to the volume service (:mod:`.notices`). Its errors
+(:mod:`.errors`) and :func:`backoff` are re-exported here, where callers import them.
 
 An optional :class:`OperationListener` hears every new operation and every final state after
 the transaction committed (this is where operation notifications hook in, so no service code
 has to remember to send them); a listener that raises is logged and never fails the journal.
 """
 
-# S608: SQL text is built only from this module's column-list constants and "?" placeholders;
-# every value is bound as a parameter.
+# S608: SQL text is built only from column-list constants and "?" placeholders; every value
+# is bound as a parameter.
 # ruff: noqa: S608
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import socket
-import sqlite3
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from hostagent.journal import rows
+from hostagent.journal.errors import (
+    IdempotencyConflict,
+    InvalidTransition,
+    JournalError,
+    UnknownOperation,
+)
 from hostagent.journal.model import (
-    STEP_TRANSITIONS,
     Begun,
     ErrorInfo,
     JsonDict,
-    Notification,
     NotificationState,
     Operation,
     OperationKind,
     OperationRecord,
     OperationState,
-    Progress,
-    Step,
-    StepState,
 )
-from hostagent.journal.schema import SchemaError, migrate, schema_version
+from hostagent.journal.notices import NoticeTable, backoff
+from hostagent.journal.schema import SchemaError
+from hostagent.journal.steps import StepHandle, StepLog
 
 __all__ = [
     "IdempotencyConflict",
@@ -71,117 +72,7 @@ class OperationListener(Protocol):
     def operation_finished(self, op: Operation) -> None: ...
 
 
-class JournalError(Exception):
-    """Base of the journal's errors."""
-
-
-class UnknownOperation(JournalError):
-    """No operation (or step, or notification) with that id is journaled."""
-
-
-class InvalidTransition(JournalError):
-    """The requested state change is not allowed from the current state."""
-
-
-class IdempotencyConflict(JournalError):
-    """The idempotency key is already used by an operation with a different request."""
-
-    def __init__(self, existing: Operation, request: JsonDict) -> None:
-        self.existing = existing
-        self.request = request
-        super().__init__(
-            f"{existing.kind} key {existing.idempotency_key!r} already names operation "
-            f"{existing.id} with a different request"
-        )
-
-
-def backoff(attempts: int, *, base: float = 2.0, cap: float = 300.0) -> float:
-    """Seconds to wait before retry number ``attempts`` (1, 2, ...): doubling, capped."""
-    return float(min(cap, base * 2 ** max(0, attempts - 1)))
-
-
-def _dumps(value: JsonDict) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
-def _error(exc_or_info: BaseException | ErrorInfo) -> ErrorInfo:
-    if isinstance(exc_or_info, ErrorInfo):
-        return exc_or_info
-    return ErrorInfo.from_exception(exc_or_info)
-
-
-_OP_COLUMNS = (
-    "id, kind, state, request, idem_key, locks, host, created_at, updated_at, "
-    "progress_cur, progress_end, result, error_type, error_message"
-)
-_STEP_COLUMNS = "op_id, seq, name, state, data, created_at, updated_at, error_type, error_message"
-_NOTE_COLUMNS = (
-    "id, snapshot_id, status, progress, op_id, state, attempts, last_error, "
-    "next_attempt_at, created_at, sent_at"
-)
-
-
-def _operation(row: sqlite3.Row) -> Operation:
-    return Operation(
-        id=uuid.UUID(row["id"]),
-        kind=OperationKind(row["kind"]),
-        state=OperationState(row["state"]),
-        request=json.loads(row["request"]),
-        idempotency_key=row["idem_key"],
-        locks=tuple(json.loads(row["locks"])),
-        host=row["host"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        progress=Progress(row["progress_cur"], row["progress_end"]),
-        result=None if row["result"] is None else json.loads(row["result"]),
-        error=None
-        if row["error_type"] is None
-        else ErrorInfo(row["error_type"], row["error_message"]),
-    )
-
-
-def _step(row: sqlite3.Row) -> Step:
-    return Step(
-        op_id=uuid.UUID(row["op_id"]),
-        seq=row["seq"],
-        name=row["name"],
-        state=StepState(row["state"]),
-        data=json.loads(row["data"]),
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        error=None
-        if row["error_type"] is None
-        else ErrorInfo(row["error_type"], row["error_message"]),
-    )
-
-
-def _notification(row: sqlite3.Row) -> Notification:
-    return Notification(
-        id=row["id"],
-        snapshot_id=row["snapshot_id"],
-        status=row["status"],
-        progress=row["progress"],
-        op_id=None if row["op_id"] is None else uuid.UUID(row["op_id"]),
-        state=NotificationState(row["state"]),
-        attempts=row["attempts"],
-        last_error=row["last_error"],
-        next_attempt_at=row["next_attempt_at"],
-        created_at=row["created_at"],
-        sent_at=row["sent_at"],
-    )
-
-
-@dataclass
-class StepHandle:
-    """The step being run inside :meth:`Journal.step`; add results to ``data``."""
-
-    op_id: uuid.UUID
-    seq: int
-    name: str
-    data: JsonDict = field(default_factory=dict)
-
-
-class Journal:
+class Journal(StepLog, NoticeTable):
     """A durable, thread-safe journal in one sqlite file (WAL, ``synchronous=FULL``)."""
 
     def __init__(
@@ -193,38 +84,8 @@ class Journal:
         busy_timeout: float = 30.0,
         listener: OperationListener | None = None,
     ) -> None:
-        self.path = path
         self._listener = listener
-        self.host = host or socket.gethostname()
-        self._clock = clock
-        self._lock = threading.RLock()
-        conn = sqlite3.connect(
-            path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-        )
-        conn.row_factory = sqlite3.Row
-        try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise JournalError(f"{path}: sqlite refused WAL mode (got {mode!r})")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            migrate(conn)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-
-    # -- plumbing ---------------------------------------------------------------------------
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> Journal:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().__init__(path, host=host, clock=clock, busy_timeout=busy_timeout)
 
     def _tell(self, event: str, op: Operation) -> None:
         """Call the listener outside every lock; its failure is logged, never raised."""
@@ -234,43 +95,6 @@ class Journal:
             getattr(self._listener, event)(op)
         except Exception:
             LOG.exception("operation listener failed on %s of %s", event, op.id)
-
-    @property
-    def schema_version(self) -> int:
-        with self._lock:
-            return schema_version(self._conn)
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One durable write transaction; IMMEDIATE so check-then-write is race free."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-
-    def _read(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._conn.execute(sql, tuple(args)).fetchall()
-
-    @staticmethod
-    def _op_row(conn: sqlite3.Connection, op_id: uuid.UUID) -> sqlite3.Row:
-        row = conn.execute(
-            f"SELECT {_OP_COLUMNS} FROM operations WHERE id = ?", (str(op_id),)
-        ).fetchone()
-        if row is None:
-            raise UnknownOperation(f"no operation {op_id}")
-        assert isinstance(row, sqlite3.Row)
-        return row
-
-    def _running_op(self, conn: sqlite3.Connection, op_id: uuid.UUID) -> Operation:
-        op = _operation(self._op_row(conn, op_id))
-        if op.state.is_final:
-            raise InvalidTransition(f"operation {op_id} is already {op.state}")
-        return op
 
     # -- operations -------------------------------------------------------------------------
 
@@ -288,15 +112,15 @@ class Journal:
         request raises :class:`IdempotencyConflict`.
         """
         lock_keys = tuple(sorted(set(locks)))
-        request_json = _dumps(request)
+        request_json = rows.dumps(request)
         with self._write() as conn:
             if idempotency_key is not None:
                 row = conn.execute(
-                    f"SELECT {_OP_COLUMNS} FROM operations WHERE kind = ? AND idem_key = ?",
+                    f"SELECT {rows.OP_COLUMNS} FROM operations WHERE kind = ? AND idem_key = ?",
                     (kind.value, idempotency_key),
                 ).fetchone()
                 if row is not None:
-                    existing = _operation(row)
+                    existing = rows.operation(row)
                     if row["request"] != request_json:
                         raise IdempotencyConflict(existing, request)
                     return Begun(existing, created=False)
@@ -321,7 +145,7 @@ class Journal:
                 "INSERT INTO operation_locks (op_id, lock_key) VALUES (?, ?)",
                 [(str(op_id), key) for key in lock_keys],
             )
-            begun = Begun(_operation(self._op_row(conn, op_id)), created=True)
+            begun = Begun(rows.operation(self._op_row(conn, op_id)), created=True)
         self._tell("operation_begun", begun.operation)
         return begun
 
@@ -331,13 +155,7 @@ class Journal:
             op = self._running_op(conn, op_id)
             if op.state is OperationState.PENDING:
                 self._set_state(conn, op_id, OperationState.RUNNING)
-            return _operation(self._op_row(conn, op_id))
-
-    def _set_state(self, conn: sqlite3.Connection, op_id: uuid.UUID, st: OperationState) -> None:
-        conn.execute(
-            "UPDATE operations SET state = ?, updated_at = ? WHERE id = ?",
-            (st.value, self._clock(), str(op_id)),
-        )
+            return rows.operation(self._op_row(conn, op_id))
 
     def set_progress(self, op_id: uuid.UUID, cur: int, end: int) -> None:
         with self._write() as conn:
@@ -363,7 +181,7 @@ class Journal:
             raise InvalidTransition("a FAILED operation needs an error")
         if state is OperationState.SUCCEEDED and error is not None:
             raise InvalidTransition("a SUCCEEDED operation cannot carry an error")
-        info = None if error is None else _error(error)
+        info = None if error is None else rows.error_info(error)
         with self._write() as conn:
             self._running_op(conn, op_id)
             conn.execute(
@@ -372,26 +190,26 @@ class Journal:
                 (
                     state.value,
                     self._clock(),
-                    None if result is None else _dumps(result),
+                    None if result is None else rows.dumps(result),
                     None if info is None else info.type,
                     None if info is None else info.message,
                     str(op_id),
                 ),
             )
-            final = _operation(self._op_row(conn, op_id))
+            final = rows.operation(self._op_row(conn, op_id))
         self._tell("operation_finished", final)
         return final
 
     def get(self, op_id: uuid.UUID) -> Operation:
         with self._lock:
-            return _operation(self._op_row(self._conn, op_id))
+            return rows.operation(self._op_row(self._conn, op_id))
 
     def find(self, kind: OperationKind, idempotency_key: str) -> Operation | None:
-        rows = self._read(
-            f"SELECT {_OP_COLUMNS} FROM operations WHERE kind = ? AND idem_key = ?",
+        found = self._read(
+            f"SELECT {rows.OP_COLUMNS} FROM operations WHERE kind = ? AND idem_key = ?",
             (kind.value, idempotency_key),
         )
-        return _operation(rows[0]) if rows else None
+        return rows.operation(found[0]) if found else None
 
     def list_operations(
         self,
@@ -427,7 +245,7 @@ class Journal:
         if since is not None:
             where.append("created_at >= ?")
             args.append(since)
-        sql = f"SELECT {_OP_COLUMNS} FROM operations"
+        sql = f"SELECT {rows.OP_COLUMNS} FROM operations"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += (
@@ -438,7 +256,7 @@ class Journal:
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
-        return [_operation(row) for row in self._read(sql, args)]
+        return [rows.operation(row) for row in self._read(sql, args)]
 
     def unfinished(self) -> list[OperationRecord]:
         """Operations not in a final state, oldest first, each with its steps in order."""
@@ -449,208 +267,6 @@ class Journal:
                 return [OperationRecord(op, tuple(self.steps(op.id))) for op in ops]
             finally:
                 self._conn.execute("COMMIT")
-
-    # -- steps ------------------------------------------------------------------------------
-
-    def plan_step(self, op_id: uuid.UUID, name: str, data: JsonDict | None = None) -> Step:
-        """Journal a step as PLANNED; call this BEFORE the step acts. Starts a PENDING op."""
-        with self._write() as conn:
-            op = self._running_op(conn, op_id)
-            if op.state is OperationState.PENDING:
-                self._set_state(conn, op_id, OperationState.RUNNING)
-            (last,) = conn.execute(
-                "SELECT COALESCE(MAX(seq), 0) FROM steps WHERE op_id = ?", (str(op_id),)
-            ).fetchone()
-            now = self._clock()
-            seq = int(last) + 1
-            conn.execute(
-                "INSERT INTO steps (op_id, seq, name, state, data, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (str(op_id), seq, name, StepState.PLANNED.value, _dumps(data or {}), now, now),
-            )
-            return self._step_row(conn, op_id, seq)
-
-    def step_done(self, op_id: uuid.UUID, seq: int, data: JsonDict | None = None) -> Step:
-        """PLANNED -> DONE; ``data`` is merged into what was planned (e.g. a job's result)."""
-        return self._move_step(op_id, seq, StepState.DONE, data, None)
-
-    def step_failed(
-        self,
-        op_id: uuid.UUID,
-        seq: int,
-        error: BaseException | ErrorInfo,
-        data: JsonDict | None = None,
-    ) -> Step:
-        return self._move_step(op_id, seq, StepState.FAILED, data, _error(error))
-
-    def step_undone(self, op_id: uuid.UUID, seq: int, data: JsonDict | None = None) -> Step:
-        """The step's effect was reverted (or found never to have happened)."""
-        return self._move_step(op_id, seq, StepState.UNDONE, data, None)
-
-    def steps(self, op_id: uuid.UUID) -> list[Step]:
-        rows = self._read(
-            f"SELECT {_STEP_COLUMNS} FROM steps WHERE op_id = ? ORDER BY seq", (str(op_id),)
-        )
-        return [_step(row) for row in rows]
-
-    @staticmethod
-    def _step_row(conn: sqlite3.Connection, op_id: uuid.UUID, seq: int) -> Step:
-        row = conn.execute(
-            f"SELECT {_STEP_COLUMNS} FROM steps WHERE op_id = ? AND seq = ?", (str(op_id), seq)
-        ).fetchone()
-        if row is None:
-            raise UnknownOperation(f"operation {op_id} has no step {seq}")
-        assert isinstance(row, sqlite3.Row)
-        return _step(row)
-
-    def _move_step(
-        self,
-        op_id: uuid.UUID,
-        seq: int,
-        to: StepState,
-        data: JsonDict | None,
-        error: ErrorInfo | None,
-    ) -> Step:
-        with self._write() as conn:
-            step = self._step_row(conn, op_id, seq)
-            if to not in STEP_TRANSITIONS[step.state]:
-                raise InvalidTransition(
-                    f"step {seq} of {op_id} ({step.name}): {step.state} -> {to}"
-                )
-            merged = {**step.data, **(data or {})}
-            conn.execute(
-                "UPDATE steps SET state = ?, data = ?, updated_at = ?,"
-                " error_type = COALESCE(?, error_type), error_message = COALESCE(?, error_message)"
-                " WHERE op_id = ? AND seq = ?",
-                (
-                    to.value,
-                    _dumps(merged),
-                    self._clock(),
-                    None if error is None else error.type,
-                    None if error is None else error.message,
-                    str(op_id),
-                    seq,
-                ),
-            )
-            return self._step_row(conn, op_id, seq)
-
-    @contextlib.contextmanager
-    def step(
-        self, op_id: uuid.UUID, name: str, data: JsonDict | None = None
-    ) -> Iterator[StepHandle]:
-        """Plan ``name``, run the body, then mark it DONE (with ``handle.data``) or FAILED.
-
-        Only ``Exception`` marks the step FAILED; a ``BaseException`` (interpreter exit,
-        KeyboardInterrupt) leaves it PLANNED like a kill would, for recovery to judge.
-        """
-        planned = self.plan_step(op_id, name, data)
-        handle = StepHandle(op_id, planned.seq, name, dict(planned.data))
-        try:
-            yield handle
-        except Exception as exc:
-            self.step_failed(op_id, planned.seq, exc, handle.data)
-            raise
-        self.step_done(op_id, planned.seq, handle.data)
-
-    # -- notifications to the volume service ------------------------------------------------
-
-    def enqueue(
-        self,
-        snapshot_id: str,
-        status: str,
-        progress: str | None = None,
-        op_id: uuid.UUID | None = None,
-    ) -> Notification:
-        """Owe the volume service ``status``/``progress`` for ``snapshot_id``.
-
-        An identical notice still pending is returned instead of a duplicate, so recovery
-        may enqueue again whatever it is unsure was enqueued.
-        """
-        with self._write() as conn:
-            row = conn.execute(
-                f"SELECT {_NOTE_COLUMNS} FROM notifications WHERE snapshot_id = ? AND status = ?"
-                " AND progress IS ? AND state = ? ORDER BY id LIMIT 1",
-                (snapshot_id, status, progress, NotificationState.PENDING.value),
-            ).fetchone()
-            if row is not None:
-                return _notification(row)
-            now = self._clock()
-            cur = conn.execute(
-                "INSERT INTO notifications (snapshot_id, status, progress, op_id, state,"
-                " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    snapshot_id,
-                    status,
-                    progress,
-                    None if op_id is None else str(op_id),
-                    NotificationState.PENDING.value,
-                    now,
-                    now,
-                ),
-            )
-            assert cur.lastrowid is not None
-            return self._note_row(conn, cur.lastrowid)
-
-    def pending_notifications(
-        self, *, due_only: bool = True, limit: int | None = None
-    ) -> list[Notification]:
-        """Undelivered notices in the order they were enqueued (only those due, by default)."""
-        sql = f"SELECT {_NOTE_COLUMNS} FROM notifications WHERE state = ?"
-        args: list[Any] = [NotificationState.PENDING.value]
-        if due_only:
-            sql += " AND next_attempt_at <= ?"
-            args.append(self._clock())
-        sql += " ORDER BY id"
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(limit)
-        return [_notification(row) for row in self._read(sql, args)]
-
-    def notification(self, note_id: int) -> Notification:
-        with self._lock:
-            return self._note_row(self._conn, note_id)
-
-    def mark_sent(self, note_id: int) -> Notification:
-        with self._write() as conn:
-            self._pending_note(conn, note_id)
-            conn.execute(
-                "UPDATE notifications SET state = ?, sent_at = ?, attempts = attempts + 1"
-                " WHERE id = ?",
-                (NotificationState.SENT.value, self._clock(), note_id),
-            )
-            return self._note_row(conn, note_id)
-
-    def mark_failed(
-        self, note_id: int, error: BaseException | str, *, retry_in: float | None = None
-    ) -> Notification:
-        """Count a failed delivery and schedule the next one (``backoff`` unless given)."""
-        message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-        with self._write() as conn:
-            note = self._pending_note(conn, note_id)
-            attempts = note.attempts + 1
-            delay = backoff(attempts) if retry_in is None else retry_in
-            conn.execute(
-                "UPDATE notifications SET attempts = ?, last_error = ?, next_attempt_at = ?"
-                " WHERE id = ?",
-                (attempts, message, self._clock() + delay, note_id),
-            )
-            return self._note_row(conn, note_id)
-
-    @staticmethod
-    def _note_row(conn: sqlite3.Connection, note_id: int) -> Notification:
-        row = conn.execute(
-            f"SELECT {_NOTE_COLUMNS} FROM notifications WHERE id = ?", (note_id,)
-        ).fetchone()
-        if row is None:
-            raise UnknownOperation(f"no notification {note_id}")
-        assert isinstance(row, sqlite3.Row)
-        return _notification(row)
-
-    def _pending_note(self, conn: sqlite3.Connection, note_id: int) -> Notification:
-        note = self._note_row(conn, note_id)
-        if note.state is not NotificationState.PENDING:
-            raise InvalidTransition(f"notification {note_id} is already {note.state}")
-        return note
 
     # -- housekeeping -----------------------------------------------------------------------
 

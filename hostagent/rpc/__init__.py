@@ -3,7 +3,8 @@
 - :mod:`.contract` -- the wire contract: typed requests, results, errors, the
   ``AgentService`` protocol. ``api_ext`` imports this and :mod:`.client`; neither reaches
   libvirt.
-- :mod:`.server` -- the endpoint: wire dicts to typed requests, lower errors to wire errors.
+- :mod:`.server` -- the endpoint: wire dicts to typed requests, lower errors to wire errors
+  by :mod:`.wire_errors`, the one lower -> wire mapping (the backup service uses it too).
 - :mod:`.client` -- the versioned client (``qsnap-api`` and tools).
 - :mod:`.messaging` -- the oslo.messaging import and option registration.
 """

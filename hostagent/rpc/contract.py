@@ -3,16 +3,21 @@
 The RPC edge (``rpc_server``) turns wire dicts into these dataclasses once, so the service
 behind it never sees ``create_info`` dicts. Errors raised across RPC must be importable by
 the client (``allowed_remote_exmods``) and rebuildable from ``args`` alone, so they live
-here, carry only a message, and are re-created as the same class on the client side.
+here, carry only a message, and are re-created as the same class on the client side; their
+root :class:`AgentRpcError` is a ``hostagent.errors.QsnapAgentError``. The journal's operation
+model becomes the wire's here only (:data:`KIND_OF`, :data:`STATE_OF`, :meth:`Operation.of`).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from hostagent.errors import QsnapAgentError
+from hostagent.journal import model as ops
 from qcow2.naming import CINDER, is_uuid
 
 RPC_TOPIC = "qsnap-agent"
@@ -22,7 +27,7 @@ ERRORS_MODULE = __name__
 
 
 # -- errors that cross the wire ---------------------------------------------------------
-class AgentRpcError(Exception):
+class AgentRpcError(QsnapAgentError):
     """Base of every error the agent sends back; ``code`` is stable for API mapping."""
 
     code = "agent_error"
@@ -345,6 +350,15 @@ class OperationState(enum.Enum):
     #: RPC 1.3: a backup/verify/prune/restore stopped by ``cancel_operation``.
     CANCELLED = "cancelled"
 
+    @classmethod
+    def of(cls, state: ops.OperationState) -> OperationState:
+        """The wire state of a journaled one (the journal's ``pending`` is ``queued``)."""
+        return STATE_OF[state]
+
+    def journal_states(self) -> list[ops.OperationState]:
+        """The journal states reported as this one: what a listing filters on."""
+        return [s for s, wire in STATE_OF.items() if wire is self]
+
 
 class OperationKind(enum.Enum):
     CREATE_ASSISTED = "create_assisted_snapshot"
@@ -354,6 +368,40 @@ class OperationKind(enum.Enum):
     #: RPC 1.2: create and verify of backups; 1.3: prune (the request's ``action``).
     BACKUP = "backup"
     RESTORE = "restore"
+
+    @classmethod
+    def of(cls, kind: ops.OperationKind) -> OperationKind:
+        """The wire kind of a journaled one (the wire names the RPC verb)."""
+        return KIND_OF[kind]
+
+    def journal_kind(self) -> ops.OperationKind:
+        """The journal kind reported as this one: what a listing filters on."""
+        return {wire: k for k, wire in KIND_OF.items()}[self]
+
+
+# The journal's operation model on the wire, in one place: the journal's values are stored
+# in its file and the wire's are the API's, so neither may change; only this mapping joins them.
+#: Journal kind -> wire kind (one to one).
+KIND_OF: Mapping[ops.OperationKind, OperationKind] = {
+    ops.OperationKind.ASSISTED_CREATE: OperationKind.CREATE_ASSISTED,
+    ops.OperationKind.ASSISTED_DELETE: OperationKind.DELETE_ASSISTED,
+    ops.OperationKind.INSTANCE_SNAPSHOT: OperationKind.INSTANCE_SNAPSHOT,
+    ops.OperationKind.OWNED_DELETE: OperationKind.DELETE_OWNED,
+    ops.OperationKind.BACKUP: OperationKind.BACKUP,
+    ops.OperationKind.RESTORE: OperationKind.RESTORE,
+}
+#: Journal state -> wire state.
+STATE_OF: Mapping[ops.OperationState, OperationState] = {
+    ops.OperationState.PENDING: OperationState.QUEUED,
+    ops.OperationState.RUNNING: OperationState.RUNNING,
+    ops.OperationState.SUCCEEDED: OperationState.SUCCEEDED,
+    ops.OperationState.FAILED: OperationState.FAILED,
+    ops.OperationState.CANCELLED: OperationState.CANCELLED,
+}
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()
 
 
 @dataclass(frozen=True)
@@ -404,6 +452,33 @@ class Operation:
     updated_at: str | None = None
     error: dict[str, str] | None = None
     result: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, op: ops.Operation, steps: Iterable[ops.Step]) -> Operation:
+        """The journaled ``op`` as the agent reports it; ``result`` gains its steps and progress.
+
+        Volumes come from the operation's ``volume:`` locks, the error is the journaled
+        exception's class name (``code``) and message.
+        """
+        result: dict[str, Any] = dict(op.result or {})
+        result["steps"] = [{"name": s.name, "state": s.state.value, "data": s.data} for s in steps]
+        result["progress"] = {"cur": op.progress.cur, "end": op.progress.end}
+        vols = tuple(k.split(":", 1)[1] for k in op.locks if k.startswith("volume:"))
+        return cls(
+            id=str(op.id),
+            kind=OperationKind.of(op.kind),
+            state=OperationState.of(op.state),
+            host=op.host,
+            volume_ids=vols,
+            snapshot_id=op.request.get("snapshot_id"),
+            instance_uuid=op.request.get("instance_uuid"),
+            created_at=_iso(op.created_at),
+            updated_at=_iso(op.updated_at),
+            error=None
+            if op.error is None
+            else {"code": op.error.type, "message": op.error.message},
+            result=result,
+        )
 
     def to_wire(self) -> dict[str, Any]:
         data = asdict(self)

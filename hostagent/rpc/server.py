@@ -1,10 +1,10 @@
 """The agent's RPC server: topic ``qsnap-agent``, server = host, threading executor.
 
 The endpoint is the edge: it turns wire arguments into typed requests once, delegates to an
-injected :class:`AgentService`, and maps every failure to a typed error from
-``hostagent.rpc.contract`` that the client rebuilds as the same class. Expected errors are
-sent without server-side tracebacks; anything unexpected is logged here and sent as
-``AgentInternalError`` so the caller fails at once instead of waiting for a timeout.
+injected :class:`AgentService`, and maps every failure (by :mod:`.wire_errors`) to a typed
+error from ``hostagent.rpc.contract`` that the client rebuilds as the same class. Expected
+errors are sent without server-side tracebacks; anything unexpected is logged here and sent
+as ``AgentInternalError`` so the caller fails at once instead of waiting for a timeout.
 """
 
 from __future__ import annotations
@@ -20,34 +20,15 @@ from oslo_config import cfg
 
 from hostagent.rpc import contract as api
 from hostagent.rpc.messaging import messaging
-from libvirt_ops import ChainMismatch, DiskBusy, DiskNotFound, DomainNotFound
-from qcow2.errors import SnapshotExists, SnapshotNotFound, UnsafeImage
+from hostagent.rpc.wire_errors import to_wire
 from qcow2.naming import is_uuid
 
 om = messaging()
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Lower-layer errors that mean "this request is wrong or must wait", never "agent broken".
-_MAPPED: tuple[tuple[type[Exception], type[api.AgentRpcError]], ...] = (
-    (DiskBusy, api.DiskBusy),
-    (DiskNotFound, api.VolumeNotFound),
-    (DomainNotFound, api.InstanceNotFound),
-    (ChainMismatch, api.InvalidRequest),
-    (UnsafeImage, api.InvalidRequest),
-    (SnapshotExists, api.InvalidRequest),
-    (SnapshotNotFound, api.InvalidRequest),
-)
-
-
-def to_rpc_error(exc: BaseException) -> api.AgentRpcError:
-    """The typed RPC error for ``exc`` (unexpected ones become AgentInternalError)."""
-    if isinstance(exc, api.AgentRpcError):
-        return exc
-    for lower, typed in _MAPPED:
-        if isinstance(exc, lower):
-            return typed(str(exc))
-    return api.AgentInternalError(f"{type(exc).__name__}: {exc}")
+#: The typed RPC error for an exception (unexpected ones become AgentInternalError).
+to_rpc_error = to_wire
 
 
 class AgentEndpoint:
@@ -69,7 +50,7 @@ class AgentEndpoint:
             except api.AgentRpcError:
                 raise
             except Exception as exc:
-                typed = to_rpc_error(exc)
+                typed = to_wire(exc)
                 if isinstance(typed, api.AgentInternalError):
                     LOG.exception("RPC %s failed unexpectedly", method)
                 raise typed from exc

@@ -23,8 +23,9 @@ from hostagent.cinder.records import MetaAction
 from hostagent.hypervisor import Located, chain_names
 from hostagent.journal import model as ops
 from hostagent.journal import store as jn
+from hostagent.journal.model import StepName
 from hostagent.rpc import contract as api
-from hostagent.snapshots.owned_base import Observer, OwnedBase
+from hostagent.snapshots.owned_base import OwnedBase
 from qcow2 import CINDER, Ledger, create_overlay, read_ledger, write_ledger
 from qcow2.naming import snapshot_file_name
 
@@ -97,7 +98,7 @@ class InstanceSnapshots(OwnedBase):
                 for where in self._hv.instance_volumes(req.instance_uuid):
                     if where.key in keys:  # checkpoints merged down first, journaled
                         release_step(self._step, op_id, where, self.release)
-                with self._step(op_id, "plan", None) as st:
+                with self._step(op_id, StepName.PLAN, None) as st:
                     st.data["volumes"] = [asdict(v) for v in self._plan(req, keys)]
                     st.data["quiesce"] = req.quiesce.value
                     st.data["domain"] = self._hv.instance_volumes(req.instance_uuid)[0].domain_uuid
@@ -130,17 +131,17 @@ class InstanceSnapshots(OwnedBase):
         vols, recorded = self._vols(plan), False
         try:
             with self._step(
-                op_id, "cinder_create", {"snapshots": [v.snapshot_id for v in vols]}
+                op_id, StepName.CINDER_CREATE, {"snapshots": [v.snapshot_id for v in vols]}
             ) as st:
                 recorded = True
                 st.data["cinder"] = self._create_records(vols)
             self._progress(op_id, "cinder_create")
-            with self._step(op_id, "overlays", {"files": [v.path for v in vols]}):
+            with self._step(op_id, StepName.OVERLAYS, {"files": [v.path for v in vols]}):
                 for v in vols:
                     top = os.path.join(v.dir, v.top)
                     create_overlay(v.path, top, backing_fmt=v.fmt, roots=self._roots)
             self._progress(op_id, "overlays")
-            with self._step(op_id, "snapshot", None) as st:
+            with self._step(op_id, StepName.SNAPSHOT, None) as st:
                 files = [(v.volume_id, v.file) for v in vols]
                 st.data.update(
                     self._hv.snapshot_disks(plan["domain"], files, api.Quiesce(plan["quiesce"]))
@@ -163,7 +164,7 @@ class InstanceSnapshots(OwnedBase):
     def _record(self, op_id: uuid.UUID, plan: dict[str, Any], quiesced: bool) -> None:
         vols = self._vols(plan)
         try:
-            with self._step(op_id, "ledger", {"volumes": [v.volume_id for v in vols]}):
+            with self._step(op_id, StepName.LEDGER, {"volumes": [v.volume_id for v in vols]}):
                 for v in vols:
                     self._ledger_add(v)
             self._progress(op_id, "ledger")
@@ -193,7 +194,7 @@ class InstanceSnapshots(OwnedBase):
             write_ledger(v.dir, v.volume_id, new)
 
     def _finalize(self, op_id: uuid.UUID, vols: list[VolPlan], action: MetaAction) -> None:
-        with self._step(op_id, "cinder_finalize", {"action": action.value}) as st:
+        with self._step(op_id, StepName.CINDER_FINALIZE, {"action": action.value}) as st:
             if self._q.meta is None:
                 st.data["cinder"] = "skipped: [cinder] enabled is false"
             else:  # journaled notices: a failed one is resent, never dropped
@@ -217,7 +218,7 @@ class InstanceSnapshots(OwnedBase):
         """Remove our overlays that no disk uses, fail Cinder's records, fail the op."""
         vols = self._vols(plan)
         try:
-            with self._step(op_id, "cleanup", {"files": [v.path for v in vols]}) as st:
+            with self._step(op_id, StepName.CLEANUP, {"files": [v.path for v in vols]}) as st:
                 used = self._in_use(plan["domain"], vols)
                 removed = []
                 for v in vols:
@@ -232,8 +233,8 @@ class InstanceSnapshots(OwnedBase):
         finally:
             self._j.finish(op_id, ops.OperationState.FAILED, error=err)
 
-    def resume(self, op: ops.Operation, last: dict[str, ops.Step], obs: Observer) -> str:
-        plan_step = last.get("plan")
+    def resume(self, op: ops.Operation, last: dict[str, ops.Step]) -> str:
+        plan_step = last.get(StepName.PLAN)
         if plan_step is None or plan_step.state is not ops.StepState.DONE:
             # at most a backup checkpoint was released (journaled, recovered by OwnedOps)
             err = ops.ErrorInfo("RecoveredFailure", "restart before the plan: no snapshot taken")
@@ -242,21 +243,21 @@ class InstanceSnapshots(OwnedBase):
         plan, vols = plan_step.data, self._vols(plan_step.data)
         recorded = "cinder_create" in last
         with contextlib.suppress(Exception):
-            if obs.thaw_if_frozen(plan["domain"]):
+            if self._hv.thaw_if_frozen(plan["domain"]):
                 LOG.warning("recovery thawed %s (instance snapshot %s)", plan["domain"], op.id)
-        fin = last.get("cinder_finalize")
+        fin = last.get(StepName.CINDER_FINALIZE)
         failed = next((s for s in last.values() if s.state is ops.StepState.FAILED), None)
         if fin is not None and fin.data.get("action") == MetaAction.FINALIZE_ERROR.value:
             why = ops.ErrorInfo("RecoveredFailure", "failed before the restart")
             self._fail(op.id, plan, why, recorded)
             return "failed before the restart: cleanup + finalize error again"
         if failed is not None or "cleanup" in last:
-            name = failed.name if failed else "cleanup"
+            name = failed.name if failed else StepName.CLEANUP
             self._fail(
                 op.id, plan, ops.ErrorInfo("RecoveredFailure", f"step {name} failed"), recorded
             )
             return f"step {name} failed: cleanup + finalize error"
-        snap = last.get("snapshot")
+        snap = last.get(StepName.SNAPSHOT)
         taken = snap is not None and snap.state is ops.StepState.DONE
         if snap is not None and snap.state is ops.StepState.PLANNED:
             tops = self._live_tops(vols)
@@ -266,7 +267,7 @@ class InstanceSnapshots(OwnedBase):
             else:
                 self._j.step_undone(op.id, snap.seq, {"recovery": f"live tops {tops}"})
         if taken:
-            quiesced = bool(self._j_step(op.id, "snapshot").get("quiesced"))
+            quiesced = bool(self._j_step(op.id, StepName.SNAPSHOT).get("quiesced"))
             self._record(op.id, plan, quiesced)
             return "snapshot taken: ledger + finalize available"
         err = ops.ErrorInfo("RecoveredFailure", "agent restarted before the snapshot was taken")

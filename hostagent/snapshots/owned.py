@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import logging
 
-from hostagent.backup.checkpoints import has_planned_release, recover_release, settle_of
+from hostagent.backup.checkpoints import Release, has_planned_release, recover_release
 from hostagent.cinder.outbox import NotifyQueue
 from hostagent.hypervisor import DiskLocks, Hypervisor
 from hostagent.journal import model as ops
 from hostagent.journal import store as jn
+from hostagent.journal.crash import StepFn
+from hostagent.journal.model import StepName
 from hostagent.pool import KeyedPool
 from hostagent.rpc import contract as api
 from hostagent.snapshots.instance import InstanceSnapshots
-from hostagent.snapshots.owned_base import Observer, StepFn
 from hostagent.snapshots.owned_delete import OwnedDeletes
 
 LOG = logging.getLogger(__name__)
@@ -33,6 +34,9 @@ LOG = logging.getLogger(__name__)
 
 class OwnedOps:
     """Instance snapshots and owned deletes over the service's journal, pool and hypervisor."""
+
+    #: The operation kinds this class runs and resumes (recovery's registry keys).
+    KINDS = (ops.OperationKind.INSTANCE_SNAPSHOT, ops.OperationKind.OWNED_DELETE)
 
     def __init__(
         self,
@@ -44,10 +48,13 @@ class OwnedOps:
         *,
         roots: list[str],
         step: StepFn,
+        release: Release | None = None,
     ) -> None:
         self._j, self._locks, self._hv, self._roots = journal, locks, hv, roots
+        self._pool = pool
         self.instances = InstanceSnapshots(journal, hv, queue, pool, locks, roots=roots, step=step)
         self.deletes = OwnedDeletes(journal, hv, queue, pool, locks, roots=roots, step=step)
+        self.instances.release = self.deletes.release = release
 
     def snapshot_instance(self, req: api.InstanceSnapshotRequest) -> ops.Operation:
         return self.instances.snapshot_instance(req)
@@ -56,39 +63,54 @@ class OwnedOps:
         return self.deletes.delete_snapshot(req)
 
     # -- resume after a crash -------------------------------------------------------------
-    def resume(self, rec: ops.OperationRecord, obs: Observer, job_timeout: float) -> str:
-        """Continue or undo ``rec`` (called in the pool by recovery); returns the decision."""
+    def resume_later(self, rec: ops.OperationRecord, job_timeout: float) -> str:
+        """Recovery's entry: ``rec`` is resumed in the pool (it may merge for long)."""
+
+        def job() -> None:  # an error leaves the operation unfinished for the next start
+            try:
+                self.resume(rec, job_timeout)
+            except Exception:
+                LOG.exception("resuming %s %s failed", rec.operation.kind, rec.operation.id)
+
+        self._pool.submit(f"recover:{rec.operation.id}", job)
+        return "agent-owned: resumed in the pool"
+
+    def resume(self, rec: ops.OperationRecord, job_timeout: float) -> str:
+        """Continue or undo ``rec`` (called in the pool); returns the decision."""
         op = rec.operation
         keys = [
-            str(v["key"]) for s in rec.steps if s.name == "plan" for v in s.data.get("volumes", ())
+            str(v["key"])
+            for s in rec.steps
+            if s.name == StepName.PLAN
+            for v in s.data.get("volumes", ())
         ]
         keys += [
             str(s.data["disk"])
             for s in rec.steps
-            if s.name in ("validate", "release_checkpoint") and "disk" in s.data
+            if s.name in (StepName.VALIDATE, StepName.RELEASE_CHECKPOINT) and "disk" in s.data
         ]
         with self._locks.hold(keys):
-            decision = self._resume(rec, obs, job_timeout)
+            decision = self._resume(rec, job_timeout)
         LOG.warning("resumed %s %s: %s", op.kind, op.id, decision)
         return decision
 
-    def _resume(self, rec: ops.OperationRecord, obs: Observer, job_timeout: float) -> str:
+    def _resume(self, rec: ops.OperationRecord, job_timeout: float) -> str:
         op, steps = rec.operation, rec.steps
         released: list[str] = []
         if has_planned_release(steps):  # killed mid-release: settle + clean up first
-            settle = settle_of(obs)
-            args = (self._hv.locate, settle, self._roots, job_timeout)
+            args = (self._hv.locate, self._hv.settle_job, self._roots, job_timeout)
             released = recover_release(self._j, op.id, steps, *args)
             steps = tuple(self._j.steps(op.id))
-        return "; ".join([*released, self._judge(op, steps, obs, job_timeout)])
+        return "; ".join([*released, self._judge(op, steps, job_timeout)])
 
-    def _judge(
-        self, op: ops.Operation, steps: tuple[ops.Step, ...], obs: Observer, job_timeout: float
-    ) -> str:
+    def _judge(self, op: ops.Operation, steps: tuple[ops.Step, ...], job_timeout: float) -> str:
         last = {s.name: s for s in steps}
         for s in steps:  # a PLANNED step may or may not have acted: judged below
-            if s.state is ops.StepState.PLANNED and s.name not in ("snapshot", "merge"):
+            if s.state is ops.StepState.PLANNED and s.name not in (
+                StepName.SNAPSHOT,
+                StepName.MERGE,
+            ):
                 self._j.step_undone(op.id, s.seq, {"recovery": "re-judged after restart"})
         if op.kind is ops.OperationKind.INSTANCE_SNAPSHOT:
-            return self.instances.resume(op, last, obs)
-        return self.deletes.resume(op, last, obs, job_timeout)
+            return self.instances.resume(op, last)
+        return self.deletes.resume(op, last, job_timeout)

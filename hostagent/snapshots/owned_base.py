@@ -9,29 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Callable
-from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any
 
 from hostagent.backup.checkpoints import Release, cinder_chain
 from hostagent.cinder.outbox import NotifyQueue
 from hostagent.hypervisor import DiskLocks, Hypervisor, Located
 from hostagent.journal import store as jn
+from hostagent.journal.crash import StepFn
 from hostagent.pool import KeyedPool
 from hostagent.rpc import contract as api
 from qcow2 import Ledger, Qcow2Error, read_ledger
 
 LOG = logging.getLogger(__name__)
-
-StepFn = Callable[[uuid.UUID, str, "dict[str, Any] | None"], AbstractContextManager[jn.StepHandle]]
-
-
-class Observer(Protocol):
-    """What resuming after a crash must observe beyond the service's hypervisor."""
-
-    def block_job(self, where: Located) -> dict[str, int]: ...
-    def thaw_if_frozen(self, domain_uuid: str) -> bool: ...
 
 
 def checked_ledger(directory: str, volume_id: str) -> Ledger | None:

@@ -17,13 +17,14 @@ import uuid
 from dataclasses import asdict
 from typing import Any
 
-from hostagent.backup.checkpoints import release_step, settle_of
+from hostagent.backup.checkpoints import release_step
 from hostagent.cinder.records import MetaAction
 from hostagent.hypervisor import Located, chain_names
 from hostagent.journal import model as ops
 from hostagent.journal import store as jn
+from hostagent.journal.model import StepName
 from hostagent.rpc import contract as api
-from hostagent.snapshots.owned_base import Observer, OwnedBase, checked_ledger
+from hostagent.snapshots.owned_base import OwnedBase, checked_ledger
 from qcow2 import Ledger, read_ledger, write_ledger
 
 LOG = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class OwnedDeletes(OwnedBase):
     def _run_delete(self, op_id: uuid.UUID, req: api.DeleteOwnedSnapshotRequest) -> None:
         try:
             release_step(self._step, op_id, self._hv.locate(req.volume_id), self.release)
-            with self._step(op_id, "validate", None) as st:
+            with self._step(op_id, StepName.VALIDATE, None) as st:
                 where, plan = self._validate_delete(req)
                 st.data.update(plan)
         except Exception as exc:
@@ -100,7 +101,9 @@ class OwnedDeletes(OwnedBase):
                 self._j.set_progress(op_id, cur, end)
 
         try:
-            with self._step(op_id, "merge", {"file": plan["file"], "mode": plan["mode"]}) as st:
+            with self._step(
+                op_id, StepName.MERGE, {"file": plan["file"], "mode": plan["mode"]}
+            ) as st:
                 st.data.update(self._hv.merge_owned(where, plan["file"], progress))
         except Exception as exc:
             LOG.warning("owned delete %s of %s failed: %s", req.snapshot_id, req.volume_id, exc)
@@ -119,13 +122,13 @@ class OwnedDeletes(OwnedBase):
         path = os.path.join(plan["dir"], plan["file"])
         try:
             if "ledger" not in done:
-                with self._step(op_id, "ledger", {"drop": req.snapshot_id}) as st:
+                with self._step(op_id, StepName.LEDGER, {"drop": req.snapshot_id}) as st:
                     st.data["active"] = self._ledger_drop(req, plan)
             if "remove" not in done:
-                with self._step(op_id, "remove", {"file": path}) as st:
+                with self._step(op_id, StepName.REMOVE, {"file": path}) as st:
                     st.data["removed"] = self._remove_merged(req.volume_id, path)
             if "cinder_delete" not in done:
-                with self._step(op_id, "cinder_delete", None) as st:
+                with self._step(op_id, StepName.CINDER_DELETE, None) as st:
                     if self._q.meta is None:
                         st.data["cinder"] = "skipped: [cinder] enabled is false"
                     else:
@@ -166,15 +169,13 @@ class OwnedDeletes(OwnedBase):
             return False
         return True
 
-    def resume(
-        self, op: ops.Operation, last: dict[str, ops.Step], obs: Observer, job_timeout: float
-    ) -> str:
+    def resume(self, op: ops.Operation, last: dict[str, ops.Step], job_timeout: float) -> str:
         req = api.DeleteOwnedSnapshotRequest(
             str(op.request["volume_id"]), str(op.request["snapshot_id"])
         )
-        validate, merge = last.get("validate"), last.get("merge")
+        validate, merge = last.get(StepName.VALIDATE), last.get(StepName.MERGE)
         failed = next((s for s in last.values() if s.state is ops.StepState.FAILED), None)
-        if failed is not None and failed.name in ("validate", "merge"):
+        if failed is not None and failed.name in (StepName.VALIDATE, StepName.MERGE):
             err = ops.ErrorInfo("RecoveredFailure", f"step {failed.name} failed before the restart")
             self._j.finish(op.id, ops.OperationState.FAILED, error=err)
             return f"{failed.name} failed: failed"
@@ -187,7 +188,7 @@ class OwnedDeletes(OwnedBase):
             self._merge(op.id, req, where, plan)
             return "merge never started: run it"
         if merge.state is ops.StepState.PLANNED:
-            names = self._await_job(req.volume_id, obs, job_timeout)
+            names = self._await_job(req.volume_id, job_timeout)
             if names == plan["expected"]:
                 self._j.step_done(op.id, merge.seq, {"recovered": True, "chain_after": names})
             elif names == plan["chain"]:
@@ -205,8 +206,8 @@ class OwnedDeletes(OwnedBase):
         self._after_merge(op.id, req, plan, done)
         return "merge done: ledger, removal and Cinder record completed"
 
-    def _await_job(self, volume_id: str, obs: Observer, timeout: float) -> list[str]:
+    def _await_job(self, volume_id: str, timeout: float) -> list[str]:
         """No BlockJob object survives a crash: the job is adopted and settled, bounded (an
         interrupted active commit of the newest snapshot is READY forever: it is pivoted)."""
-        settle_of(obs)(self._hv.locate(volume_id), timeout)
+        self._hv.settle_job(self._hv.locate(volume_id), timeout)
         return chain_names(self._hv.locate(volume_id), self._roots)

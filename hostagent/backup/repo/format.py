@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from hostagent.errors import QsnapAgentError
 from qcow2.naming import is_uuid
 
 MiB = 1 << 20
@@ -23,7 +24,7 @@ VERSION = 1
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-class BackupError(Exception):
+class BackupError(QsnapAgentError):
     """Base of every error of :mod:`hostagent.backup`."""
 
 

@@ -233,7 +233,7 @@ def restore(
     if os.path.lexists(dest):
         raise FileExistsError(dest)
     d, name = os.path.split(dest)
-    tmp = os.path.join(d, f".{name}.restore-{secrets.token_hex(4)}")
+    tmp = os.path.join(d, f"{_partial_prefix(name)}{secrets.token_hex(4)}")
     tmp_q = tmp + ".qcow2"
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
     try:
@@ -260,3 +260,24 @@ def restore(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
     return RestoreResult(dest, fmt, m.virtual_size, written, chunks)
+
+
+def _partial_prefix(name: str) -> str:
+    """Restores write ``.<name>.restore-<random>[.qcow2]`` beside the target, then link it."""
+    return f".{name}.restore-"
+
+
+def remove_partial(dest_path: str) -> list[str]:
+    """Remove what a restore to ``dest_path`` killed mid-write left beside it; their names.
+
+    The target itself never appears half written (it is linked only when complete), so
+    after a restart only the temporary files are left to clean up.
+    """
+    d, name = os.path.split(dest_path)
+    removed: list[str] = []
+    if name and os.path.isdir(d):
+        for tmp in os.listdir(d):
+            if tmp.startswith(_partial_prefix(name)):
+                os.unlink(os.path.join(d, tmp))
+                removed.append(tmp)
+    return removed

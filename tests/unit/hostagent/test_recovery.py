@@ -10,127 +10,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from hostagent import recovery
-from hostagent import service as service_mod
-from hostagent.cinder.outbox import NotifyQueue
 from hostagent.cinder.status import Report
-from hostagent.journal.store import Journal
-from hostagent.pool import KeyedPool
-from hostagent.recovery import expected_after, reconcile
 from hostagent.rpc import contract as api
-from hostagent.service import AssistedService, Located
-from tests.unit.hostagent.test_service import VOL, FakeHv, FakeNotifier, _img
-
-CTX = api.CallContext()
-
-
-class _Crash(BaseException):
-    """Stands in for kill -9: escapes every ``except Exception``."""
-
-
-class RecHv(FakeHv):
-    """FakeHv whose merges really rewrite the headers, plus block jobs and freeze state."""
-
-    def __init__(self, directory: Path, chain: list[str]) -> None:
-        super().__init__(directory, chain)
-        self.job_polls = 0  # block_job() reports a job for this many calls
-        self.frozen = False
-        self.thawed = 0
-
-    def merge(self, where: Located, to_merge: Any, target: Any, progress: Any) -> dict[str, Any]:
-        self.calls.append(("merge", to_merge, target))
-        self.apply_merge(to_merge, target)
-        return {"kind": "commit" if target else "pull", "chain_after": list(self.chain)}
-
-    def apply_merge(self, to_merge: str | None, target: str | None) -> None:
-        req = api.DeleteSnapshotRequest(VOL, "s", to_merge, target)
-        after = expected_after(self.chain, req)
-        if len(after) > 1:
-            argv = ["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", after[1]]
-        else:
-            argv = ["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", ""]
-        subprocess.run([*argv, str(self.dir / after[0])], check=True)
-        self.chain[:] = after
-
-    def block_job(self, where: Located) -> dict[str, int]:
-        if self.job_polls > 0:
-            self.job_polls -= 1
-            return {"type": 3, "cur": 1, "end": 2}
-        return {}
-
-    def thaw_if_frozen(self, domain_uuid: str) -> bool:
-        was, self.frozen = self.frozen, False
-        self.thawed += was
-        return was
-
-
-class Agent:
-    """One agent 'process': journal, queue, pool and service over the shared bed."""
-
-    def __init__(self, tmp: Path, hv: RecHv, notifier: FakeNotifier) -> None:
-        self.journal = Journal(str(tmp / "j.sqlite"), host="h")
-        self.queue = NotifyQueue(self.journal, notifier)
-        self.pool = KeyedPool(2)
-        self.svc = AssistedService(self.journal, hv, self.queue, self.pool, roots=[str(tmp)])
-        self.tmp, self.hv = tmp, hv
-
-    def restart(self) -> list[recovery.Outcome]:
-        out = reconcile(
-            self.journal, self.hv, self.queue, submit=self.pool.submit, roots=[str(self.tmp)]
-        )
-        assert self.pool.wait_idle(30)
-        self.queue.flush(due_only=False)  # what queue.start() does first
-        return out
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
-        self.journal.close()
-
-
-class Bed:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.dir = tmp / "share"
-        self.dir.mkdir()
-        self.base = f"volume-{VOL}"
-        _img(self.dir / self.base)
-        self.hv = RecHv(self.dir, [self.base])
-        self.notifier = FakeNotifier()
-
-    def precreate(self, snap: str) -> str:
-        name = f"volume-{VOL}.{snap}"
-        _img(self.dir / name, self.hv.chain[0])
-        return name
-
-    def snapshot_now(self, snap: str) -> str:
-        name = self.precreate(snap)
-        self.hv.chain.insert(0, name)
-        return name
-
-    def crashing(self, at: str, monkeypatch: pytest.MonkeyPatch) -> tuple[Agent, threading.Event]:
-        died = threading.Event()
-
-        def point(step: str, phase: str) -> None:
-            if f"{step}:{phase}" == at:
-                died.set()
-                raise _Crash(at)
-
-        monkeypatch.setattr(service_mod, "crash_point", point)
-        return Agent(self.tmp, self.hv, self.notifier), died
-
-    def after_crash(self, first: Agent, died: threading.Event, mp: pytest.MonkeyPatch) -> Agent:
-        assert died.wait(30)
-        first.pool.shutdown(wait=True)
-        first.journal.close()
-        mp.setattr(service_mod, "crash_point", lambda step, phase: None)
-        return Agent(self.tmp, self.hv, self.notifier)
+from hostagent.snapshots.assisted import expected_after
+from tests.unit.hostagent.fakes import CTX, VOL, Agent, Bed
 
 
 @pytest.fixture

@@ -8,6 +8,10 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import zstandard
+
+from hostagent.backup.repo import Manifest, ManifestExtent, Repository, SourceLayer
+
 MiB = 1 << 20
 VOL = "0b1e5a1c-7d2f-4e3a-9c1b-2f4d6a8b0c11"
 
@@ -71,3 +75,22 @@ def file_sha(path: Path) -> str:
         while chunk := f.read(4 * MiB):
             h.update(chunk)
     return h.hexdigest()
+
+
+def publish_backup(repo: Repository, vol: str, when: str, payload: bytes) -> Manifest:
+    """Publish a one-chunk backup made at ``when`` (ISO, UTC) holding ``payload``."""
+    cid = hashlib.sha256(payload).hexdigest()
+    repo.put_chunk(cid, zstandard.ZstdCompressor().compress(payload))
+    m = Manifest(
+        backup_id=str(uuid.uuid4()),
+        volume_id=vol,
+        virtual_size=len(payload),
+        created_at=when,
+        parent_id=None,
+        kind="full",
+        source_chain=(SourceLayer(f"volume-{vol}", "qcow2"),),
+        read_bytes=len(payload),
+        extents=(ManifestExtent(0, len(payload), "data", cid, 0),),
+    )
+    repo.publish(m)
+    return m

@@ -1,6 +1,6 @@
 """A backup ended by ``BackupCancelled`` finishes its journal operation CANCELLED, not FAILED.
 
-Offline fakes of ``tests/unit/hostagent/backup/test_online_recovery.py`` (no libvirt); the chain is
+The offline libvirt_ops fakes of ``tests/unit/hostagent/fakes.py`` (no libvirt); the chain is
 still put back first, and any other error still finishes FAILED.
 """
 
@@ -17,7 +17,9 @@ from hostagent.backup.repo.format import BackupCancelled
 from hostagent.backup.repo.repository import Repository
 from hostagent.journal.model import OperationKind, OperationState
 from hostagent.journal.store import Journal
-from tests.unit.hostagent.backup.test_online_recovery import VOL, A, FakeConn, FakeDom, no_left_job
+from tests.unit.hostagent.fakes import VOL, FakeConn, FakeDom, no_left_job
+
+A = f"volume-{VOL}"
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,8 @@ from hostagent.backup.online import (
     release_checkpoint_offline,
 )
 from qcow2 import CINDER
-from tests.unit.hostagent.backup.helpers import VOL, MiB, guest_sha, make_base, run, write_random
+from tests.unit.hostagent.backup.helpers import VOL, MiB, guest_sha, make_base, write_random
+from tests.unit.hostagent.fakes import make_image
 
 
 def test_backup_naming_accepts_cinder_names_and_only_our_overlays() -> None:
@@ -30,9 +31,8 @@ def test_backup_naming_accepts_cinder_names_and_only_our_overlays() -> None:
 
 
 def _overlay(below: Path, name: str) -> Path:
-    ov = below.parent / name
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", below.name, "-F", "qcow2", str(ov))
-    return ov
+    make_image(below.parent / name, below.name, size=None)
+    return below.parent / name
 
 
 def test_offline_release_commits_the_checkpoint_into_cinders_active_file(tmp_path: Path) -> None:

@@ -16,33 +16,9 @@ from hostagent.backup.online import overlay_name, recover_backup
 from hostagent.backup.repo import Repository
 from hostagent.journal.model import OperationKind, OperationState, StepState
 from hostagent.journal.store import Journal
+from tests.unit.hostagent.fakes import VOL, FakeConn, FakeDom, no_left_job
 
-VOL = "0b1e5a1c-7d2f-4e3a-9c1b-2f4d6a8b0c11"
 A = f"volume-{VOL}"
-
-
-class FakeDom:
-    def __init__(self, share: Path, chain: list[str]) -> None:
-        self.share, self.chain = share, chain
-        self.jobs: list[tuple[str, str]] = []
-
-    def isActive(self) -> bool:
-        return True
-
-    def disk(self) -> lo.Disk:
-        layers = tuple(
-            lo.ChainLayer(str(self.share / n), "qcow2", None if i == 0 else i)
-            for i, n in enumerate(self.chain)
-        )
-        return lo.Disk("vdb", VOL, "virtio", layers)
-
-
-class FakeConn:
-    def __init__(self, dom: FakeDom) -> None:
-        self.dom = dom
-
-    def lookup(self, _name: str) -> FakeDom:
-        return self.dom
 
 
 @pytest.fixture
@@ -62,12 +38,6 @@ def fake_lo(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lo, "resolve_disk", resolve_disk)  # online calls lo.<verb>
     monkeypatch.setattr(lo, "active_commit", active_commit)
     monkeypatch.setattr(lo, "commit", commit)
-
-
-def no_left_job(_c: Any, dom: FakeDom, target: str, **_kw: Any) -> lo.SettleResult:
-    """``settle_block_job`` for these fakes: they model no job a dead agent left."""
-    chain = tuple(dom.chain)
-    return lo.SettleResult(target, None, None, False, chain, chain, 0.0)
 
 
 def _killed_backup(

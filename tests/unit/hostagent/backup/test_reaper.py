@@ -15,18 +15,12 @@ from hostagent.backup.reaper import OverlayReaper, StrandedOverlay
 from hostagent.journal.model import OperationKind, OperationState
 from hostagent.journal.store import Journal
 from libvirt_ops import Connection
+from tests.unit.hostagent.fakes import make_image
 
 VOL = "0b1c2d3e-4f50-4a6b-8c7d-8e9fa0b1c2d3"
 BASE = f"volume-{VOL}"
 K1 = overlay_name(VOL, "11111111-1111-4111-8111-111111111111")
 K2 = overlay_name(VOL, "22222222-2222-4222-8222-222222222222")
-
-
-def _img(d: Path, name: str, backing: str | None = None) -> None:
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
-    if backing is not None:
-        argv += ["-b", backing, "-F", "qcow2"]
-    subprocess.run([*argv, str(d / name), "4M"], check=True)
 
 
 def _write(path: Path, pattern: int, offset: str) -> None:
@@ -86,9 +80,9 @@ def test_a_stack_is_merged_top_first_into_the_base(
     reaper: tuple[OverlayReaper, Journal], tmp_path: Path
 ) -> None:
     r, journal = reaper
-    _img(tmp_path, BASE)
-    _img(tmp_path, K1, BASE)
-    _img(tmp_path, K2, K1)
+    make_image(tmp_path / BASE, size="4M")
+    make_image(tmp_path / K1, BASE, "4M")
+    make_image(tmp_path / K2, K1, "4M")
     _write(tmp_path / K1, 0x11, "0")
     _write(tmp_path / K2, 0x22, "0")  # the newest write wins
     _write(tmp_path / K1, 0x33, "64k")
@@ -105,9 +99,9 @@ def test_two_overlays_on_one_base_are_not_guessed(
     reaper: tuple[OverlayReaper, Journal], tmp_path: Path
 ) -> None:
     r, _ = reaper
-    _img(tmp_path, BASE)
-    _img(tmp_path, K1, BASE)
-    _img(tmp_path, K2, BASE)
+    make_image(tmp_path / BASE, size="4M")
+    make_image(tmp_path / K1, BASE, "4M")
+    make_image(tmp_path / K2, BASE, "4M")
     before = _files(tmp_path)
     op = r.sweep(VOL, "test", directory=str(tmp_path))
     assert op is not None and op.state is OperationState.FAILED
@@ -120,8 +114,8 @@ def test_an_interrupted_release_is_finished_at_start(
     reaper: tuple[OverlayReaper, Journal], tmp_path: Path
 ) -> None:
     r, journal = reaper
-    _img(tmp_path, BASE)
-    _img(tmp_path, K1, BASE)
+    make_image(tmp_path / BASE, size="4M")
+    make_image(tmp_path / K1, BASE, "4M")
     _write(tmp_path / K1, 0x44, "128k")
     request = {"action": "release", "volume_ids": [VOL], "directory": str(tmp_path),
                "overlays": [K1], "why": "stopped"}  # fmt: skip

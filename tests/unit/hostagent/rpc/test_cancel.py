@@ -13,8 +13,9 @@ from hostagent.config import make_conf
 from hostagent.rpc import contract as api
 from hostagent.rpc.client import AgentAPI, get_transport
 from hostagent.rpc.server import AgentEndpoint, get_server
-from tests.unit.hostagent.backup.test_service import V1, Bed
-from tests.unit.hostagent.rpc.test_contract import _expected
+from tests.unit.hostagent.fakes import VOL as V1
+from tests.unit.hostagent.fakes import BackupBed as Bed
+from tests.unit.hostagent.fakes import expected as _expected
 
 CTX = {"request_id": "req-cancel"}
 

@@ -13,6 +13,7 @@ from hostagent.rpc.messaging import messaging
 from hostagent.rpc.server import AgentEndpoint, to_rpc_error
 from libvirt_ops import DiskBusy, DiskNotFound, DomainNotFound
 from qcow2.errors import UnsafeImage
+from tests.unit.hostagent.fakes import expected
 
 om = messaging()
 VOL = "11111111-1111-4111-8111-111111111111"
@@ -36,14 +37,6 @@ class RaisingService:
         )
 
 
-def _expected(fn: Any) -> BaseException:
-    with pytest.raises(om.ExpectedException) as info:
-        fn()
-    exc = info.value.exc_info[1]
-    assert isinstance(exc, BaseException)
-    return exc
-
-
 @pytest.mark.parametrize(
     ("lower", "typed"),
     [
@@ -57,7 +50,7 @@ def _expected(fn: Any) -> BaseException:
 )
 def test_service_errors_become_typed_expected_exceptions(lower: Exception, typed: type) -> None:
     ep = AgentEndpoint(RaisingService(lower))  # type: ignore[arg-type]
-    exc = _expected(lambda: ep.create_assisted_snapshot({}, VOL, GOOD))
+    exc = expected(lambda: ep.create_assisted_snapshot({}, VOL, GOOD))
     assert type(exc) is typed
     assert to_rpc_error(lower).__class__ is typed
 
@@ -78,7 +71,7 @@ def test_service_errors_become_typed_expected_exceptions(lower: Exception, typed
 def test_bad_create_info_never_reaches_the_service(create_info: Any) -> None:
     service = RaisingService()
     ep = AgentEndpoint(service)  # type: ignore[arg-type]
-    exc = _expected(lambda: ep.create_assisted_snapshot({}, VOL, create_info))
+    exc = expected(lambda: ep.create_assisted_snapshot({}, VOL, create_info))
     assert type(exc) is api.InvalidRequest
     assert service.seen == []
 
@@ -182,9 +175,9 @@ def test_delete_snapshot_is_rpc_1_1_and_validated() -> None:
 
     ep = AgentEndpoint(Svc())  # type: ignore[arg-type]
     assert ep.target.version == "1.3" and AgentAPI.VERSION_CAP == "1.3"
-    assert isinstance(_expected(lambda: ep.delete_snapshot({}, VOL, "../x")), api.InvalidRequest)
+    assert isinstance(expected(lambda: ep.delete_snapshot({}, VOL, "../x")), api.InvalidRequest)
     assert seen == []
-    exc = _expected(lambda: ep.delete_snapshot({}, VOL.upper(), SNAP))
+    exc = expected(lambda: ep.delete_snapshot({}, VOL.upper(), SNAP))
     assert isinstance(exc, api.SnapshotNotFound) and seen == [
         api.DeleteOwnedSnapshotRequest(VOL, SNAP)
     ]
@@ -235,7 +228,7 @@ def test_backup_methods_are_rpc_1_2_validated_and_typed() -> None:
         ([VOL], None, "yes"),
     ]
     for vols, inst, inc in bad_creates:
-        exc = _expected(lambda v=vols, i=inst, n=inc: ep.create_backup({}, v, i, n))
+        exc = expected(lambda v=vols, i=inst, n=inc: ep.create_backup({}, v, i, n))
         assert isinstance(exc, api.InvalidRequest)
     bad_restores: list[tuple[Any, Any, Any]] = [
         ("rel/path", None, "raw"),
@@ -245,12 +238,10 @@ def test_backup_methods_are_rpc_1_2_validated_and_typed() -> None:
         ("/a/x", None, "vmdk"),
     ]
     for to, vol, fmt in bad_restores:
-        exc = _expected(lambda t=to, v=vol, f=fmt: ep.restore_backup({}, bid, t, v, f))
+        exc = expected(lambda t=to, v=vol, f=fmt: ep.restore_backup({}, bid, t, v, f))
         assert isinstance(exc, api.InvalidRequest)
-    assert isinstance(
-        _expected(lambda: ep.prune_backups({}, 0, 0, None, False)), api.InvalidRequest
-    )
-    assert isinstance(_expected(lambda: ep.get_backup({}, "x")), api.InvalidRequest)
+    assert isinstance(expected(lambda: ep.prune_backups({}, 0, 0, None, False)), api.InvalidRequest)
+    assert isinstance(expected(lambda: ep.get_backup({}, "x")), api.InvalidRequest)
     assert seen == []
     assert ep.create_backup({}, None, VOL.upper(), True)["kind"] == "backup"
     assert ep.restore_backup({}, bid, "/a/x", None, "qcow2")["kind"] == "restore"
@@ -260,7 +251,7 @@ def test_backup_methods_are_rpc_1_2_validated_and_typed() -> None:
         api.RestoreBackupRequest(bid, "/a/x", None, "qcow2"),
         api.PruneBackupsRequest(2, None, None, True),
     ]
-    assert isinstance(_expected(lambda: ep.get_backup({}, bid)), api.BackupNotFound)
+    assert isinstance(expected(lambda: ep.get_backup({}, bid)), api.BackupNotFound)
 
     calls: list[tuple[str, dict[str, Any]]] = []
 

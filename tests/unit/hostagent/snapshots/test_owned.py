@@ -2,7 +2,7 @@
 
 The hypervisor is faked (chains kept in memory, but merges rewrite the real headers so the
 service's whole-chain inspection sees what libvirt would); Cinder's record client is a
-recorder that can fail. Crashes are simulated as in test_recovery: the crash point raises a
+recorder that can fail (both from ..fakes). A crash (``fakes.crash_at``) raises a
 ``BaseException`` right after the named journal write, then a fresh agent reconciles.
 """
 
@@ -10,183 +10,36 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hostagent import service as service_mod
-from hostagent.cinder.outbox import NotifyQueue
-from hostagent.cinder.records import MetaAction, MetaError
+from hostagent.cinder.records import MetaAction
 from hostagent.journal.model import OperationState, StepState
-from hostagent.journal.store import Journal
-from hostagent.pool import KeyedPool
-from hostagent.recovery import reconcile
 from hostagent.rpc import contract as api
-from hostagent.service import AssistedService, Located
-from libvirt_ops import ChainLayer, Disk
-from qcow2 import Ledger, inspect_chain, read_ledger, write_ledger
-from tests.unit.hostagent.test_service import FakeNotifier, _img
+from hostagent.service import Located
+from qcow2 import Ledger, read_ledger, write_ledger
+from tests.unit.hostagent.fakes import (
+    CTX,
+    DOM,
+    VOLS,
+    Agent,
+    FakeHypervisor,
+    FakeMeta,
+    crash_at,
+    make_image,
+    no_crash,
+)
 
-CTX = api.CallContext()
-DOM = "7b2d9c1f-6e3a-4d2f-9a5b-3c4d5e6f7a81"
-VOLS = [
-    "1a000000-0000-4000-8000-000000000001",
-    "2b000000-0000-4000-8000-000000000002",
-    "3c000000-0000-4000-8000-000000000003",
-]
 OTHER = "4d000000-0000-4000-8000-000000000004"  # attached to no instance here
 
 
-class _Crash(BaseException):
-    """Stands in for kill -9: escapes every ``except Exception``."""
-
-
-class MultiHv:
-    """One instance with three volume disks in one directory; chains top first."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.chains = {v: [f"volume-{v}"] for v in VOLS}
-        for v in VOLS:
-            _img(directory / f"volume-{v}")
-        self.snapshot_fail: Exception | None = None
-        self.crash_after_snapshot = False
-        self.died = threading.Event()
-        self.calls: list[tuple[Any, ...]] = []
-        self.frozen = False
-        self.job_polls = 0
-
-    def _located(self, vid: str) -> Located:
-        layers = tuple(
-            ChainLayer(str(self.dir / n), "qcow2", None if i == 0 else i)
-            for i, n in enumerate(self.chains[vid])
-        )
-        return Located(DOM, Disk(f"vd{'bcd'[VOLS.index(vid)]}", vid, "virtio", layers))
-
-    def locate(self, volume_id: str) -> Located:
-        if volume_id not in self.chains:
-            raise api.VolumeNotFound(volume_id)
-        return self._located(volume_id)
-
-    def instance_volumes(self, instance_uuid: str) -> list[Located]:
-        if instance_uuid != DOM:
-            raise api.InstanceNotFound(instance_uuid)
-        return [self._located(v) for v in VOLS]
-
-    def snapshot_disks(
-        self, dom: str, files: list[tuple[str, str]], quiesce: Any
-    ) -> dict[str, Any]:
-        self.calls.append(("snapshot", tuple(files), quiesce))
-        for vid, name in files:  # the real take_snapshot refuses overlays not on the top
-            with inspect_chain(str(self.dir / name), roots=[str(self.dir)], fmt="qcow2") as c:
-                assert c.layers[0].backing_name == self.chains[vid][0]
-        if self.snapshot_fail is not None:
-            raise self.snapshot_fail
-        for vid, name in files:
-            self.chains[vid].insert(0, name)
-        if self.crash_after_snapshot:
-            self.died.set()
-            raise _Crash("killed after QEMU switched, before the journal heard")
-        return {"quiesced": quiesce is api.Quiesce.REQUIRED, "chains": {}}
-
-    def merge_owned(self, where: Located, file: str, progress: Any) -> dict[str, Any]:
-        vid = str(where.disk.serial)
-        chain = self.chains[vid]
-        pos = chain.index(file)
-        self.calls.append(("merge", vid, file, "active-commit" if pos == 0 else "commit"))
-        if pos > 0:  # the layer above now backs onto file's backing file
-            above = self.dir / chain[pos - 1]
-            argv = ["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", chain[pos + 1]]
-            subprocess.run([*argv, str(above)], check=True)
-        del chain[pos]
-        progress(1, 1)
-        return {"kind": "active-commit" if pos == 0 else "commit", "chain_after": list(chain)}
-
-    def block_job(self, where: Located) -> dict[str, int]:
-        if self.job_polls > 0:
-            self.job_polls -= 1
-            return {"type": 4, "cur": 1, "end": 2}
-        return {}
-
-    def thaw_if_frozen(self, domain_uuid: str) -> bool:
-        was, self.frozen = self.frozen, False
-        return was
-
-    # unused by these tests
-    def snapshot(self, where: Located, new_file: str) -> dict[str, Any]:
-        raise AssertionError("assisted snapshot not expected")
-
-    def merge(self, *a: Any) -> dict[str, Any]:
-        raise AssertionError("assisted merge not expected")
-
-    def inventory(self) -> api.Inventory:
-        return api.Inventory("h", ())
-
-
-class FakeMeta:
-    """Cinder's records as the extension keeps them: creating -> available|error, deleted."""
-
-    def __init__(self) -> None:
-        self.records: dict[str, str] = {}
-        self.calls: list[tuple[str, str]] = []
-        self.fail_create = False
-        self.unreachable = 0
-
-    def create(self, snapshot_id: str, volume_id: str, description: str) -> None:
-        self.calls.append(("create", snapshot_id))
-        if self.fail_create:
-            raise MetaError(snapshot_id, "create", "HTTP 409", rejected=True)
-        self.records.setdefault(snapshot_id, "creating")
-
-    def apply(self, snapshot_id: str, action: MetaAction) -> None:
-        self.calls.append((action.name, snapshot_id))
-        if self.unreachable > 0:
-            self.unreachable -= 1
-            raise MetaError(snapshot_id, action.value, "connection refused", rejected=False)
-        if action is MetaAction.DELETE:
-            self.records.pop(snapshot_id, None)
-        elif snapshot_id in self.records:
-            self.records[snapshot_id] = action.name.split("_")[1].lower()
-
-
-class Agent:
-    def __init__(self, tmp: Path, hv: MultiHv, meta: FakeMeta | None) -> None:
-        self.journal = Journal(str(tmp / "j.sqlite"), host="h")
-        self.queue = NotifyQueue(self.journal, FakeNotifier(), meta=meta)
-        self.pool = KeyedPool(2)
-        self.svc = AssistedService(self.journal, hv, self.queue, self.pool, roots=[str(tmp)])
-        self.tmp, self.hv = tmp, hv
-
-    def wait(self, op: api.Operation) -> api.Operation:
-        assert self.pool.wait_idle(30)
-        return self.svc.get_operation(CTX, op.id)
-
-    def restart(self) -> None:
-        reconcile(
-            self.journal,
-            self.hv,
-            self.queue,
-            submit=self.pool.submit,
-            roots=[str(self.tmp)],
-            owned=self.svc.owned,
-        )
-        assert self.pool.wait_idle(30)
-        self.queue.flush(due_only=False)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
-        self.journal.close()
-
-
 @pytest.fixture
-def hv(tmp_path: Path) -> MultiHv:
-    d = tmp_path / "share"
-    d.mkdir()
-    return MultiHv(d)
+def hv(tmp_path: Path) -> FakeHypervisor:
+    return FakeHypervisor(tmp_path / "share", VOLS)
 
 
 @pytest.fixture
@@ -195,18 +48,18 @@ def meta() -> FakeMeta:
 
 
 @pytest.fixture
-def agent(tmp_path: Path, hv: MultiHv, meta: FakeMeta) -> Any:
-    a = Agent(tmp_path, hv, meta)
+def agent(tmp_path: Path, hv: FakeHypervisor, meta: FakeMeta) -> Iterator[Agent]:
+    a = Agent(tmp_path, hv, meta=meta)
     yield a
     a.close()
 
 
-def _files(hv: MultiHv) -> set[str]:
+def _files(hv: FakeHypervisor) -> set[str]:
     """Image files on the share (ledgers excluded)."""
     return {n for n in os.listdir(hv.dir) if n.startswith("volume-") and not n.endswith(".info")}
 
 
-def _ledger_matches_chain(hv: MultiHv, vid: str) -> Ledger | None:
+def _ledger_matches_chain(hv: FakeHypervisor, vid: str) -> Ledger | None:
     led = read_ledger(str(hv.dir), vid)
     if led is not None:
         assert led.active == hv.chains[vid][0]
@@ -220,7 +73,7 @@ def _snap(agent: Agent, vols: list[str] | None, q: str = "preferred") -> api.Ope
     return agent.wait(agent.svc.snapshot_instance(CTX, req))
 
 
-def test_instance_snapshot_of_all_disks(agent: Agent, hv: MultiHv, meta: FakeMeta) -> None:
+def test_instance_snapshot_of_all_disks(agent: Agent, hv: FakeHypervisor, meta: FakeMeta) -> None:
     op = _snap(agent, None, "required")
     assert op.state is api.OperationState.SUCCEEDED, op.error
     assert op.kind is api.OperationKind.INSTANCE_SNAPSHOT
@@ -245,7 +98,7 @@ def test_instance_snapshot_of_all_disks(agent: Agent, hv: MultiHv, meta: FakeMet
     )
 
 
-def test_subset_then_second_snapshot_extends_the_ledger(agent: Agent, hv: MultiHv) -> None:
+def test_subset_then_second_snapshot_extends_the_ledger(agent: Agent, hv: FakeHypervisor) -> None:
     first = _snap(agent, [VOLS[1]])
     second = _snap(agent, [VOLS[1], VOLS[2]])
     assert first.state is second.state is api.OperationState.SUCCEEDED
@@ -265,7 +118,7 @@ def test_subset_then_second_snapshot_extends_the_ledger(agent: Agent, hv: MultiH
     ],
 )
 def test_volumes_not_on_the_instance_touch_nothing(
-    agent: Agent, hv: MultiHv, meta: FakeMeta, instance: str, vols: Any, err: type
+    agent: Agent, hv: FakeHypervisor, meta: FakeMeta, instance: str, vols: Any, err: type
 ) -> None:
     before = _files(hv)
     with pytest.raises(err):
@@ -275,7 +128,7 @@ def test_volumes_not_on_the_instance_touch_nothing(
     assert agent.journal.list_operations() == [] and meta.calls == [] and _files(hv) == before
 
 
-def test_ledger_disagreeing_with_the_chain_is_refused(agent: Agent, hv: MultiHv) -> None:
+def test_ledger_disagreeing_with_the_chain_is_refused(agent: Agent, hv: FakeHypervisor) -> None:
     write_ledger(str(hv.dir), VOLS[0], Ledger(active=f"volume-{VOLS[0]}.{uuid.uuid4()}"))
     with pytest.raises(api.InvalidRequest, match="active"):
         agent.svc.snapshot_instance(CTX, api.InstanceSnapshotRequest.from_wire(DOM, None, "none"))
@@ -283,10 +136,10 @@ def test_ledger_disagreeing_with_the_chain_is_refused(agent: Agent, hv: MultiHv)
 
 
 def test_failed_snapshot_removes_overlays_and_finalizes_error(
-    agent: Agent, hv: MultiHv, meta: FakeMeta
+    agent: Agent, hv: FakeHypervisor, meta: FakeMeta
 ) -> None:
     before = _files(hv)
-    hv.snapshot_fail = RuntimeError("QEMU said no")
+    hv.fail = RuntimeError("QEMU said no")
     op = _snap(agent, None)
     assert op.state is api.OperationState.FAILED and "QEMU said no" in str(op.error)
     assert _files(hv) == before and all(len(c) == 1 for c in hv.chains.values())
@@ -295,7 +148,7 @@ def test_failed_snapshot_removes_overlays_and_finalizes_error(
 
 
 def test_create_record_refused_fails_before_any_file(
-    agent: Agent, hv: MultiHv, meta: FakeMeta
+    agent: Agent, hv: FakeHypervisor, meta: FakeMeta
 ) -> None:
     before = _files(hv)
     meta.fail_create = True
@@ -305,8 +158,10 @@ def test_create_record_refused_fails_before_any_file(
     assert [c[0] for c in meta.calls] == ["create", "FINALIZE_ERROR"]
 
 
-def test_cinder_disabled_keeps_ledgers_and_journals_the_skip(tmp_path: Path, hv: MultiHv) -> None:
-    a = Agent(tmp_path, hv, None)
+def test_cinder_disabled_keeps_ledgers_and_journals_the_skip(
+    tmp_path: Path, hv: FakeHypervisor
+) -> None:
+    a = Agent(tmp_path, hv)
     try:
         op = _snap(a, None)
         assert op.state is api.OperationState.SUCCEEDED, op.error
@@ -327,7 +182,7 @@ def test_cinder_disabled_keeps_ledgers_and_journals_the_skip(tmp_path: Path, hv:
 
 
 def test_finalize_unreachable_is_journaled_and_resent(
-    agent: Agent, hv: MultiHv, meta: FakeMeta
+    agent: Agent, hv: FakeHypervisor, meta: FakeMeta
 ) -> None:
     meta.unreachable = 1
     op = _snap(agent, [VOLS[0]])
@@ -347,7 +202,7 @@ def _owned_delete(agent: Agent, vid: str, sid: str) -> api.Operation:
 
 
 def test_delete_newest_by_active_commit_then_inner_by_commit(
-    agent: Agent, hv: MultiHv, meta: FakeMeta
+    agent: Agent, hv: FakeHypervisor, meta: FakeMeta
 ) -> None:
     vid = VOLS[0]
     s1 = _snap(agent, [vid]).result["snapshots"][0]["snapshot_id"]
@@ -375,7 +230,7 @@ def test_delete_newest_by_active_commit_then_inner_by_commit(
 
 
 def test_delete_of_a_snapshot_not_in_the_ledger_touches_nothing(
-    agent: Agent, hv: MultiHv, meta: FakeMeta
+    agent: Agent, hv: FakeHypervisor, meta: FakeMeta
 ) -> None:
     _snap(agent, [VOLS[0]])
     before, led = _files(hv), read_ledger(str(hv.dir), VOLS[0])
@@ -389,37 +244,30 @@ def test_delete_of_a_snapshot_not_in_the_ledger_touches_nothing(
 
 
 # -- crash after every journaled step, then a restart converges ---------------------------
-def _crashing(mp: pytest.MonkeyPatch, at: str) -> threading.Event:
-    died = threading.Event()
-
-    def point(step: str, phase: str) -> None:
-        if f"{step}:{phase}" == at:
-            died.set()
-            raise _Crash(at)
-
-    mp.setattr(service_mod, "crash_point", point)
-    return died
-
-
 INSTANCE_STEPS = ["plan", "cinder_create", "overlays", "snapshot", "ledger", "cinder_finalize"]
 INSTANCE = [(f"{s}:{p}", s) for s in INSTANCE_STEPS for p in ("planned", "done")]
 
 
 @pytest.mark.parametrize(("at", "step"), INSTANCE)
 def test_instance_snapshot_crash_converges(
-    tmp_path: Path, hv: MultiHv, meta: FakeMeta, monkeypatch: pytest.MonkeyPatch, at: str, step: str
+    tmp_path: Path,
+    hv: FakeHypervisor,
+    meta: FakeMeta,
+    monkeypatch: pytest.MonkeyPatch,
+    at: str,
+    step: str,
 ) -> None:
     before = _files(hv)
-    first = Agent(tmp_path, hv, meta)
-    died = _crashing(monkeypatch, at)
+    first = Agent(tmp_path, hv, meta=meta)
+    died = crash_at(monkeypatch, at)
     hv.frozen = step == "snapshot"
     op = first.svc.snapshot_instance(
         CTX, api.InstanceSnapshotRequest.from_wire(DOM, VOLS[:2], "preferred")
     )
     assert died.wait(30)
     first.close()
-    monkeypatch.setattr(service_mod, "crash_point", lambda s, p: None)
-    again = Agent(tmp_path, hv, meta)
+    no_crash(monkeypatch)
+    again = Agent(tmp_path, hv, meta=meta)
     try:
         again.restart()
         final = again.svc.get_operation(CTX, op.id)
@@ -455,25 +303,25 @@ DELETE_STEPS = ["validate", "merge", "ledger", "remove", "cinder_delete"]
 @pytest.mark.parametrize("newest", [True, False])
 def test_owned_delete_crash_converges(
     tmp_path: Path,
-    hv: MultiHv,
+    hv: FakeHypervisor,
     meta: FakeMeta,
     monkeypatch: pytest.MonkeyPatch,
     at: str,
     newest: bool,
 ) -> None:
     vid = VOLS[0]
-    first = Agent(tmp_path, hv, meta)
+    first = Agent(tmp_path, hv, meta=meta)
     s1 = _snap(first, [vid]).result["snapshots"][0]["snapshot_id"]
     s2 = _snap(first, [vid]).result["snapshots"][0]["snapshot_id"]
     gone, kept = (s2, s1) if newest else (s1, s2)
-    died = _crashing(monkeypatch, at)
+    died = crash_at(monkeypatch, at)
     if at == "merge:planned":
         hv.job_polls = 3  # recovery finds the job still running first
     op = first.svc.delete_snapshot(CTX, api.DeleteOwnedSnapshotRequest(vid, gone))
     assert died.wait(30)
     first.close()
-    monkeypatch.setattr(service_mod, "crash_point", lambda s, p: None)
-    again = Agent(tmp_path, hv, meta)
+    no_crash(monkeypatch)
+    again = Agent(tmp_path, hv, meta=meta)
     try:
         again.restart()
         final = again.svc.get_operation(CTX, op.id)
@@ -492,15 +340,15 @@ def test_owned_delete_crash_converges(
 
 
 def test_snapshot_taken_but_not_journaled_is_recorded_available(
-    tmp_path: Path, hv: MultiHv, meta: FakeMeta
+    tmp_path: Path, hv: FakeHypervisor, meta: FakeMeta
 ) -> None:
-    first = Agent(tmp_path, hv, meta)
+    first = Agent(tmp_path, hv, meta=meta)
     hv.crash_after_snapshot = hv.frozen = True
     op = first.svc.snapshot_instance(CTX, api.InstanceSnapshotRequest.from_wire(DOM, None, "none"))
     assert hv.died.wait(30)
     first.close()
     hv.crash_after_snapshot = False
-    again = Agent(tmp_path, hv, meta)
+    again = Agent(tmp_path, hv, meta=meta)
     try:
         again.restart()
         final = again.svc.get_operation(CTX, op.id)
@@ -515,14 +363,12 @@ def test_snapshot_taken_but_not_journaled_is_recorded_available(
         again.close()
 
 
-def test_instance_snapshot_releases_a_backup_checkpoint_first(agent: Agent, hv: MultiHv) -> None:
+def test_instance_snapshot_releases_a_backup_checkpoint_first(
+    agent: Agent, hv: FakeHypervisor
+) -> None:
     vid = VOLS[0]
     k = f"volume-{vid}.qsnap-bk-{uuid.uuid4()}"
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", f"volume-{vid}", "-F", "qcow2",
-         str(hv.dir / k)],
-        check=True,
-    )  # fmt: skip
+    make_image(hv.dir / k, f"volume-{vid}")
     hv.chains[vid] = [k, f"volume-{vid}"]
     with pytest.raises(api.InvalidRequest):  # no engine to release it: refused as before
         _snap(agent, [vid])

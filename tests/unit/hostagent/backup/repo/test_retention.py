@@ -3,7 +3,6 @@ pinned by a running backup."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -11,32 +10,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-import zstandard
 
-from hostagent.backup.repo import Manifest, ManifestExtent, Repository, RepositoryBusy, SourceLayer
+from hostagent.backup.repo import Manifest, Repository, RepositoryBusy
 from hostagent.backup.repo.retention import RetentionPolicy, prune, select
+from tests.unit.hostagent.backup.helpers import VOL, publish_backup
 
-VOL = "0b1e5a1c-7d2f-4e3a-9c1b-2f4d6a8b0c11"
 VOL2 = "1b1e5a1c-7d2f-4e3a-9c1b-2f4d6a8b0c12"
-
-
-def _backup(repo: Repository, vol: str, when: str, payload: bytes) -> Manifest:
-    """Publish a one-chunk backup made at ``when`` (ISO, UTC) holding ``payload``."""
-    cid = hashlib.sha256(payload).hexdigest()
-    repo.put_chunk(cid, zstandard.ZstdCompressor().compress(payload))
-    m = Manifest(
-        backup_id=str(uuid.uuid4()),
-        volume_id=vol,
-        virtual_size=len(payload),
-        created_at=when,
-        parent_id=None,
-        kind="full",
-        source_chain=(SourceLayer(f"volume-{vol}", "qcow2"),),
-        read_bytes=len(payload),
-        extents=(ManifestExtent(0, len(payload), "data", cid, 0),),
-    )
-    repo.publish(m)
-    return m
 
 
 def _m(when: str) -> Manifest:
@@ -69,8 +48,11 @@ def test_select_keep_last_and_daily_union() -> None:
 def test_prune_deletes_per_volume_and_gc_frees_only_their_chunks(tmp_path: Path) -> None:
     repo = Repository.create(tmp_path / "repo")
     shared = b"shared by every backup " * 100
-    a = [_backup(repo, VOL, f"2026-11-0{i}T10:00:00+00:00", shared + bytes([i])) for i in (1, 2, 3)]
-    b = [_backup(repo, VOL2, f"2026-11-0{i}T10:00:00+00:00", b"v2 %d" % i) for i in (1, 2)]
+    a = [
+        publish_backup(repo, VOL, f"2026-11-0{i}T10:00:00+00:00", shared + bytes([i]))
+        for i in (1, 2, 3)
+    ]
+    b = [publish_backup(repo, VOL2, f"2026-11-0{i}T10:00:00+00:00", b"v2 %d" % i) for i in (1, 2)]
     dry = prune(repo, RetentionPolicy(keep_last=1), dry_run=True)
     assert set(dry.deleted) == {a[0].backup_id, a[1].backup_id, b[0].backup_id}
     assert len(repo.manifests()) == 5 and dry.gc is None
@@ -87,8 +69,8 @@ def test_prune_deletes_per_volume_and_gc_frees_only_their_chunks(tmp_path: Path)
 
 def test_prune_spares_the_parent_of_a_running_backup_and_gc_waits_for_it(tmp_path: Path) -> None:
     repo = Repository.create(tmp_path / "repo")
-    old = _backup(repo, VOL, "2026-11-01T10:00:00+00:00", b"old")
-    new = _backup(repo, VOL, "2026-11-02T10:00:00+00:00", b"new")
+    old = publish_backup(repo, VOL, "2026-11-01T10:00:00+00:00", b"old")
+    new = publish_backup(repo, VOL, "2026-11-02T10:00:00+00:00", b"new")
     started = threading.Event()
     release = threading.Event()
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 from hostagent.backup.repo import Repository
 from hostagent.backup.repo.retention import RetentionPolicy, prune
-from tests.unit.hostagent.backup.repo.test_retention import VOL, _backup
+from tests.unit.hostagent.backup.helpers import VOL, publish_backup
 
 
 def _repo(tmp_path: Path, n: int) -> tuple[Repository, list[str]]:
     repo = Repository.create(tmp_path / "repo")
     ids = [
-        _backup(repo, VOL, f"2026-11-0{i + 1}T00:00:00+00:00", bytes([i]) * 4096).backup_id
+        publish_backup(repo, VOL, f"2026-11-0{i + 1}T00:00:00+00:00", bytes([i]) * 4096).backup_id
         for i in range(n)
     ]
     return repo, ids

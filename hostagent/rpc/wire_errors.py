@@ -1,0 +1,92 @@
+"""The one place where lower-layer errors become the wire errors of :mod:`.contract`.
+
+The layers below the RPC (``libvirt_ops``, ``qcow2``, the backup repository) raise their
+own errors; a caller across the wire must get a typed error it can act on (retry later,
+fix the request) rather than an internal one. :data:`RULES` is that mapping, in order
+(the first rule whose ``lower`` matches wins). The endpoint sends everything through
+:func:`to_wire`; code that must map before the edge (the backup service, whose workers
+journal the wire error) wraps the call in :func:`wire_errors`. A call site whose message
+must name what the caller sent passes its own :class:`Rule` first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from hostagent.backup import repo as bk
+from hostagent.rpc import contract as api
+from libvirt_ops import ChainMismatch, DiskBusy, DiskNotFound, DomainNotFound
+from qcow2.errors import SnapshotExists, SnapshotNotFound, UnsafeImage
+
+__all__ = ["RULES", "Rule", "to_wire", "wire_error", "wire_errors"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``lower`` (and its subclasses) is sent as ``wire``; ``message`` formats ``{exc}``."""
+
+    lower: type[Exception]
+    wire: type[api.AgentRpcError]
+    message: str = "{exc}"
+
+    def apply(self, exc: Exception) -> api.AgentRpcError:
+        return self.wire(self.message.format(exc=exc))
+
+
+#: Lower errors that mean "this request is wrong or must wait", never "agent broken".
+RULES: tuple[Rule, ...] = (
+    # the hypervisor: the disk is busy, or the request names what is not on this host
+    Rule(DiskBusy, api.DiskBusy),
+    Rule(DiskNotFound, api.VolumeNotFound),
+    Rule(DomainNotFound, api.InstanceNotFound),
+    Rule(ChainMismatch, api.InvalidRequest),
+    # qcow2 inspection: a file the agent refuses to touch
+    Rule(UnsafeImage, api.InvalidRequest),
+    Rule(SnapshotExists, api.InvalidRequest),
+    Rule(SnapshotNotFound, api.InvalidRequest),
+    # the backup repository
+    Rule(bk.BackupNotFound, api.BackupNotFound),
+    Rule(bk.RepositoryBusy, api.DiskBusy, "backup repository busy: {exc}"),
+    Rule(bk.FormatError, api.InvalidRequest, "backup repository refused: {exc}"),
+)
+
+
+def wire_error(exc: BaseException, rules: Iterable[Rule] = RULES) -> api.AgentRpcError | None:
+    """The wire error of ``exc`` by the first matching rule; None when no rule maps it."""
+    if isinstance(exc, api.AgentRpcError):
+        return exc
+    if isinstance(exc, Exception):
+        for rule in rules:
+            if isinstance(exc, rule.lower):
+                return rule.apply(exc)
+    return None
+
+
+def to_wire(exc: BaseException) -> api.AgentRpcError:
+    """What the endpoint sends for ``exc``: unmapped errors become ``AgentInternalError``."""
+    typed = wire_error(exc)
+    if typed is not None:
+        return typed
+    return api.AgentInternalError(f"{type(exc).__name__}: {exc}")
+
+
+@contextlib.contextmanager
+def wire_errors(*first: Rule, chain: bool = True) -> Iterator[None]:
+    """Re-raise a mapped error as its wire error (``first`` rules before :data:`RULES`).
+
+    Unmapped errors pass unchanged, so the endpoint still logs them as unexpected. With
+    ``chain`` False the wire error hides its cause (``raise ... from None``).
+    """
+    try:
+        yield
+    except api.AgentRpcError:
+        raise
+    except Exception as exc:
+        typed = wire_error(exc, (*first, *RULES))
+        if typed is None:
+            raise
+        if chain:
+            raise typed from exc
+        raise typed from None
