@@ -14,28 +14,20 @@ Run: ``PYTHONPATH=. .venv/bin/python bench/delete_newest.py [--share dir|gluster
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-import libvirt_qemu
-
 import libvirt_ops as lo
+from testbed.layers import allocated, hmp_write, snapshot_disk
 from testbed.session import TestBed
-from tests.functional.libvirt_ops.merge_helpers import snapshot_disk
 
 MIB = 1 << 20
 GIB = 1 << 30
-DEV = "/machine/peripheral/virtio-disk0/virtio-backend"
 
 
 def hmp_io(dom: Any, cmd: str) -> None:
-    out = libvirt_qemu.qemuMonitorCommand(
-        dom, f'qemu-io -d {DEV} "{cmd}"', libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
-    )
+    out = hmp_write(dom, 0, cmd)
     if "error" in out.lower() or "failed" in out.lower():
         raise RuntimeError(f"qemu-io {cmd}: {out}")
 
@@ -44,17 +36,6 @@ def write(dom: Any, pattern: int, offset: int, length: int, chunk: int = 128 * M
     for off in range(offset, offset + length, chunk):
         hmp_io(dom, f"write -P {pattern:#x} {off} {min(chunk, offset + length - off)}")
     hmp_io(dom, "flush")
-
-
-def own_data(path: Path) -> int:
-    """Bytes of data allocated in this file itself (depth 0), not in its backing chain."""
-    out = subprocess.run(
-        ["qemu-img", "map", "-U", "-f", "qcow2", "--output=json", str(path)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return sum(e["length"] for e in json.loads(out) if e["depth"] == 0 and e["data"])
 
 
 def main() -> int:
@@ -72,7 +53,7 @@ def main() -> int:
         # Ours: snapshot, 64 MiB new data, delete the newest by active commit + pivot.
         ov = snapshot_disk(g.dom, "vda", vol)
         write(g.dom, 0x5A, 1 * GIB, 64 * MIB)
-        ours_overlay = own_data(ov)
+        ours_overlay = allocated(ov)
         t = time.monotonic()
         res = lo.active_commit(g.conn, g.dom, vol, roots=roots)
         ours_s = time.monotonic() - t
@@ -81,13 +62,13 @@ def main() -> int:
         # Nova: same shape again, deleted by pulling the whole base into the overlay.
         ov2 = snapshot_disk(g.dom, "vda", vol)
         write(g.dom, 0x5B, 1 * GIB, 64 * MIB)
-        nova_overlay = own_data(ov2)
+        nova_overlay = allocated(ov2)
         seen: list[tuple[int, int]] = []
         opts = lo.JobOptions(progress=lambda c, e: seen.append((c, e)), progress_interval=0.2)
         t = time.monotonic()
         res2 = lo.flatten(g.conn, g.dom, vol, roots=roots, options=opts)
         nova_s = time.monotonic() - t
-        nova_bytes = own_data(ov2) - nova_overlay  # what the pull added to the overlay
+        nova_bytes = allocated(ov2) - nova_overlay  # what the pull added to the overlay
 
     assert res.chain_after[0] != str(ov) and res2.chain_after == (str(ov2),)
     ratio = nova_s / ours_s

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import select
 import sqlite3
 import statistics
 import subprocess
@@ -39,8 +38,6 @@ from pathlib import Path
 from typing import Any
 
 CTX = {"request_id": "req-bench"}
-ROOT = Path(__file__).resolve().parents[1]
-PROJECT = uuid.uuid4().hex
 
 
 class Reports(list[tuple[str, dict[str, Any]]]):
@@ -313,27 +310,6 @@ def watchdog_cost(g: Any, n: int = 5) -> float:
     return statistics.median(ts)
 
 
-def start_agent(conf: Path, log: Path) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "hostagent.cli", "--config-file", str(conf), "--ready-line"]
-    proc = subprocess.Popen(
-        argv,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=open(log, "w"),
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    assert proc.stdout is not None
-    deadline, line = time.monotonic() + 90, ""
-    while time.monotonic() < deadline and proc.poll() is None and line.strip() != "READY":
-        if select.select([proc.stdout], [], [], 1.0)[0]:
-            line = proc.stdout.readline()
-    if line.strip() != "READY":
-        proc.kill()
-        raise SystemExit("agent did not start: " + log.read_text()[-3000:])
-    return proc
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=4, help="agent [agent] workers (default 4)")
@@ -344,11 +320,10 @@ def main() -> int:
     ap.add_argument("--no-burst", action="store_true", help="skip the all-at-once probe")
     args = ap.parse_args()
 
-    from hostagent.config import make_conf
-    from hostagent.rpc.client import AgentAPI, get_transport
     from testbed import procs
+    from testbed.agent import AgentProcess, noauth_cinder
+    from testbed.cinder import CinderRecorder
     from testbed.session import TestBed
-    from tests.functional.hostagent.test_agent_assisted import CinderRecorder
 
     with TestBed("dir", rabbitmq=True) as bed:
         assert bed.rabbit is not None
@@ -367,19 +342,17 @@ def main() -> int:
         rec.updates = reports
         work = procs.run_dir() / f"bench-ops-{uuid.uuid4().hex[:8]}"
         work.mkdir(mode=0o755)
-        host = f"bench-{uuid.uuid4().hex[:6]}"
-        conf = work / "agent.conf"
-        conf.write_text(
-            f"[DEFAULT]\nhost = {host}\ntransport_url = {bed.rabbit.transport_url}\n"
-            f"state_path = {work / 'state'}\nuse_stderr = true\n"  # stdout: only READY
-            f"[shares]\nallowed_roots = {bed.share.root}\n"
-            f"[agent]\nworkers = {args.workers}\n[cinder]\nauth_type = noauth\n"
-            f"endpoint = {rec.endpoint}\nproject_id = {PROJECT}\n"
-        )
-        agent = start_agent(conf, work / "agent.log")
-        transport = get_transport(make_conf(), bed.rabbit.transport_url)
+        agent = AgentProcess(
+            work, bed.rabbit.transport_url, bed.share.root, prefix="bench", stop_timeout=120,
+            conf={
+                "DEFAULT": {"use_stderr": "true"},
+                "agent": {"workers": args.workers},
+                "cinder": noauth_cinder(rec),
+            },
+        )  # fmt: skip
         try:
-            clients = [AgentAPI(transport, host, timeout=120) for _ in vols]
+            agent.start()
+            clients = [agent.client(timeout=120) for _ in vols]
             print(
                 f"{len(vols)} volumes on {len(guests)} TCG guests, {args.per_volume} creates "
                 f"per volume, agent workers={args.workers}"
@@ -401,9 +374,7 @@ def main() -> int:
             dog = watchdog_cost(guests[0]) * 1000
             print(f"thaw-watchdog process per quiesced snapshot: {dog:.0f} ms (start+arm+done)")
         finally:
-            transport.cleanup()
-            agent.terminate()
-            agent.wait(timeout=120)
+            agent.close()
             rec.close()
     return 0
 

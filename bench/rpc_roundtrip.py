@@ -38,7 +38,7 @@ def serve(url: str) -> int:
     """Child: both servers on one transport until stdin closes."""
     from hostagent.rpc.messaging import messaging
     from hostagent.rpc.server import get_server
-    from tests.functional.hostagent.stub_agent import StubService
+    from testbed.stub_agent import StubService
 
     om = messaging()
     conf = make_conf()

@@ -24,7 +24,6 @@ from typing import Any
 import libvirt
 
 from demo._stack import Stack
-from libvirt_ops import find_disk
 from testbed import procs
 from testbed.disks import fsck_clean, read_guest_file
 from testbed.guest import Guest, GuestFactory
@@ -128,15 +127,6 @@ def _short(name: str) -> str:
     return "volume-" + ".".join(p[:8] for p in parts)
 
 
-def _chain(g: Guest, vid: str) -> list[str]:
-    return [os.path.basename(layer.path) for layer in find_disk(g.dom, volume_id=vid).chain]
-
-
-def _sha_in_guest(g: Guest, path: str) -> str:
-    g.check(["/bin/sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"])
-    return bytes(g.check(["sha256sum", path])).split()[0].decode()
-
-
 def _cadence_ms(log: RecordLog) -> float:
     gaps = [b - a for a, b in zip(log.times_ns, log.times_ns[1:], strict=False)]
     return statistics.median(gaps) / 1e6 if gaps else 0.0
@@ -196,7 +186,7 @@ def run_demo(out: Out = print, *, ndisks: int = 3, size_mib: int = 64) -> Outcom
         g.start_writers(interval_ms=10, sync_every=1, mounts=mounts)
         time.sleep(1.5)  # a cadence to compare the stall with
         tl(f"writers running on {', '.join(mounts)} (a fsynced 64-byte record every 10 ms)")
-        before = {d.volume_id: _chain(g, d.volume_id) for d in g.disks}
+        before = {d.volume_id: g.chain(d.volume_id) for d in g.disks}
 
         # -- quiesced snapshot of all disks, while writing --------------------------------
         t_from = g.guest_time_ns()
@@ -221,7 +211,7 @@ def run_demo(out: Out = print, *, ndisks: int = 3, size_mib: int = 64) -> Outcom
         )
         if op["state"] != "succeeded":
             return res
-        after = {d.volume_id: _chain(g, d.volume_id) for d in g.disks}
+        after = {d.volume_id: g.chain(d.volume_id) for d in g.disks}
         tl("chains (top first) after the snapshot:")
         for d in g.disks:
             tl(f"    {d.target}: {' <- '.join(_short(n) for n in after[d.volume_id])}")
@@ -275,14 +265,14 @@ def run_demo(out: Out = print, *, ndisks: int = 3, size_mib: int = 64) -> Outcom
         for s, op in ops:
             op = http.wait(op)
             vid = s["volume_id"]
-            chain = _chain(g, vid)
+            chain = g.chain(vid)
             check(
                 f"active commit of {_short(os.path.basename(s['file']))}",
                 op["state"] == "succeeded" and chain == before[vid],
                 f"{op['state']}; chain now {' <- '.join(_short(n) for n in chain)}"
                 + (f"; error {op['error']}" if op.get("error") else ""),
             )
-        final_chains = {d.volume_id: _chain(g, d.volume_id) for d in g.disks}
+        final_chains = {d.volume_id: g.chain(d.volume_id) for d in g.disks}
         res.chains = {
             vid: [before[vid], after[vid], final_chains[vid]] for vid in before
         }  # fmt: skip
@@ -304,7 +294,7 @@ def run_demo(out: Out = print, *, ndisks: int = 3, size_mib: int = 64) -> Outcom
                 f"{pit.count if pit else 0} records are its prefix: "
                 f"{bool(pit and pit.is_prefix_of(log))}",
             )
-            sums[d.volume_id] = _sha_in_guest(g, f"{d.mountpoint}/records")
+            sums[d.volume_id] = g.sha256(f"{d.mountpoint}/records")
         tl("guest shutting down (clean, through qemu-ga) ...")
         _shutdown(g)
         for d in g.disks:

@@ -4,6 +4,8 @@ One subprocess runs osapi_volume, the scheduler and one volume service together 
 ``transport_url = fake:/`` only works inside a single process; that spares us a RabbitMQ
 node and keeps start-up at a few seconds. The NFS "mount" is a no-op shim: the mount point
 is a symlink to a share directory, so Cinder's volume files land where the test looks.
+Beside it: volumes attached to a test guest as Nova would, and a ``CinderRecorder`` that
+only records the snapshot status reports an agent sends (for exact assertions on them).
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -260,6 +264,104 @@ endpoint = {nova_endpoint}
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# A connector as Nova's compute sends it when it attaches a file-based volume.
+CONNECTOR = {
+    "host": "qsnap-testbed-host",
+    "ip": "127.0.0.1",
+    "initiator": "iqn.2004-10.org.qsnap:testbed",
+    "platform": "x86_64",
+    "os_type": "linux",
+    "multipath": False,
+}
+
+
+def wait_status(get: Any, obj_id: str, want: set[str], timeout: float = 120) -> Any:
+    """Poll a cinderclient ``get`` until the object's status is in ``want``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        obj = get(obj_id)
+        if obj.status in want:
+            return obj
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{obj_id} still {obj.status}, wanted {want}")
+        time.sleep(0.2)
+
+
+def attach(client: Any, volume_id: str, instance_uuid: str, timeout: float = 120) -> Any:
+    """Attach through the attachments API as Nova does (create + complete); the volume,
+    once ``in-use`` (or ``error``)."""
+    att = client.attachments.create(volume_id, CONNECTOR, instance_uuid, mode="rw")
+    client.attachments.complete(att["id"] if isinstance(att, dict) else att.id)  # a dict here
+    return wait_status(client.volumes.get, volume_id, {"in-use", "error"}, timeout)
+
+
+def attached_guest(
+    cinder: CinderPeer, conn: Any, image: Any, mounts: tuple[str, ...], logdir: Path
+) -> tuple[list[str], Any]:
+    """Cinder volumes (raw files on its share) holding ext4, booted as one guest's disks
+    ``vda``, ``vdb``... (mounted at ``mounts``) and attached to it (instance = the domain's
+    UUID): the volume ids and the ``VolumeGuest``."""
+    from testbed.guest import GuestDisk, VolumeGuest
+
+    c = cinder.client()
+    made = [c.volumes.create(1, name=f"tb-{uuid.uuid4().hex[:6]}") for _ in mounts]
+    made = [wait_status(c.volumes.get, v.id, {"available", "error"}) for v in made]
+    if any(v.status != "available" for v in made):
+        raise RuntimeError(f"a volume is not available: {cinder.tail()}")
+    vols = [str(v.id) for v in made]
+    # no lazy init: the guest kernel would write inode tables in the background for
+    # minutes, and "nothing on the share changed" needs an idle disk
+    mkfs = ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]
+    disks = []
+    for i, (vid, mount) in enumerate(zip(vols, mounts, strict=True)):
+        path = cinder.share_dir / f"volume-{vid}"
+        if not path.is_file():
+            raise RuntimeError(f"the NfsDriver did not write {path}")
+        subprocess.run([*mkfs, str(path)], check=True, capture_output=True)
+        disks.append(GuestDisk(f"vd{chr(ord('a') + i)}", vid, path, mount, "raw"))
+    guest = VolumeGuest(conn, image, disks, logdir)
+    try:
+        for vid in vols:
+            if attach(c, vid, guest.uuid).status != "in-use":
+                raise RuntimeError(f"volume {vid} not attached: {cinder.tail()}")
+    except BaseException:
+        guest.close()
+        raise
+    return vols, guest
+
+
+class CinderRecorder:
+    """Stands in for Cinder's ``os-update_snapshot_status`` API: records the bodies of
+    ``POST .../snapshots/<id>/action`` as ``(snapshot_id, status)`` and answers 202."""
+
+    def __init__(self) -> None:
+        self.updates: list[tuple[str, dict[str, Any]]] = []
+        self.project_id = uuid.uuid4().hex
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"] or 0)))
+                parts = self.path.split("/")
+                if "snapshots" in parts and parts[-1] == "action":
+                    sid = parts[parts.index("snapshots") + 1]
+                    recorder.updates.append((sid, body["os-update_snapshot_status"]))
+                self.send_response(202)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}/v3"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 if __name__ == "__main__":  # manual smoke run: python -m testbed.cinder

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import threading
 import time
 import uuid
@@ -20,7 +21,7 @@ from xml.sax.saxutils import escape
 import libvirt
 import libvirt_qemu
 
-from libvirt_ops import Connection
+from libvirt_ops import Connection, find_disk
 from testbed import procs
 from testbed.guestimage import GuestImage
 from testbed.records import RecordLog, parse_records
@@ -168,17 +169,29 @@ class Guest:
     ) -> None:
         from testbed.disks import create_volume
 
-        self.conn = conn
-        self.dir = directory
-        self.uuid = str(uuid.uuid4())
-        self.name = f"qsnap-{procs.run_id()}-{self.uuid[:8]}"
-        self.console = directory / f"{self.name}.console"
-        self.disks: list[GuestDisk] = []
+        disks = []
         for i in range(ndisks):
             vol = str(uuid.uuid4())
             path = create_volume(directory, vol, size_mib, disk_fmt)
             mount = "/data" if i == 0 else f"/data{i + 1}"
-            self.disks.append(GuestDisk(f"vd{chr(ord('a') + i)}", vol, path, mount, disk_fmt))
+            disks.append(GuestDisk(f"vd{chr(ord('a') + i)}", vol, path, mount, disk_fmt))
+        self._boot(conn, image, directory, disks, directory, boot_timeout)
+
+    def _boot(
+        self,
+        conn: Connection,
+        image: GuestImage,
+        directory: Path,
+        disks: list[GuestDisk],
+        console_dir: Path,
+        boot_timeout: float,
+    ) -> None:
+        self.conn = conn
+        self.dir = directory
+        self.uuid = str(uuid.uuid4())
+        self.name = f"qsnap-{procs.run_id()}-{self.uuid[:8]}"
+        self.console = console_dir / f"{self.name}.console"
+        self.disks = disks
         self._latch = _EventLatch()
         self._dispatch = _Dispatcher.of(conn)
         self._dispatch.latches[self.uuid] = self._latch
@@ -281,8 +294,19 @@ class Guest:
         finally:
             self.agent("guest-file-close", {"handle": handle})
 
+    def sha256(self, path: str) -> str:
+        """A file's SHA-256 as read from the disk: page cache dropped first."""
+        self.check(["/bin/sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"])
+        return bytes(self.check(["sha256sum", path])).split()[0].decode()
+
     def guest_time_ns(self) -> int:
         return int(self.agent("guest-get-time"))
+
+    def chain(self, volume_id: str | None = None) -> list[str]:
+        """Basenames of a disk's live chain (libvirt's XML), top first; the first disk's
+        by default."""
+        disk = find_disk(self.dom, volume_id=volume_id or self.disks[0].volume_id)
+        return [os.path.basename(layer.path) for layer in disk.chain]
 
     # -- workload ------------------------------------------------------------------------
     def start_writers(
@@ -325,6 +349,21 @@ class Guest:
 
     def close(self) -> None:
         self.destroy()
+
+
+class VolumeGuest(Guest):
+    """A guest booted on EXISTING volume files (Cinder's), not bed-made ones; its console
+    log goes to ``logdir``, not the share, so listings of the share stay exact."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        image: GuestImage,
+        disks: list[GuestDisk],
+        logdir: Path,
+        boot_timeout: float = 90.0,
+    ) -> None:
+        self._boot(conn, image, disks[0].path.parent, disks, logdir, boot_timeout)
 
 
 class GuestFactory:

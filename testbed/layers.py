@@ -1,16 +1,20 @@
-"""Test-only helpers for merge tests: external snapshots of one disk, done the plain way.
+"""Chains of image layers seen from the host: an external snapshot of one disk done the
+plain way, what the headers say (backing names, the chain, ``qemu-img check``), a layer's
+own allocation, the live chain as full paths, and qemu-io into a running disk.
 
-Why not L1's snapshot code: the merge tests must not depend on it; a pre-created overlay
-plus ``snapshotCreateXML(DISK_ONLY|NO_METADATA|REUSE_EXT|ATOMIC)`` is what libvirt does
-underneath anyway, and it keeps these tests about merges only.
+Why not L1's snapshot code: merge tests and benches must not depend on it; a pre-created
+overlay plus ``snapshotCreateXML(DISK_ONLY|NO_METADATA|REUSE_EXT|ATOMIC)`` is what libvirt
+does underneath anyway, and it keeps those tests about merges only.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import uuid
 from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import escape
 
 import libvirt
@@ -53,17 +57,17 @@ def snapshot_disk(dom: libvirt.virDomain, target: str, volume_id: str) -> Path:
     return new
 
 
+def _qemu_img_json(*args: str) -> Any:
+    """``qemu-img ARGS --output=json``, parsed; ``-U`` is the caller's (images in use)."""
+    out = subprocess.run(
+        ["qemu-img", *args, "--output=json"], check=True, capture_output=True, text=True
+    ).stdout
+    return json.loads(out)
+
+
 def backing_name(path: Path) -> str | None:
     """The backing name exactly as written in the qcow2 header (via qemu-img, -U)."""
-    import json
-
-    out = subprocess.run(
-        ["qemu-img", "info", "-U", "-f", "qcow2", "--output=json", str(path)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    name = json.loads(out).get("backing-filename")
+    name = _qemu_img_json("info", "-U", "-f", "qcow2", str(path)).get("backing-filename")
     return str(name) if name is not None else None
 
 
@@ -85,3 +89,34 @@ def hmp_write(dom: libvirt.virDomain, disk_index: int, cmd: str) -> str:
             dom, f'qemu-io -d {dev} "{cmd}"', libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
         )
     )
+
+
+def qemu_chain(top: str, fmt: str) -> list[tuple[str, str]]:
+    """(basename, format) top first, as qemu-img reads the headers; every backing format
+    must be recorded (never probed) and match what the layer below really is."""
+    layers = _qemu_img_json("info", "-U", "-f", fmt, "--backing-chain", top)
+    chain = []
+    for i, layer in enumerate(layers):
+        chain.append((os.path.basename(layer["filename"]), layer["format"]))
+        if "backing-filename" in layer:
+            assert "/" not in layer["backing-filename"], layer  # Cinder's relative names
+            assert layer.get("backing-filename-format") == layers[i + 1]["format"], layer
+        else:
+            assert i == len(layers) - 1, layers
+    return chain
+
+
+def allocated(img: Path) -> int:
+    """Bytes allocated in this layer alone (qemu-img map of the top, backing excluded)."""
+    extents = _qemu_img_json("map", "-U", "-f", "qcow2", str(img))
+    return sum(e["length"] for e in extents if e["data"] and e["depth"] == 0)
+
+
+def live_paths(g: Any) -> tuple[str, ...]:
+    """The first disk's live chain (libvirt's XML) as real paths, top first."""
+    disk = find_disk(g.dom, volume_id=g.disks[0].volume_id)
+    return tuple(os.path.realpath(layer.path) for layer in disk.chain)
+
+
+def real(*paths: Path) -> tuple[str, ...]:
+    return tuple(os.path.realpath(p) for p in paths)

@@ -1,6 +1,6 @@
 """A stub agent process for RPC tests: the real RPC server over a stub AgentService.
 
-Run: ``python -m tests.functional.hostagent.stub_agent --transport-url URL --host H``.
+Run: ``python -m testbed.stub_agent --transport-url URL --host H``.
 Prints ``READY`` once it consumes. The stub keeps operations in memory and raises the
 errors the tests expect for special volume ids (see the constants). Instance snapshots and
 agent-owned deletes advance one stage per ``get_operation`` (steps and progress as the real
@@ -22,12 +22,14 @@ import threading
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from hostagent.config import make_conf
 from hostagent.rpc import contract as api
 from hostagent.rpc.server import parse_args, serve
 from libvirt_ops import DiskBusy
+from testbed.service import Service
 
 VOL_OK = "11111111-1111-4111-8111-111111111111"
 VOL_BUSY = "22222222-2222-4222-8222-222222222222"  # raises libvirt_ops.DiskBusy (mapped)
@@ -251,14 +253,14 @@ class StubService:
                         ),
                     }
                 )
-        read = _step("read")
+        step = _step("read")
         final = {"backups": results}
         return self._staged(
             op,
             [
-                _stage(op, "running", [read], (1, 4)),
-                _stage(op, "running", [read], (3, 4)),
-                _stage(op, "succeeded", [_done(read)], (4, 4), final=final),
+                _stage(op, "running", [step], (1, 4)),
+                _stage(op, "running", [step], (3, 4)),
+                _stage(op, "succeeded", [_done(step)], (4, 4), final=final),
             ],
         )
 
@@ -389,6 +391,16 @@ def _stage(
     return dataclasses.replace(
         op, state=api.OperationState(state), error=error, result={**body, **(final or {})}
     )
+
+
+def start_stub_agent(
+    logdir: Path, transport_url: str, host: str, *, name: str = "stub-agent", timeout: float = 60.0
+) -> Service:
+    """This module as a child process serving ``host``; returned once it printed READY."""
+    svc = Service(name, logdir / f"{name}.log")
+    argv = [sys.executable, "-m", "testbed.stub_agent", "--transport-url", transport_url]
+    svc.start([*argv, "--host", host], timeout=timeout)
+    return svc
 
 
 def main() -> int:

@@ -10,10 +10,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from testbed import procs
+
+if TYPE_CHECKING:
+    from testbed.guest import Guest, GuestFactory
+    from testbed.shares import DirShare
 
 procs.run_id()  # fix the run id early so every child (and the leftover check) shares it
 
@@ -71,23 +76,39 @@ def share(request: pytest.FixtureRequest) -> Iterator[object]:
 
 
 @pytest.fixture
-def guest_factory(
-    libvirt_host: object, guest_image: object, share: object, request: pytest.FixtureRequest
-) -> Iterator[object]:
+def guest_factory(libvirt_host: Any, guest_image: Any, share: Any) -> Iterator[GuestFactory]:
     from testbed.guest import GuestFactory
 
-    factory = GuestFactory(
-        libvirt_host.connection,
-        guest_image,  # type: ignore[attr-defined]
-        lambda: share.new_dir("guest"),
-    )  # type: ignore[attr-defined]
+    factory = GuestFactory(libvirt_host.connection, guest_image, lambda: share.new_dir("guest"))
     yield factory
     factory.close()
 
 
 @pytest.fixture
-def guest(guest_factory: object, share: object) -> object:
-    return guest_factory(ndisks=2, share=share)  # type: ignore[operator]
+def guest(guest_factory: GuestFactory, share: Any) -> Guest:
+    return guest_factory(ndisks=2, share=share)
+
+
+@pytest.fixture(scope="module")
+def dir_share() -> Iterator[DirShare]:
+    """A private plain-directory share for one module, beside the session's parametrized
+    ``share``: for modules whose subject does not depend on the share kind (recovery reads
+    the journal, the live XML and the headers) and which would double their run on both."""
+    from testbed.shares import DirShare
+
+    s = DirShare()
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def dir_guests(libvirt_host: Any, guest_image: Any, dir_share: DirShare) -> Iterator[GuestFactory]:
+    """Boots guests on the module's ``dir_share``; all destroyed when the module ends."""
+    from testbed.guest import GuestFactory
+
+    factory = GuestFactory(libvirt_host.connection, guest_image, lambda: dir_share.new_dir("guest"))
+    yield factory
+    factory.close()
 
 
 @pytest.fixture(scope="session")

@@ -30,17 +30,13 @@ EXT = "api_ext.cinder_extension.Qsnap_snapshot_metadata"
 
 
 @pytest.fixture(scope="module")
-def cinder() -> Iterator[CinderPeer]:
+def cinder(dir_share: DirShare) -> Iterator[CinderPeer]:
     if not (VENV / "bin" / "cinder-manage").exists():
         pytest.skip(f"no Cinder venv at {VENV}: run tools/cinder_setup.sh")
-    share = DirShare()
-    try:
-        with CinderPeer(
-            share.new_dir("cinder"), extra_extensions=(EXT,), pythonpath=(REPO,), policy={}
-        ) as peer:
-            yield peer
-    finally:
-        share.close()
+    with CinderPeer(
+        dir_share.new_dir("cinder"), extra_extensions=(EXT,), pythonpath=(REPO,), policy={}
+    ) as peer:
+        yield peer
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The ``qsnap`` CLI as a subprocess -> qsnap-api process -> RabbitMQ -> stub agent process.
 
-The stub agent (tests/functional/hostagent/stub_agent.py) advances instance snapshots and
+The stub agent (testbed/stub_agent.py) advances instance snapshots and
 agent-owned deletes one stage per status poll, so ``--wait`` shows real progress lines; a
 ``--quiesce require`` snapshot fails there. Backups go through the same path (RPC 1.2) to the
 stub's in-memory repository. Real guests are the e2e suite's business.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,12 +21,11 @@ import pytest
 from hostagent.config import make_conf
 from hostagent.rpc import contract as api
 from hostagent.rpc.client import InventoryFanout, get_transport
-from tests.functional.api_ext.test_nova_compat import _spawn, _stop
-from tests.functional.hostagent.stub_agent import INSTANCE, VOL_BUSY, VOL_OK
+from testbed.service import REPO, start_api
+from testbed.stub_agent import INSTANCE, VOL_BUSY, VOL_OK, start_stub_agent
 
 pytestmark = pytest.mark.functional
-ROOT = Path(__file__).resolve().parents[3]
-QSNAP = str(ROOT / ".venv" / "bin" / "qsnap")
+QSNAP = str(REPO / ".venv" / "bin" / "qsnap")
 HOST = "stub-host-cli"
 
 
@@ -38,20 +36,13 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def api_url(rabbitmq: Any, logdir: Path) -> Iterator[str]:
-    argv = [sys.executable, "-m", "tests.functional.hostagent.stub_agent"]
-    argv += ["--transport-url", rabbitmq.transport_url, "--host", HOST]
-    agent, _ = _spawn("stub-agent-cli", argv, logdir)
-    conf = logdir / "qsnap-api.conf"
-    conf.write_text(
-        f"[DEFAULT]\ntransport_url = {rabbitmq.transport_url}\n"
-        "[api]\nbind_host = 127.0.0.1\nbind_port = 0\nauth_strategy = noauth\n"
-        f"noauth_roles = admin\nhosts = {HOST}\nrpc_timeout = 20\n"
-    )
-    argv = [sys.executable, "-m", "api_ext.server", "--config-file", str(conf), "--ready-line"]
-    server, line = _spawn("qsnap-api-cli", argv, logdir)
-    yield f"http://127.0.0.1:{line.split()[1]}"
-    assert _stop("qsnap-api-cli", server) == 0
-    assert _stop("stub-agent-cli", agent) == 0
+    url = rabbitmq.transport_url
+    agent = start_stub_agent(logdir, url, HOST, name="stub-agent-cli", timeout=60)
+    api_opts = {"noauth_roles": "admin", "hosts": HOST, "rpc_timeout": 20}
+    server, api_url = start_api(logdir, url, api_opts, name="qsnap-api-cli", timeout=60)
+    yield api_url
+    assert server.stop(30) == 0, server.tail()
+    assert agent.stop(30) == 0, agent.tail()
 
 
 def qsnap(url: str, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:

@@ -3,17 +3,12 @@
 Cinder's NFS driver talks to "Nova" through python-novaclient; here novaclient runs
 unchanged with a keystoneauth1 session (token plugin + endpoint, as Cinder's
 ``[nova] auth_type = none`` does) against qsnap-api, which routes over a real RabbitMQ to the
-stub agent (tests/functional/hostagent/stub_agent.py), found through ``[api] hosts`` or the
+stub agent (testbed/stub_agent.py), found through ``[api] hosts`` or the
 inventory fanout.
 """
 
 from __future__ import annotations
 
-import os
-import queue
-import subprocess
-import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,65 +23,13 @@ from novaclient import exceptions as nova_exc
 from hostagent.config import make_conf
 from hostagent.rpc import contract as api
 from hostagent.rpc.client import InventoryFanout, get_transport
-from testbed import procs
-from tests.functional.hostagent.stub_agent import INSTANCE, VOL_BUSY, VOL_OK
+from testbed.service import Service, start_api
+from testbed.stub_agent import INSTANCE, VOL_BUSY, VOL_OK, start_stub_agent
 
 pytestmark = pytest.mark.functional
-ROOT = Path(__file__).resolve().parents[3]
 HOST = "stub-host-api"
 SNAP = "55555555-5555-4555-8555-555555555555"
 NEW_FILE = f"volume-{VOL_OK}.{SNAP}"
-
-
-def _spawn(name: str, argv: list[str], logdir: Path) -> tuple[subprocess.Popen[str], str]:
-    """Start a child that prints a READY line; return it and that line.
-
-    stdout is drained by a thread for the child's whole life (oslo.log may log there), and
-    stderr goes to a file, so a chatty child never blocks on a full pipe.
-    """
-    errlog = logdir / f"{name}.stderr"
-    with errlog.open("w") as err:
-        proc = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        )
-    procs.record(name, proc.pid)
-    lines: queue.Queue[str] = queue.Queue()
-
-    def drain() -> None:
-        assert proc.stdout is not None
-        for out in proc.stdout:
-            lines.put(out.strip())
-
-    threading.Thread(target=drain, daemon=True).start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            line = lines.get(timeout=1.0)
-        except queue.Empty:
-            continue
-        if line.startswith("READY"):
-            return proc, line
-    proc.kill()
-    proc.wait()
-    procs.forget(name, proc.pid)
-    pytest.fail(f"{name} did not start: {errlog.read_text()[-3000:]}")
-
-
-def _stop(name: str, proc: subprocess.Popen[str]) -> int:
-    proc.terminate()
-    try:
-        rc = proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        procs.forget(name, proc.pid)
-    return rc
 
 
 @pytest.fixture(scope="module")
@@ -95,27 +38,20 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def agent(rabbitmq: Any, logdir: Path) -> Iterator[subprocess.Popen[str]]:
-    argv = [sys.executable, "-m", "tests.functional.hostagent.stub_agent"]
-    argv += ["--transport-url", rabbitmq.transport_url, "--host", HOST]
-    proc, _ = _spawn("stub-agent", argv, logdir)
-    yield proc
-    assert _stop("stub-agent", proc) == 0
+def agent(rabbitmq: Any, logdir: Path) -> Iterator[Service]:
+    svc = start_stub_agent(logdir, rabbitmq.transport_url, HOST, timeout=60)
+    yield svc
+    assert svc.stop(30) == 0, svc.tail()
 
 
 @pytest.fixture(scope="module")
 def api_url(rabbitmq: Any, agent: Any, logdir: Path) -> Iterator[str]:
-    conf = logdir / "qsnap-api.conf"
-    conf.write_text(
-        f"[DEFAULT]\ntransport_url = {rabbitmq.transport_url}\n"
-        "[api]\nbind_host = 127.0.0.1\nbind_port = 0\nauth_strategy = noauth\n"
-        f"noauth_roles = service\nhosts = {HOST}\nrpc_timeout = 20\n"
-        "max_request_body_size = 4096\n"
+    api_opts = {"noauth_roles": "service", "hosts": HOST, "rpc_timeout": 20}
+    svc, url = start_api(
+        logdir, rabbitmq.transport_url, {**api_opts, "max_request_body_size": 4096}, timeout=60
     )
-    argv = [sys.executable, "-m", "api_ext.server", "--config-file", str(conf), "--ready-line"]
-    proc, line = _spawn("qsnap-api", argv, logdir)
-    yield f"http://127.0.0.1:{line.split()[1]}"
-    assert _stop("qsnap-api", proc) == 0
+    yield url
+    assert svc.stop(30) == 0, svc.tail()
 
 
 def _nova(api_url: str) -> Any:

@@ -17,29 +17,9 @@ from typing import Any
 from cinderclient import exceptions as cinder_exc
 
 from libvirt_ops import find_disk
+from testbed.layers import qemu_chain
 from testbed.records import RecordLog
-from tests.functional.e2e.conftest import Deployment
-
-
-def qemu_chain(top: str, fmt: str) -> list[tuple[str, str]]:
-    """(basename, format) top first, as qemu-img reads the headers; every backing format
-    must be recorded (never probed) and match what the layer below really is."""
-    out = subprocess.run(
-        ["qemu-img", "info", "-U", "-f", fmt, "--backing-chain", "--output=json", top],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    layers = json.loads(out.stdout)
-    chain = []
-    for i, layer in enumerate(layers):
-        chain.append((os.path.basename(layer["filename"]), layer["format"]))
-        if "backing-filename" in layer:
-            assert "/" not in layer["backing-filename"], layer  # Cinder's relative names
-            assert layer.get("backing-filename-format") == layers[i + 1]["format"], layer
-        else:
-            assert i == len(layers) - 1, layers
-    return chain
+from tests.functional.e2e.deployment import Deployment
 
 
 def live_chain(d: Deployment) -> list[tuple[str, str]]:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from hostagent.rpc import contract as api
-from testbed.cinder import REPO
+from testbed.cinder import REPO, wait_status
 from tests.functional.e2e.checks import (
     GuestData,
     agent_op,
@@ -30,7 +30,7 @@ from tests.functional.e2e.checks import (
     check_image_files,
     ledger,
 )
-from tests.functional.e2e.conftest import Deployment, wait_status
+from tests.functional.e2e.deployment import Deployment
 
 pytestmark = pytest.mark.functional
 

@@ -17,16 +17,9 @@ def nova_endpoint() -> str:
 
 
 @pytest.fixture(scope="module")
-def cinder_share() -> Iterator[DirShare]:
-    """A plain-directory share: the NfsDriver's no-op mount makes it the mount point."""
-    sh = DirShare()
-    yield sh
-    sh.close()
-
-
-@pytest.fixture(scope="module")
-def cinder(cinder_share: DirShare, nova_endpoint: str) -> Iterator[CinderPeer]:
+def cinder(dir_share: DirShare, nova_endpoint: str) -> Iterator[CinderPeer]:
+    """On a plain-directory share: the NfsDriver's no-op mount makes it the mount point."""
     if not (VENV / "bin" / "cinder-manage").exists():
         pytest.skip(f"no Cinder venv at {VENV}: run tools/cinder_setup.sh")
-    with CinderPeer(cinder_share.new_dir("cinder"), nova_endpoint=nova_endpoint) as peer:
+    with CinderPeer(dir_share.new_dir("cinder"), nova_endpoint=nova_endpoint) as peer:
         yield peer

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from hostagent.cinder.status import CinderNotifier, NoAuthSettings, RetryPolicy
-from testbed.cinder import CinderPeer
+from testbed.cinder import CinderPeer, attach, wait_status
 
 
 class StubNova(ThreadingHTTPServer):
@@ -104,35 +104,13 @@ def wired(cinder: CinderPeer, stub_nova: StubNova) -> CinderPeer:
     return cinder
 
 
-def _wait_status(get: Any, obj_id: str, want: set[str], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        obj = get(obj_id)
-        if obj.status in want:
-            return obj
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{obj_id} still {obj.status}, wanted {want}")
-        time.sleep(0.25)
-
-
 def _attached_volume(peer: CinderPeer) -> Any:
     """A 1 GiB volume on the NFS share, attached to a made-up instance via attachments."""
     c = peer.client()
     v = c.volumes.create(1, name=f"qsnap-{uuid.uuid4().hex[:6]}")
-    v = _wait_status(c.volumes.get, v.id, {"available", "error"})
+    v = wait_status(c.volumes.get, v.id, {"available", "error"}, timeout=60)
     assert v.status == "available", peer.tail()
-    connector = {
-        "host": "qsnap-host",
-        "ip": "127.0.0.1",
-        "initiator": "iqn.2004-10.org.qsnap:test",
-        "platform": "x86_64",
-        "os_type": "linux",
-        "multipath": False,
-    }
-    att = c.attachments.create(v.id, connector, str(uuid.uuid4()), mode="rw")
-    att_id = att["id"] if isinstance(att, dict) else att.id  # cinderclient returns a dict
-    c.attachments.complete(att_id)
-    return _wait_status(c.volumes.get, v.id, {"in-use", "error"})
+    return attach(c, v.id, str(uuid.uuid4()), timeout=60)
 
 
 def test_volume_file_lands_on_the_share(wired: CinderPeer) -> None:
@@ -148,7 +126,7 @@ def test_online_snapshot_via_nova_and_notifier_becomes_available(
     v = _attached_volume(wired)
     stub_nova.outcome = "done"
     s = c.volume_snapshots.create(v.id, force=True)
-    s = _wait_status(c.volume_snapshots.get, s.id, {"available", "error"})
+    s = wait_status(c.volume_snapshots.get, s.id, {"available", "error"}, timeout=60)
     assert s.status == "available", wired.tail()
 
     path, headers, body = stub_nova.posts[-1]
@@ -179,7 +157,7 @@ def test_failed_create_reported_by_notifier_gives_error(
     v = _attached_volume(wired)
     stub_nova.outcome = "failed"
     s = c.volume_snapshots.create(v.id, force=True)
-    s = _wait_status(c.volume_snapshots.get, s.id, {"available", "error"})
+    s = wait_status(c.volume_snapshots.get, s.id, {"available", "error"}, timeout=60)
     assert s.status == "error"
     assert stub_nova.posts[-1][2]["snapshot"]["create_info"]["snapshot_id"] == s.id
 
@@ -192,7 +170,7 @@ def test_online_delete_of_newest_asks_nova_for_a_pull_and_completes(
     v = _attached_volume(wired)
     stub_nova.outcome = "done"
     s = c.volume_snapshots.create(v.id, force=True)
-    s = _wait_status(c.volume_snapshots.get, s.id, {"available", "error"})
+    s = wait_status(c.volume_snapshots.get, s.id, {"available", "error"}, timeout=60)
     assert s.status == "available", wired.tail()
     c.volume_snapshots.delete(s.id)
     deadline = time.monotonic() + 60

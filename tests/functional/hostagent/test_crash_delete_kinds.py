@@ -26,30 +26,19 @@ from typing import Any
 import pytest
 
 from hostagent.rpc import contract as api
-from tests.functional.hostagent.test_agent_assisted import _chain, _delete, _sha_in_guest
-from tests.functional.hostagent.test_crash_injection import (
-    DELETE,
-    Bed,
-    _assert_converged,
-    _crash_then_recover,
-    dir_share,
-    open_bed,
-)
+from testbed.guest import GuestFactory
+from testbed.shares import DirShare
+from tests.functional.hostagent.agent_bed import DELETE_STEPS, CrashBed, delete, open_crash_bed
 
 pytestmark = pytest.mark.functional
 
 
 @pytest.fixture(scope="module")
-def share() -> Iterator[Any]:
-    yield from dir_share()
+def bed(dir_guests: GuestFactory, dir_share: DirShare, rabbitmq: Any) -> Iterator[CrashBed]:
+    yield from open_crash_bed(dir_guests, dir_share, rabbitmq)
 
 
-@pytest.fixture(scope="module")
-def bed(libvirt_host: Any, guest_image: Any, share: Any, rabbitmq: Any) -> Iterator[Bed]:
-    yield from open_bed(libvirt_host, guest_image, share, rabbitmq)
-
-
-def _write_into_top(bed: Bed, tag: str) -> tuple[str, str]:
+def _write_into_top(bed: CrashBed, tag: str) -> tuple[str, str]:
     """A synced guest file: its blocks land in the current top (the layer merged next)."""
     path = f"/data/{tag}-{uuid.uuid4().hex[:6]}"
     data = os.urandom(96 * 1024)
@@ -58,44 +47,44 @@ def _write_into_top(bed: Bed, tag: str) -> tuple[str, str]:
     return path, hashlib.sha256(data).hexdigest()
 
 
-def _files(bed: Bed) -> set[str]:
+def _files(bed: CrashBed) -> set[str]:
     return {n for n in os.listdir(bed.g.dir) if n.startswith("volume-")}
 
 
-def _converged_delete(bed: Bed, at: str, sid: str, info: tuple[str | None, None]) -> None:
-    op = _crash_then_recover(bed, at, lambda c: _delete(c, bed.g, sid, *info))
+def _converged_delete(bed: CrashBed, at: str, sid: str, info: tuple[str | None, None]) -> None:
+    op = bed.crash_then_recover(at, lambda c: delete(c, bed.g, sid, *info))
     assert op.state is api.OperationState.SUCCEEDED, op.error
     mine = [body for s, body in bed.cinder.updates if s == sid]
     assert mine == [{"status": "deleting", "progress": "90%"}]
 
 
-@pytest.mark.parametrize("at", DELETE)
-def test_pull_crash_converges(bed: Bed, at: str) -> None:
+@pytest.mark.parametrize("at", DELETE_STEPS)
+def test_pull_crash_converges(bed: CrashBed, at: str) -> None:
     """Cinder deletes its newest snapshot s2 (active f2, base f1 = s1's file): pull f1."""
     g = bed.g
     _s1, f1 = bed.snapshot_directly()
     path, digest = _write_into_top(bed, "pull")  # into f1: only the pull keeps it
     s2, f2 = bed.snapshot_directly()
-    before = _chain(g)
+    before = g.chain()
     assert before[:2] == [f2, f1] and len(before) >= 3
     stale = _files(bed) - set(before)
     _converged_delete(bed, at, s2, (before[2], None))
-    assert _assert_converged(bed, stale | {f1}) == [f2, *before[2:]]
-    assert _sha_in_guest(g, path) == digest
+    assert bed.converged(stale | {f1}) == [f2, *before[2:]]
+    assert g.sha256(path) == digest
     os.unlink(g.dir / f1)  # Cinder deletes base_file itself
 
 
-@pytest.mark.parametrize("at", DELETE)
-def test_flatten_crash_converges(bed: Bed, at: str) -> None:
+@pytest.mark.parametrize("at", DELETE_STEPS)
+def test_flatten_crash_converges(bed: CrashBed, at: str) -> None:
     """Cinder deletes the only snapshot above the volume file: flatten into the active."""
     g = bed.g
     path, digest = _write_into_top(bed, "flat")  # into the layer(s) flattened away
     s1, f1 = bed.snapshot_directly()
-    before = _chain(g)
+    before = g.chain()
     assert before[0] == f1 and len(before) >= 2
     stale = _files(bed) - set(before)
     _converged_delete(bed, at, s1, (None, None))
-    assert _assert_converged(bed, stale | set(before[1:])) == [f1]
-    assert _sha_in_guest(g, path) == digest
+    assert bed.converged(stale | set(before[1:])) == [f1]
+    assert g.sha256(path) == digest
     for name in before[1:]:  # Cinder deletes the old base itself
         os.unlink(g.dir / name)

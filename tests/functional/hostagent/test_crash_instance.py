@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from hostagent.rpc import contract as api
-from testbed import procs
-from tests.functional.hostagent.test_agent_assisted import CTX, _final
-from tests.functional.hostagent.test_instance_snapshot import InstanceBed
+from testbed.agent import CTX, final
+from testbed.shares import DirShare
+from tests.functional.hostagent.instance_bed import InstanceBed
 
 pytestmark = pytest.mark.functional
 
@@ -48,22 +48,20 @@ class CrashBed:
         from oslo_messaging import MessagingTimeout  # after hostagent chose its backend
 
         self.b.stop()
-        proc = self.b.start(at)
+        self.b.start(at)
         op: api.Operation | None = None
         try:
             op = send(self.b.client(timeout=10))
         except MessagingTimeout:
             pass
-        assert proc.wait(timeout=120) == 137, self.b.log.read_text()[-3000:]
-        procs.forget("qsnap-agent", proc.pid)
-        self.b.proc = None
+        self.b.agent.wait_died(120)
         self.b.start()
         client = self.b.client()
         if op is None and retry:
             op = send(client)
         elif op is None:
             op = client.list_operations(CTX, api.OperationFilters(kind=kind))[-1]
-        return _final(client, op, timeout=120)
+        return final(client, op, timeout=120)
 
     def converged(self) -> None:
         for vid, snaps in self.live.items():
@@ -75,17 +73,10 @@ class CrashBed:
 
 
 @pytest.fixture(scope="module")
-def share() -> Iterator[Any]:
-    from testbed.shares import DirShare
-
-    s = DirShare()
-    yield s
-    s.close()
-
-
-@pytest.fixture(scope="module")
-def cbed(share: Any, rabbitmq: Any, libvirt_host: Any, guest_image: Any) -> Iterator[CrashBed]:
-    b = InstanceBed(share, rabbitmq, libvirt_host.connection, guest_image)
+def cbed(
+    dir_share: DirShare, rabbitmq: Any, libvirt_host: Any, guest_image: Any
+) -> Iterator[CrashBed]:
+    b = InstanceBed(dir_share, rabbitmq, libvirt_host.connection, guest_image)
     try:
         b.start()
         yield CrashBed(b)
@@ -127,7 +118,7 @@ def test_owned_delete_crash_converges(cbed: CrashBed, at: str) -> None:
     b, vid = cbed.b, cbed.b.vols[2]
     while len(cbed.live[vid]) < 2:  # two snapshots to choose from, taken by the clean agent
         c = b.client()
-        op = _final(c, c.snapshot_instance(CTX, b.guest.uuid, [vid], api.Quiesce.NONE), 120)
+        op = final(c, c.snapshot_instance(CTX, b.guest.uuid, [vid], api.Quiesce.NONE), 120)
         assert op.state is api.OperationState.SUCCEEDED, op.error
         cbed.live[vid].append(op.result["snapshots"][0]["snapshot_id"])
     # alternate the newest (active commit + pivot) and an inner one (commit)

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import select
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,10 +12,10 @@ import pytest
 from hostagent.config import make_conf
 from hostagent.rpc import contract as api
 from hostagent.rpc.client import AgentAPI, get_transport
-from tests.functional.hostagent.stub_agent import INSTANCE, VOL_BUSY, VOL_CRASH, VOL_OK
+from testbed.service import Service
+from testbed.stub_agent import INSTANCE, VOL_BUSY, VOL_CRASH, VOL_OK, start_stub_agent
 
 pytestmark = pytest.mark.functional
-ROOT = Path(__file__).resolve().parents[3]
 HOST = "stub-host-1"
 SNAP = "55555555-5555-4555-8555-555555555555"
 NEW_FILE = f"volume-{VOL_OK}.{SNAP}"
@@ -34,39 +29,11 @@ def rabbit(rabbitmq: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def agent_proc(rabbit: Any) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.functional.hostagent.stub_agent",
-            "--transport-url",
-            rabbit.transport_url,
-            "--host",
-            HOST,
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    deadline = time.monotonic() + 60
-    line = ""
-    assert proc.stdout is not None
-    while time.monotonic() < deadline and proc.poll() is None:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if ready:
-            line = proc.stdout.readline()
-            if line.strip() == "READY":
-                break
-    if line.strip() != "READY":
-        proc.kill()
-        err = proc.stderr.read() if proc.stderr else ""
-        pytest.fail(f"stub agent did not start: {err[-2000:]}")
-    yield proc
-    proc.terminate()
-    assert proc.wait(timeout=30) == 0
+def agent_proc(rabbit: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    logdir = tmp_path_factory.mktemp("rpc")
+    svc = start_stub_agent(logdir, rabbit.transport_url, HOST, timeout=60)
+    yield svc
+    assert svc.stop(30) == 0, svc.tail()
 
 
 @pytest.fixture(scope="module")

@@ -21,22 +21,9 @@ import pytest
 
 import libvirt_ops as lo
 from testbed.disks import fsck_clean, image_sha256, read_guest_file
-from tests.functional.libvirt_ops.merge_helpers import (
-    backing_name,
-    qemu_img_check,
-    snapshot_disk,
-)
+from testbed.layers import backing_name, live_paths, qemu_img_check, real, snapshot_disk
 
 pytestmark = pytest.mark.functional
-
-
-def _chain(g: Any) -> tuple[str, ...]:
-    disk = lo.find_disk(g.dom, volume_id=g.disks[0].volume_id)
-    return tuple(os.path.realpath(layer.path) for layer in disk.chain)
-
-
-def _real(*paths: Path) -> tuple[str, ...]:
-    return tuple(os.path.realpath(p) for p in paths)
 
 
 def _drop_caches(g: Any) -> None:
@@ -74,14 +61,14 @@ def test_delete_middle_pull_newest(guest: Any, share: Any) -> None:
     base = g.disks[0].path
     (s1, s2, s3, s4), files = _layered(g, 4)
     g.start_writers()
-    assert _chain(g) == _real(s4, s3, s2, s1, base)
+    assert live_paths(g) == real(s4, s3, s2, s1, base)
 
     # Delete a middle snapshot: commit S2 into S1. S3's view is not written by the guest,
     # so its checksum must be identical before and after, while the guest keeps writing.
     ref = image_sha256(s3, "qcow2")
     res = lo.commit(g.conn, g.dom, vol, top=s2.name, roots=roots)
-    assert res.kind is lo.MergeKind.COMMIT and res.merged_away == _real(s2)
-    assert _chain(g) == res.chain_after == _real(s4, s3, s1, base)
+    assert res.kind is lo.MergeKind.COMMIT and res.merged_away == real(s2)
+    assert live_paths(g) == res.chain_after == real(s4, s3, s1, base)
     assert s2.exists()
     assert backing_name(s3) == s1.name
     assert image_sha256(s3, "qcow2") == ref
@@ -90,15 +77,15 @@ def test_delete_middle_pull_newest(guest: Any, share: Any) -> None:
 
     # Rebase the active layer onto S1, pulling S3's data into it.
     res = lo.pull(g.conn, g.dom, "vda", base=s1.name, roots=roots)
-    assert res.kind is lo.MergeKind.PULL and res.merged_away == _real(s3)
-    assert _chain(g) == _real(s4, s1, base)
+    assert res.kind is lo.MergeKind.PULL and res.merged_away == real(s3)
+    assert live_paths(g) == real(s4, s1, base)
     assert s3.exists() and backing_name(s4) == s1.name
     _assert_guest_files(g, files)
 
     # Delete the newest: active commit of S4 into S1 and pivot.
     res = lo.active_commit(g.conn, g.dom, vol, roots=roots)
-    assert res.kind is lo.MergeKind.ACTIVE_COMMIT and res.merged_away == _real(s4)
-    assert _chain(g) == _real(s1, base)
+    assert res.kind is lo.MergeKind.ACTIVE_COMMIT and res.merged_away == real(s4)
+    assert live_paths(g) == real(s1, base)
     assert res.job_bytes is not None and res.job_bytes > 0
     assert s4.exists() and backing_name(s1) == base.name
     qemu_img_check(base)
@@ -118,7 +105,7 @@ def test_delete_middle_pull_newest(guest: Any, share: Any) -> None:
     assert g.dom.fsFreeze() == 2
     ref = image_sha256(s5, "qcow2")
     res = lo.active_commit(g.conn, g.dom, vol, roots=roots)
-    assert res.chain_after == _real(s1, base)
+    assert res.chain_after == real(s1, base)
     assert image_sha256(s1, "qcow2") == ref
     g.destroy()
     assert image_sha256(s1, "qcow2") == ref
@@ -167,7 +154,7 @@ def test_failure_busy_and_cancel(guest: Any, share: Any) -> None:
     base = g.disks[0].path
     (s1, s2), files = _layered(g, 2, kib=2048)
     g.start_writers()
-    before = _chain(g)
+    before = live_paths(g)
 
     # A commit whose target QEMU cannot open for writing fails, and is reported as such.
     mode = base.stat().st_mode
@@ -177,7 +164,7 @@ def test_failure_busy_and_cancel(guest: Any, share: Any) -> None:
             lo.commit(g.conn, g.dom, vol, top=s1.name, roots=roots)
     finally:
         base.chmod(mode & 0o7777)
-    assert _chain(g) == before
+    assert live_paths(g) == before
     assert not g.dom.blockJobInfo("vda", 0)
 
     # A job started by somebody else (plain libvirt) makes the disk busy at once.
@@ -194,7 +181,7 @@ def test_failure_busy_and_cancel(guest: Any, share: Any) -> None:
             lo.active_commit(g.conn, g.dom, vol, roots=roots)
     finally:
         g.dom.blockJobAbort("vda", 0)
-    assert _chain(g) == before
+    assert live_paths(g) == before
 
     # Our own slow job: a second request is refused at once, then cancel ends the first.
     token = lo.CancelToken()
@@ -216,12 +203,12 @@ def test_failure_busy_and_cancel(guest: Any, share: Any) -> None:
     assert isinstance(out.get("error"), lo.BlockJobFailed), out
     assert "CANCELED" in str(out["error"])
     assert seen and all(0 <= cur <= end for cur, end in seen)
-    assert _chain(g) == before
+    assert live_paths(g) == before
     assert not g.dom.blockJobInfo("vda", 0)
 
     # The disk is free again and the same merge now succeeds.
     res = lo.commit(g.conn, g.dom, vol, top=s1.name, roots=roots)
-    assert res.chain_after == _real(s2, base)
+    assert res.chain_after == real(s2, base)
     _assert_guest_files(g, files)
     g.stop_writers()
     assert g.records("/data").clean
@@ -255,8 +242,8 @@ def test_libvirtd_restart_during_commit(guest: Any, share: Any, libvirt_host: An
     assert not t.is_alive()
     assert "error" not in out, out
     res = out["result"]
-    assert res.chain_after == _real(s2, base) == _chain(g)
-    assert res.merged_away == _real(s1)
+    assert res.chain_after == real(s2, base) == live_paths(g)
+    assert res.merged_away == real(s1)
     assert backing_name(s2) == base.name
     qemu_img_check(base)
     _assert_guest_files(g, files)

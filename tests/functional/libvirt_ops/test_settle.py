@@ -12,41 +12,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import libvirt
 import pytest
 
 import libvirt_ops as lo
-from tests.functional.libvirt_ops.merge_helpers import backing_name, qemu_img_check, snapshot_disk
+from testbed.guest import GuestFactory
+from testbed.layers import backing_name, live_paths, qemu_img_check, real, snapshot_disk
+from testbed.shares import DirShare
 
 pytestmark = pytest.mark.functional
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def one_guest(libvirt_host: Any, guest_image: Any) -> Iterator[tuple[Any, Any]]:
-    from testbed.guest import GuestFactory
-    from testbed.shares import DirShare
-
-    share = DirShare()
-    factory = GuestFactory(libvirt_host.connection, guest_image, lambda: share.new_dir("settle"))
-    try:
-        yield factory(ndisks=1, share=share), share
-    finally:
-        factory.close()
-        share.close()
-
-
-def _chain(g: Any) -> tuple[str, ...]:
-    disk = lo.find_disk(g.dom, volume_id=g.disks[0].volume_id)
-    return tuple(os.path.realpath(layer.path) for layer in disk.chain)
-
-
-def _real(*paths: Path) -> tuple[str, ...]:
-    return tuple(os.path.realpath(p) for p in paths)
 
 
 def _dirty(g: Any, mib: int) -> None:
@@ -54,8 +31,8 @@ def _dirty(g: Any, mib: int) -> None:
     g.check(["sh", "-c", f"dd if=/dev/urandom of=/data/blob bs=1M count={mib} 2>&1; sync"], 60)
 
 
-def test_settle_jobs_a_dead_process_left(one_guest: tuple[Any, Any]) -> None:
-    g, share = one_guest
+def test_settle_jobs_a_dead_process_left(dir_guests: GuestFactory, dir_share: DirShare) -> None:
+    g, share = dir_guests(ndisks=1), dir_share
     conn, dom, vol = g.conn, g.dom, g.disks[0].volume_id
     roots = [str(share.root)]
     base = g.disks[0].path
@@ -64,7 +41,7 @@ def test_settle_jobs_a_dead_process_left(one_guest: tuple[Any, Any]) -> None:
     # 1. an idle disk: nothing found, nothing done
     idle = lo.settle_block_job(conn, dom, vol, timeout=30, roots=roots)
     assert idle.found is None and idle.end is None and not idle.pivoted
-    assert idle.chain_after == idle.chain_before == _real(base)
+    assert idle.chain_after == idle.chain_before == real(base)
 
     # 2. an active commit started and abandoned at once (not READY yet, or just READY)
     s1 = snapshot_disk(dom, "vda", vol)
@@ -76,8 +53,8 @@ def test_settle_jobs_a_dead_process_left(one_guest: tuple[Any, Any]) -> None:
     res = lo.settle_block_job(conn, dom, "vda", timeout=120, roots=roots)
     assert res.found is lo.JobType.ACTIVE_COMMIT and res.pivoted
     assert res.end is lo.JobEnd.COMPLETED
-    assert res.chain_before == _real(s1, base) and res.chain_after == _real(base)
-    assert _chain(g) == _real(base) and not dom.blockJobInfo("vda", 0)
+    assert res.chain_before == real(s1, base) and res.chain_after == real(base)
+    assert live_paths(g) == real(base) and not dom.blockJobInfo("vda", 0)
     qemu_img_check(base)
 
     # 3. an active commit abandoned long after READY (libvirt mirrors forever): pivoted
@@ -96,7 +73,7 @@ def test_settle_jobs_a_dead_process_left(one_guest: tuple[Any, Any]) -> None:
     assert dom.blockJobInfo("vda", 0), "a READY active commit must still be there"
     res = lo.settle_block_job(conn, dom, vol, timeout=120, roots=roots)
     assert res.found is lo.JobType.ACTIVE_COMMIT and res.pivoted
-    assert res.chain_before == _real(s2, base) and _chain(g) == _real(base)
+    assert res.chain_before == real(s2, base) and live_paths(g) == real(base)
     assert os.path.exists(s2), "settle never deletes files"
 
     # 4. a plain commit of an inner layer, throttled so it is still running when settled
@@ -113,15 +90,15 @@ def test_settle_jobs_a_dead_process_left(one_guest: tuple[Any, Any]) -> None:
     res = lo.settle_block_job(conn, dom, vol, timeout=120, roots=roots)
     assert res.found is lo.JobType.COMMIT and not res.pivoted
     assert res.end in (lo.JobEnd.COMPLETED, lo.JobEnd.VANISHED)
-    assert res.chain_before == _real(s4, s3, base)
-    assert res.chain_after == _real(s4, base) == _chain(g)
+    assert res.chain_before == real(s4, s3, base)
+    assert res.chain_after == real(s4, base) == live_paths(g)
     assert backing_name(s4) == base.name, "backing name must stay a plain relative basename"
     qemu_img_check(s4)
     qemu_img_check(base)
 
     # 5. the disk takes new jobs again, and the guest never noticed
     merged = lo.active_commit(conn, dom, vol, roots=roots)
-    assert merged.chain_after == _real(base)
+    assert merged.chain_after == real(base)
     g.stop_writers()
     log = g.records("/data")
     assert log.clean and log.count > 100, log.problems

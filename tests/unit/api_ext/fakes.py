@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from api_ext import auth
+from api_ext.app import ApiApp
+from api_ext.config import make_conf
+from api_ext.router import Router
 from hostagent.rpc import contract as api
 
 VOL = "11111111-1111-4111-8111-111111111111"
@@ -278,3 +283,28 @@ def backup(backup_id: str, volume_id: str, created: str, **over: Any) -> dict[st
         "checkpoint": None,
         **over,
     }
+
+
+def wrapped_app(
+    agents: Callable[[str], Any],
+    tmp: Path,
+    routes: Mapping[str, tuple[str, str]],
+    *,
+    roles: list[str] | None = None,
+    max_body: int = 65536,
+    generation: int = 1,
+) -> Any:
+    """The real ApiApp behind ``auth.wrap`` (noauth, no policy file, ``roles`` as the noauth
+    roles when given); its router knows ``routes``: host -> (volume id, instance uuid)."""
+    overrides: dict[str, Any] = {
+        "api.auth_strategy": "noauth",
+        "api.policy_file": str(tmp / "none.yaml"),
+    }
+    if roles is not None:
+        overrides["api.noauth_roles"] = roles
+    conf = make_conf(overrides=overrides)
+    router = Router()
+    for host, (volume, instance) in routes.items():
+        router.update(host, [{"volume_id": volume, "instance_uuid": instance}], generation)
+    inner = ApiApp(router, agents, auth.make_enforcer(conf), max_body=max_body)
+    return auth.wrap(inner, conf)

@@ -17,6 +17,7 @@ from api_ext.config import make_conf
 from api_ext.router import Router
 from hostagent.rpc import contract as api
 from hostagent.rpc.client import om
+from tests.unit.api_ext.fakes import wrapped_app
 
 VOL = "11111111-1111-4111-8111-111111111111"
 SNAP = "55555555-5555-4555-8555-555555555555"
@@ -77,19 +78,12 @@ def agent() -> FakeAgent:
 
 @pytest.fixture
 def app(agent: FakeAgent, tmp_path: Any) -> webtest.TestApp:
-    conf = make_conf(
-        overrides={"api.auth_strategy": "noauth", "api.policy_file": str(tmp_path / "none.yaml")}
-    )
-    router = Router()
-    vol = {"volume_id": VOL, "instance_uuid": INST}
-    router.update("host-a", [vol], 3)
-
     def agents(host: str) -> FakeAgent:
         assert host == "host-a"
         return agent
 
-    inner = ApiApp(router, agents, auth.make_enforcer(conf), max_body=4096)
-    return webtest.TestApp(auth.wrap(inner, conf))
+    routes = {"host-a": (VOL, INST)}
+    return webtest.TestApp(wrapped_app(agents, tmp_path, routes, max_body=4096, generation=3))
 
 
 def _create_body(**info: object) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from tests.unit.api_ext.fakes import (
     BackupNotFound,
     FakeAgent,
     backup,
+    wrapped_app,
 )
 from tests.unit.api_ext.fakes import op as make_op
 
@@ -46,14 +47,8 @@ def agents() -> dict[str, FakeAgent]:
 
 @pytest.fixture
 def app(agents: dict[str, FakeAgent], tmp_path: Any) -> webtest.TestApp:
-    conf = make_conf(
-        overrides={"api.auth_strategy": "noauth", "api.policy_file": str(tmp_path / "none.yaml")}
-    )
-    router = Router()
-    router.update("host-a", [{"volume_id": VOL, "instance_uuid": INST}], 1)
-    router.update("host-b", [{"volume_id": VOL2, "instance_uuid": OTHER_INST}], 1)
-    inner = ApiApp(router, agents.__getitem__, auth.make_enforcer(conf), max_body=1024)
-    return webtest.TestApp(auth.wrap(inner, conf))
+    routes = {"host-a": (VOL, INST), "host-b": (VOL2, OTHER_INST)}
+    return webtest.TestApp(wrapped_app(agents.__getitem__, tmp_path, routes, max_body=1024))
 
 
 def _calls(agents: dict[str, FakeAgent]) -> list[tuple[str, str, Any]]:

@@ -5,93 +5,29 @@ from __future__ import annotations
 
 import io
 import json
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from cheroot import wsgi
 
 from api_ext import _cli_output as output
-from api_ext import auth, cli
-from api_ext.app import ApiApp
-from api_ext.config import make_conf
-from api_ext.router import Router
+from api_ext import cli
 from hostagent.rpc import contract as api
+from tests.unit.api_ext.cli_harness import Server, run
 from tests.unit.api_ext.fakes import INST, SNAP, VOL, VOL2, FakeAgent, op
+
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 class SnapshotNotFound(api.AgentRpcError):
     """Stands in for RPC 1.1's api.SnapshotNotFound (the API maps it by name)."""
 
 
-class Server:
-    def __init__(self, agents: dict[str, FakeAgent], roles: list[str], tmp: Any) -> None:
-        conf = make_conf(
-            overrides={
-                "api.auth_strategy": "noauth",
-                "api.noauth_roles": roles,
-                "api.policy_file": str(tmp / "none.yaml"),
-            }
-        )
-        router = Router()
-        router.update("host-a", [{"volume_id": VOL, "instance_uuid": INST}], 1)
-        router.update("host-b", [{"volume_id": VOL2, "instance_uuid": INST}], 1)
-        app = ApiApp(router, agents.__getitem__, auth.make_enforcer(conf))
-        self._server = wsgi.Server(("127.0.0.1", 0), auth.wrap(app, conf), numthreads=4)
-        self._server.prepare()
-        self._thread = threading.Thread(target=self._server.serve, daemon=True)
-        self._thread.start()
-        self.url = f"http://127.0.0.1:{self._server.bind_addr[1]}"
-
-    def stop(self) -> None:
-        self._server.stop()
-        self._thread.join(timeout=10)
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for key in list(os.environ):
-        if key.startswith("OS_") or key == "QSNAP_URL":
-            monkeypatch.delenv(key)
-
-
-_AGENTS: dict[str, FakeAgent] = {}
-
-
 @pytest.fixture
-def agents() -> dict[str, FakeAgent]:
+def agents(cli_agents: dict[str, FakeAgent]) -> dict[str, FakeAgent]:
     """Fresh fake agents per test, behind the module's one server."""
-    _AGENTS.clear()
-    _AGENTS.update({"host-a": FakeAgent("host-a"), "host-b": FakeAgent("host-b")})
-    return _AGENTS
-
-
-@pytest.fixture(scope="module")
-def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(_AGENTS, ["admin"], tmp_path_factory.mktemp("cli"))
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def server(module_server: Server, agents: dict[str, FakeAgent]) -> Server:
-    return module_server
-
-
-class Tty(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def run(server: Server | str, *args: str, tty: bool = False) -> tuple[int, str, str]:
-    url = server if isinstance(server, str) else server.url
-    out, err = io.StringIO(), Tty() if tty else io.StringIO()
-    argv = ["--os-auth-type", "none", "--os-endpoint", url, *args]
-    rc = cli.main(argv, stdout=out, stderr=err)
-    return rc, out.getvalue(), err.getvalue()
+    cli_agents.clear()
+    cli_agents.update({"host-a": FakeAgent("host-a"), "host-b": FakeAgent("host-b")})
+    return cli_agents
 
 
 def _seed(agents: dict[str, FakeAgent]) -> None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from api_ext import cli
 from hostagent.rpc import contract as api
+from tests.unit.api_ext.cli_harness import Server, run
 from tests.unit.api_ext.fakes import (
     BK1,
     BK2,
@@ -26,40 +25,20 @@ from tests.unit.api_ext.fakes import (
     kind_of,
     op,
 )
-from tests.unit.api_ext.test_cli import Server, run
 
-_AGENTS: dict[str, FakeAgent] = {}
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("OS_") or key == "QSNAP_URL":
-            monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 @pytest.fixture
-def agents() -> dict[str, FakeAgent]:
-    _AGENTS.clear()
-    _AGENTS.update({"host-a": FakeAgent("host-a"), "host-b": FakeAgent("host-b")})
-    for agent in _AGENTS.values():
+def agents(cli_agents: dict[str, FakeAgent]) -> dict[str, FakeAgent]:
+    cli_agents.clear()
+    cli_agents.update({"host-a": FakeAgent("host-a"), "host-b": FakeAgent("host-b")})
+    for agent in cli_agents.values():
         agent.backups = [
             backup(BK1, VOL, "2025-01-02T00:00:00+00:00"),
             backup(BK2, VOL, "2025-01-03T00:00:00+00:00", incremental=True, parent=BK1),
         ]
-    return _AGENTS
-
-
-@pytest.fixture(scope="module")
-def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(_AGENTS, ["admin"], tmp_path_factory.mktemp("cli-backup"))
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def server(module_server: Server, agents: dict[str, FakeAgent]) -> Server:
-    return module_server
+    return cli_agents
 
 
 def _rows(out: str) -> dict[str, str]:

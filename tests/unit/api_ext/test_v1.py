@@ -8,13 +8,19 @@ from typing import Any
 import pytest
 import webtest
 
-from api_ext import auth
-from api_ext.app import ApiApp
-from api_ext.config import make_conf
-from api_ext.router import Router
 from hostagent.rpc import contract as api
 from hostagent.rpc.client import om
-from tests.unit.api_ext.fakes import ADMIN, INST, SERVICE, SNAP, VOL, VOL2, FakeAgent, op
+from tests.unit.api_ext.fakes import (
+    ADMIN,
+    INST,
+    SERVICE,
+    SNAP,
+    VOL,
+    VOL2,
+    FakeAgent,
+    op,
+    wrapped_app,
+)
 
 DELETE_URL = f"/v1/volumes/{VOL}/snapshots/{SNAP}"
 
@@ -30,14 +36,8 @@ def agents() -> dict[str, FakeAgent]:
 
 @pytest.fixture
 def app(agents: dict[str, FakeAgent], tmp_path: Any) -> webtest.TestApp:
-    conf = make_conf(
-        overrides={"api.auth_strategy": "noauth", "api.policy_file": str(tmp_path / "none.yaml")}
-    )
-    router = Router()
-    router.update("host-a", [{"volume_id": VOL, "instance_uuid": INST}], 1)
-    router.update("host-b", [{"volume_id": VOL2, "instance_uuid": INST}], 1)
-    inner = ApiApp(router, agents.__getitem__, auth.make_enforcer(conf))
-    return webtest.TestApp(auth.wrap(inner, conf))
+    routes = {"host-a": (VOL, INST), "host-b": (VOL2, INST)}
+    return webtest.TestApp(wrapped_app(agents.__getitem__, tmp_path, routes))
 
 
 def _seed(agents: dict[str, FakeAgent]) -> None:

@@ -1,6 +1,6 @@
-"""``python -m tests.functional.backup.runner URI DOMAIN VOLUME REPO JOURNAL``: one online
-backup in its own process, slowed down in the read phase (``reading`` printed first) so the
-test can kill -9 it mid-backup. Test-side code: the product has no slow mode.
+"""``python -m tests.functional.hostagent.backup.runner URI DOMAIN VOLUME REPO JOURNAL``:
+one online backup in its own process, slowed down in the read phase (``reading`` printed
+first) so the test can kill -9 it mid-backup. Test-side code: the product has no slow mode.
 """
 
 from __future__ import annotations

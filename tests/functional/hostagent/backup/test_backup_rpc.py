@@ -16,51 +16,35 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import libvirt_ops as lo
 from hostagent.journal.store import Journal
 from hostagent.rpc import contract as api
 from testbed.disks import fsck_clean, read_guest_file
 from testbed.guest import GuestFactory
+from testbed.layers import allocated
 from testbed.records import parse_records
 from testbed.shares import DirShare
-from tests.functional.backup.agent_proc import AgentProcess
-from tests.functional.backup.test_online_backup import _allocated
+from tests.functional.hostagent.backup.backup_agent import BackupAgent
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(900)]
 MiB = 1 << 20
-ROOT = Path(__file__).resolve().parents[3]
 CTX: dict[str, Any] = {"request_id": "req-backup-rpc"}
 BANDWIDTH_MIB = 4
 
 
-@pytest.fixture(scope="module")
-def guest(libvirt_host: Any, guest_image: Any) -> Iterator[tuple[Any, DirShare]]:
-    share = DirShare()
-    factory = GuestFactory(libvirt_host.connection, guest_image, lambda: share.new_dir("bk"))
-    try:
-        yield factory(ndisks=2, size_mib=256, share=share), share
-    finally:
-        factory.close()
-        share.close()
-
-
-def _chain(g: Any, vid: str) -> list[str]:
-    return [os.path.basename(x.path) for x in lo.find_disk(g.dom, volume_id=vid).chain]
-
-
-def test_backup_rpc_lifecycle(guest: Any, rabbitmq: Any, bed_dir: Path) -> None:
-    g, share = guest
+def test_backup_rpc_lifecycle(
+    dir_guests: GuestFactory, dir_share: DirShare, rabbitmq: Any, bed_dir: Path
+) -> None:
+    g = dir_guests(ndisks=2, size_mib=256)
     v1, v2 = (d.volume_id for d in g.disks[:2])
-    base = {v: _chain(g, v) for v in (v1, v2)}
-    agent = AgentProcess(
-        share.root, rabbitmq, bed_dir, workers=4, max_parallel=2,
-        backup=f"bandwidth_mib = {BANDWIDTH_MIB}\n",
+    base = {v: g.chain(v) for v in (v1, v2)}
+    agent = BackupAgent(
+        dir_share.root, rabbitmq, bed_dir, workers=4, max_parallel=2,
+        backup={"bandwidth_mib": BANDWIDTH_MIB},
     )  # fmt: skip
     agent.start()
     try:
@@ -70,7 +54,7 @@ def test_backup_rpc_lifecycle(guest: Any, rabbitmq: Any, bed_dir: Path) -> None:
 
 
 def _walk(
-    agent: AgentProcess, g: Any, v1: str, v2: str, base: dict[str, list[str]], d: Path
+    agent: BackupAgent, g: Any, v1: str, v2: str, base: dict[str, list[str]], d: Path
 ) -> None:
     a = agent.api
     # 1. the whole instance while the guest writes: both volumes, in parallel, checkpointed
@@ -87,7 +71,7 @@ def _walk(
         vols = [s for s in j.steps(uuid.UUID(op.id)) if s.name == "volume"]
     assert len(vols) == 2 and max(s.created_at for s in vols) < min(s.updated_at for s in vols)
     for v in (v1, v2):
-        assert _chain(g, v) == [first[v]["checkpoint"], *base[v]]
+        assert g.chain(v) == [first[v]["checkpoint"], *base[v]]
 
     # 2. a known change on v1, then an incremental: reads about what changed
     g.stop_writers()
@@ -95,7 +79,7 @@ def _walk(
     mnt = g.disks[0].mountpoint
     g.check(["sh", "-c", f"dd if=/dev/urandom of={mnt}/blob bs=1M count=16 conv=fsync 2>&1"])
     g.check(["sync"])
-    changed = _allocated(k1)
+    changed = allocated(k1)
     op = agent.wait(a.create_backup(CTX, volume_ids=[v1], instance_uuid=None, incremental=True))
     assert op.state is api.OperationState.SUCCEEDED, op.error
     (inc,) = op.result["backups"]
@@ -168,7 +152,7 @@ def _walk(
     assert cop.state is api.OperationState.SUCCEEDED, cop.error
     names = [s["name"] for s in cop.result["steps"]]
     assert names[:3] == ["release_checkpoint", "validate", "snapshot"]
-    assert _chain(g, v2) == [new_file, *base[v2]]
+    assert g.chain(v2) == [new_file, *base[v2]]
     assert not (Path(g.dir) / first[v2]["checkpoint"]).exists()
     with pytest.raises(api.NotCancellable, match="create_assisted_snapshot operation"):
         a.cancel_operation(CTX, cop.id)
@@ -177,9 +161,9 @@ def _walk(
     g.check(["sh", "-c", f"echo after > {g.disks[1].mountpoint}/after; sync"])
 
 
-def _cancel_mid_read(agent: AgentProcess, g: Any, vid: str) -> None:
+def _cancel_mid_read(agent: BackupAgent, g: Any, vid: str) -> None:
     a, mnt = agent.api, g.disks[0].mountpoint
-    before = _chain(g, vid)
+    before = g.chain(vid)
     files = sorted(os.listdir(g.dir))
     g.check(["sh", "-c", f"dd if=/dev/urandom of={mnt}/big bs=1M count=16 conv=fsync 2>&1"])
     g.start_writers(interval_ms=10, mounts=[mnt])
@@ -200,7 +184,7 @@ def _cancel_mid_read(agent: AgentProcess, g: Any, vid: str) -> None:
     assert os.listdir(agent.repo / "inprogress") == []  # no running/partial marker
     temps = [f for _, _, fs in os.walk(agent.repo / "chunks") for f in fs if f.startswith(".")]
     assert temps == []
-    assert _chain(g, vid) == before  # the temporary overlay was merged away
+    assert g.chain(vid) == before  # the temporary overlay was merged away
     assert sorted(os.listdir(g.dir)) == files  # and no qsnap-bk file is left behind
     listed = a.list_operations(CTX, api.OperationFilters(state=api.OperationState.CANCELLED))
     assert op.id in [o.id for o in listed]  # (its volume's own op may show cancelled too)

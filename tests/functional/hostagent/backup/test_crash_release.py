@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,26 +31,10 @@ from hostagent.rpc.client import AgentAPI
 from hostagent.rpc.messaging import messaging
 from testbed.guest import GuestFactory
 from testbed.shares import DirShare
-from tests.functional.backup.agent_proc import AgentProcess
+from tests.functional.hostagent.backup.backup_agent import BackupAgent
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(900)]
-ROOT = Path(__file__).resolve().parents[3]
 CTX: dict[str, Any] = {"request_id": "req-crash-release"}
-
-
-@pytest.fixture(scope="module")
-def guest(libvirt_host: Any, guest_image: Any) -> Iterator[tuple[Any, DirShare]]:
-    share = DirShare()
-    factory = GuestFactory(libvirt_host.connection, guest_image, lambda: share.new_dir("cr"))
-    try:
-        yield factory(ndisks=1, share=share), share
-    finally:
-        factory.close()
-        share.close()
-
-
-def _live(g: Any, vid: str) -> list[str]:
-    return [os.path.basename(x.path) for x in lo.find_disk(g.dom, volume_id=vid).chain]
 
 
 def _headers(path: Path) -> list[str]:
@@ -63,7 +46,7 @@ def _headers(path: Path) -> list[str]:
     return [os.path.basename(i["filename"]) for i in json.loads(out)]
 
 
-def _backup(agent: AgentProcess, vid: str) -> dict[str, Any]:
+def _backup(agent: BackupAgent, vid: str) -> dict[str, Any]:
     op = agent.wait(agent.api.create_backup(CTX, volume_ids=[vid], instance_uuid=None,
                                             incremental=True))  # fmt: skip
     assert op.state is api.OperationState.SUCCEEDED, op.error
@@ -71,7 +54,7 @@ def _backup(agent: AgentProcess, vid: str) -> dict[str, Any]:
     return dict(res)
 
 
-def _create(agent: AgentProcess, g: Any, base: str, snap: str) -> tuple[str, dict[str, Any]]:
+def _create(agent: BackupAgent, g: Any, base: str, snap: str) -> tuple[str, dict[str, Any]]:
     """An assisted create as Cinder sends it: new_file pre-created on Cinder's active file."""
     new_file = f"volume-{g.disks[0].volume_id}.{snap}"
     path = Path(g.dir) / new_file
@@ -84,7 +67,7 @@ def _create(agent: AgentProcess, g: Any, base: str, snap: str) -> tuple[str, dic
     return new_file, {"snapshot_id": snap, "type": "qcow2", "new_file": new_file}
 
 
-def _send_and_die(agent: AgentProcess, vid: str, info: dict[str, Any]) -> None:
+def _send_and_die(agent: BackupAgent, vid: str, info: dict[str, Any]) -> None:
     quick = AgentAPI(agent.transport, agent.host, timeout=10)
     with contextlib.suppress(messaging().MessagingTimeout):  # died before its reply
         quick.create_assisted_snapshot(CTX, vid, info)
@@ -94,26 +77,26 @@ def _send_and_die(agent: AgentProcess, vid: str, info: dict[str, Any]) -> None:
 def _check_healed(g: Any, vid: str, base: str, overlay: str, records_before: int) -> None:
     dom = g.dom
     assert not dom.blockJobInfo(g.disks[0].target, 0), "a block job is left on the disk"
-    assert _live(g, vid) == [base] == _headers(Path(g.dir) / base)
+    assert g.chain(vid) == [base] == _headers(Path(g.dir) / base)
     assert not (Path(g.dir) / overlay).exists(), f"{overlay} left on the share"
     log = g.records(g.disks[0].mountpoint)
     assert log.clean and log.count > records_before, log.problems
 
 
 def test_kill_during_release_heals_after_restart(
-    guest: tuple[Any, DirShare], rabbitmq: Any, bed_dir: Path
+    dir_guests: GuestFactory, dir_share: DirShare, rabbitmq: Any, bed_dir: Path
 ) -> None:
-    g, share = guest
+    g, share = dir_guests(ndisks=1), dir_share
     vid = g.disks[0].volume_id
-    base = _live(g, vid)[0]
+    base = g.chain(vid)[0]
     mnt = g.disks[0].mountpoint
-    agent = AgentProcess(share.root, rabbitmq, bed_dir)
+    agent = BackupAgent(share.root, rabbitmq, bed_dir)
     try:
         g.start_writers(interval_ms=10)
         agent.start()
         first = _backup(agent, vid)
         k1 = first["checkpoint"]
-        assert _live(g, vid) == [k1, base]
+        assert g.chain(vid) == [k1, base]
         agent.stop()
 
         # 1. killed with the release's active commit running: libvirt keeps it READY forever
@@ -123,7 +106,7 @@ def test_kill_during_release_heals_after_restart(
         _send_and_die(agent, vid, info)
         job = g.dom.blockJobInfo(g.disks[0].target, 0)
         assert job and job["type"] == lo.JobType.ACTIVE_COMMIT, f"no job left: {job}"
-        assert _live(g, vid)[0] == k1
+        assert g.chain(vid)[0] == k1
         n0 = g.records(mnt).count
         agent.start()
         _check_healed(g, vid, base, k1, n0)
@@ -133,13 +116,13 @@ def test_kill_during_release_heals_after_restart(
         rel = steps["release_checkpoint"]
         assert rel["state"] == "done" and rel["data"]["recovered"] is True
         assert rel["data"]["job"]["found"] == "ACTIVE_COMMIT" and rel["data"]["job"]["pivoted"]
-        assert "snapshot" not in steps and new_file not in _live(g, vid)
+        assert "snapshot" not in steps and new_file not in g.chain(vid)
 
         # 2. the next backup works and says the checkpoint is gone (full read, deduplicated)
         second = _backup(agent, vid)
         assert "no longer the live top" in (second["fallback_reason"] or ""), second
         k2 = second["checkpoint"]
-        assert _live(g, vid) == [k2, base]
+        assert g.chain(vid) == [k2, base]
         agent.stop()
 
         # 3. killed right after journaling the release (nothing started): checkpoint kept
@@ -151,7 +134,7 @@ def test_kill_during_release_heals_after_restart(
         assert op.state is api.OperationState.FAILED
         rel = next(s for s in op.result["steps"] if s["name"] == "release_checkpoint")
         assert rel["state"] == "undone"
-        assert _live(g, vid) == [k2, base] == _headers(Path(g.dir) / k2)
+        assert g.chain(vid) == [k2, base] == _headers(Path(g.dir) / k2)
         assert not g.dom.blockJobInfo(g.disks[0].target, 0)
         agent.stop()
 
@@ -169,11 +152,11 @@ def test_kill_during_release_heals_after_restart(
         new4, info4 = _create(agent, g, base, str(uuid.uuid4()))
         op = agent.wait(agent.api.create_assisted_snapshot(CTX, vid, info4))
         assert op.state is api.OperationState.SUCCEEDED, op.error
-        assert _live(g, vid) == [new4, base] == _headers(Path(g.dir) / new4)
+        assert g.chain(vid) == [new4, base] == _headers(Path(g.dir) / new4)
         third = _backup(agent, vid)
         assert third["checkpoint"] and "no longer the live top" in (third["fallback_reason"] or "")
         k3 = third["checkpoint"]
-        assert _live(g, vid) == [k3, new4, base]
+        assert g.chain(vid) == [k3, new4, base]
         agent.stop()
 
         # 6. an instance snapshot (agent-owned, resumed in the pool) killed mid-release
@@ -192,15 +175,15 @@ def test_kill_during_release_heals_after_restart(
         rel = next(s for s in iop.result["steps"] if s["name"] == "release_checkpoint")
         assert rel["state"] == "done" and rel["data"]["job"]["pivoted"] is True
         assert not g.dom.blockJobInfo(g.disks[0].target, 0)
-        assert _live(g, vid) == [new4, base] == _headers(Path(g.dir) / new4)
+        assert g.chain(vid) == [new4, base] == _headers(Path(g.dir) / new4)
         assert not (Path(g.dir) / k3).exists()
         assert not (Path(g.dir) / f"volume-{vid}.info").exists(), "no ledger for a failed one"
         # ... and the same request again succeeds; the agent's ledger matches the live chain
         iop = agent.wait(agent.api.snapshot_instance(CTX, g.uuid, [vid]))
         assert iop.state is api.OperationState.SUCCEEDED, iop.error
-        top = _live(g, vid)[0]
+        top = g.chain(vid)[0]
         ledger = json.loads((Path(g.dir) / f"volume-{vid}.info").read_text())
-        assert ledger["active"] == top and _live(g, vid) == [top, new4, base]
+        assert ledger["active"] == top and g.chain(vid) == [top, new4, base]
         assert _headers(Path(g.dir) / top) == [top, new4, base]
         g.stop_writers()
         log = g.records(mnt)

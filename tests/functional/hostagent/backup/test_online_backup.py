@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,26 +36,12 @@ from hostagent.journal.model import OperationKind, OperationState
 from hostagent.journal.store import Journal
 from testbed.disks import fsck_clean, image_sha256, read_guest_file
 from testbed.guest import GuestFactory
+from testbed.layers import allocated
 from testbed.records import parse_records
+from testbed.service import REPO
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(900)]
 MiB = 1 << 20
-ROOT = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="module")
-def guest(libvirt_host: Any, guest_image: Any, share: Any) -> Iterator[Any]:
-    """One guest per share kind (the session's plain directory and GlusterFS FUSE mount)."""
-    factory = GuestFactory(libvirt_host.connection, guest_image, lambda: share.new_dir("guest"))
-    try:
-        yield factory(ndisks=1, size_mib=256, share=share)
-    finally:
-        factory.close()
-
-
-def _chain(g: Any) -> list[str]:
-    disk = lo.find_disk(g.dom, volume_id=g.disks[0].volume_id)
-    return [os.path.basename(layer.path) for layer in disk.chain]
 
 
 def _restore_raw(repo: Repository, backup_id: str, d: Path) -> Path:
@@ -65,21 +50,23 @@ def _restore_raw(repo: Repository, backup_id: str, d: Path) -> Path:
     return out
 
 
-def test_online_backup_lifecycle(guest: Any, libvirt_host: Any, bed_dir: Path) -> None:
-    g = guest
+def test_online_backup_lifecycle(
+    guest_factory: GuestFactory, share: Any, libvirt_host: Any, bed_dir: Path
+) -> None:
+    g = guest_factory(ndisks=1, size_mib=256, share=share)  # on each share kind
     conn: lo.Connection = libvirt_host.connection
     vol = g.disks[0].volume_id
     repo = Repository.create(bed_dir / "repo")
     journal = Journal(str(bed_dir / "journal.sqlite"))
     req = BackupRequest(g.uuid, vol, repo.path, incremental=True)
-    base = _chain(g)
+    base = g.chain()
     assert len(base) == 1
 
     # 1. full backup while the guest writes; no checkpoint: the chain is exactly as before
     g.start_writers(interval_ms=10)
     g.check(["sh", "-c", "sleep 1"])
     r1 = backup_volume(conn, journal, BackupRequest(g.uuid, vol, repo.path))
-    assert _chain(g) == base and r1.checkpoint is None
+    assert g.chain() == base and r1.checkpoint is None
     assert not [n for n in os.listdir(g.dir) if is_backup_overlay(n, vol)]
     assert r1.result.manifest.kind == "full" and r1.quiesced
     op1 = journal.get(uuid.UUID(r1.operation_id))
@@ -98,7 +85,7 @@ def test_online_backup_lifecycle(guest: Any, libvirt_host: Any, bed_dir: Path) -
     r2 = backup_volume(conn, journal, req)
     assert r2.result.manifest.kind == "full"
     assert "left no checkpoint" in (r2.result.fallback_reason or "")
-    assert r2.checkpoint is not None and _chain(g) == [r2.checkpoint, *base]
+    assert r2.checkpoint is not None and g.chain() == [r2.checkpoint, *base]
     info = Path(g.dir) / f"volume-{vol}.info"
     assert not info.exists() or "qsnap-bk" not in info.read_text()
 
@@ -108,7 +95,7 @@ def test_online_backup_lifecycle(guest: Any, libvirt_host: Any, bed_dir: Path) -
     k_before = Path(g.dir) / r2.checkpoint
     g.check(["sh", "-c", "dd if=/dev/urandom of=/data/blob bs=1M count=16 conv=fsync 2>/dev/null"])
     g.check(["sync"])
-    changed = _allocated(k_before)  # everything written since the checkpoint, in clusters
+    changed = allocated(k_before)  # everything written since the checkpoint, in clusters
     assert changed >= 16 * MiB
     r3 = backup_volume(conn, journal, req)
     m3 = r3.result.manifest
@@ -121,7 +108,7 @@ def test_online_backup_lifecycle(guest: Any, libvirt_host: Any, bed_dir: Path) -
         f"{read / (16 * MiB):.3f}x"
     )
     assert 16 * MiB <= read <= 1.1 * changed
-    assert r3.checkpoint is not None and _chain(g) == [r3.checkpoint, *base]
+    assert r3.checkpoint is not None and g.chain() == [r3.checkpoint, *base]
     # the boundary (now a read-only backing file) holds the volume as of the backup
     frozen_sha = image_sha256(Path(g.dir) / base[0], "qcow2")
     out3 = _restore_raw(repo, m3.backup_id, bed_dir)
@@ -151,20 +138,20 @@ def test_online_backup_lifecycle(guest: Any, libvirt_host: Any, bed_dir: Path) -
 
     # 6. kill -9 mid-backup: nothing published, recovery puts the chain back
     g.check(["sh", "-c", "dd if=/dev/urandom of=/data/blob2 bs=1M count=8 conv=fsync 2>/dev/null"])
-    before_kill = _chain(g)
+    before_kill = g.chain()
     n_before = len(repo.manifests(vol))
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "tests.functional.backup.runner",
+            "tests.functional.hostagent.backup.runner",
             libvirt_host.uri,
             g.uuid,
             vol,
             repo.path,
             str(bed_dir / "journal.sqlite"),
         ],
-        cwd=ROOT,
+        cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -179,12 +166,12 @@ def test_online_backup_lifecycle(guest: Any, libvirt_host: Any, bed_dir: Path) -
             proc.kill()
         proc.wait()
     assert len(repo.manifests(vol)) == n_before
-    mid = _chain(g)
+    mid = g.chain()
     assert len(mid) == len(before_kill) + 1 and is_backup_overlay(mid[0], vol)
     unfinished = [r for r in journal.unfinished() if r.operation.kind is OperationKind.BACKUP]
     assert len(unfinished) == 1
     decision = recover_backup(journal, conn, unfinished[0])
-    assert _chain(g) == before_kill, decision
+    assert g.chain() == before_kill, decision
     assert not (Path(g.dir) / mid[0]).exists()
     assert journal.get(unfinished[0].operation.id).state is OperationState.FAILED
     r6 = backup_volume(conn, journal, req)
@@ -197,10 +184,10 @@ def test_online_backup_lifecycle(guest: Any, libvirt_host: Any, bed_dir: Path) -
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
     try:
         tiny = Repository.create(small / "repo")
-        chain_before = _chain(g)
+        chain_before = g.chain()
         with pytest.raises(RepositoryFull):
             backup_volume(conn, journal, BackupRequest(g.uuid, vol, tiny.path, incremental=True))
-        assert _chain(g) == chain_before
+        assert g.chain() == chain_before
         assert tiny.manifests() == []
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
@@ -208,7 +195,7 @@ def test_online_backup_lifecycle(guest: Any, libvirt_host: Any, bed_dir: Path) -
 
     # 8. releasing the checkpoint gives Cinder its chain back; the next backup says why
     assert release_checkpoint(conn, g.uuid, vol) == r6.checkpoint
-    assert _chain(g) == base
+    assert g.chain() == base
     r8 = backup_volume(
         conn,
         journal,
@@ -217,20 +204,7 @@ def test_online_backup_lifecycle(guest: Any, libvirt_host: Any, bed_dir: Path) -
     assert r8.result.manifest.kind == "full" and "no longer the live top" in (
         r8.result.fallback_reason or ""
     )
-    assert r8.result.chunks_reused > 0 and _chain(g) == base
-
-
-def _allocated(img: Path) -> int:
-    """Bytes allocated in this layer alone (qemu-img map of the top, backing excluded)."""
-    import json
-
-    out = subprocess.run(
-        ["qemu-img", "map", "-U", "-f", "qcow2", "--output=json", str(img)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return sum(e["length"] for e in json.loads(out) if e["data"] and e["depth"] == 0)
+    assert r8.result.chunks_reused > 0 and g.chain() == base
 
 
 def _file_sha(p: Path) -> str:

@@ -31,10 +31,6 @@ from testbed.disks import fsck_clean, read_guest_file
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(600)]
 
 
-def _chain(g: Any, vol: str) -> list[str]:
-    return [os.path.basename(x.path) for x in lo.find_disk(g.dom, volume_id=vol).chain]
-
-
 def _releases(journal: Journal, vol: str) -> list[Any]:
     return [
         op
@@ -60,12 +56,12 @@ def test_destroyed_guest_checkpoints_merged_stray_overlay_reported(
     reaper.start()
     try:
         reaper.remember(Inventory("here", read_attachments(conn.get())))
-        base = {v: _chain(g, v) for v in vols}
+        base = {v: g.chain(v) for v in vols}
         # 1. incremental backups leave a checkpoint overlay on top of both disks
         tops = {}
         for v in vols:
             r = backup_volume(conn, journal, BackupRequest(g.uuid, v, repo.path, incremental=True))
-            assert r.checkpoint is not None and _chain(g, v) == [r.checkpoint, *base[v]]
+            assert r.checkpoint is not None and g.chain(v) == [r.checkpoint, *base[v]]
             tops[v] = r.checkpoint
         # 2. the guest writes after the backup: only the checkpoint overlays hold this
         want = {}
@@ -84,7 +80,7 @@ def test_destroyed_guest_checkpoints_merged_stray_overlay_reported(
         assert op.error is not None and op.error.type == "StrandedOverlay"
         assert stray.name in op.error.message
         assert {n: _stat(d1 / n) for n in before} == before
-        assert _chain(g, v1) == [tops[v1], *base[v1]]
+        assert g.chain(v1) == [tops[v1], *base[v1]]
         stray.unlink()
         # a running guest whose chain holds its checkpoint: nothing to do, no operation
         assert reaper.sweep(v1, "test") is None
