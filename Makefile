@@ -26,6 +26,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(PY) tools/check_imports.py
 
 unit: setup
 	$(PYTEST) -q -m "not functional" --timeout=300
