@@ -26,6 +26,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	MYPYPATH=tools $(VENV)/bin/mypy --strict tools/check_imports.py tools/import_contract.py
 	$(PY) tools/check_imports.py
 
 unit: setup

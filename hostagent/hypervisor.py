@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from hostagent.rpc import contract as api
+from hostagent.rpc.wire_errors import Rule, wire_errors
 from libvirt_ops import Disk
 from qcow2 import CINDER, Naming, Qcow2Error, inspect_chain
 
@@ -85,11 +86,12 @@ def chain_names(where: Located, roots: list[str], *, naming: Naming = CINDER) ->
     disk = where.disk
     if not disk.snapshot_capable:
         raise api.InvalidRequest(f"disk {disk.target} is read-only or shareable")
-    try:
-        with inspect_chain(disk.source, roots=roots, naming=naming, fmt=disk.fmt) as c:
-            on_disk = [os.path.realpath(info.path) for info in c.layers]
-    except Qcow2Error as exc:
-        raise api.InvalidRequest(f"chain of {disk.target} refused: {exc}") from exc
+    refused = Rule(Qcow2Error, api.InvalidRequest, lambda e: f"chain of {disk.target} refused: {e}")
+    with (
+        wire_errors(refused),
+        inspect_chain(disk.source, roots=roots, naming=naming, fmt=disk.fmt) as c,
+    ):
+        on_disk = [os.path.realpath(info.path) for info in c.layers]
     live = [os.path.realpath(layer.path) for layer in disk.chain]
     if on_disk != live:
         raise api.InvalidRequest(f"libvirt's chain {live} differs from the files {on_disk}")

@@ -23,12 +23,20 @@ from hostagent.journal.crash import crash_pointed
 from hostagent.pool import KeyedPool
 from hostagent.recovery import Resume
 from hostagent.rpc import contract as api
+from hostagent.rpc.wire_errors import Rule, wire_errors
 from hostagent.snapshots.assisted import AssistedSnapshots
 from hostagent.snapshots.owned import OwnedOps
 
 __all__ = ["AssistedService", "Hypervisor", "Located"]
 
 LOG = logging.getLogger(__name__)
+
+
+def _unknown(op_id: str) -> Rule:
+    """An id that is no uuid, or no operation of this agent's journal."""
+    return Rule(
+        (ValueError, jn.UnknownOperation), api.OperationNotFound, lambda _: f"no operation {op_id}"
+    )
 
 
 #: The journal's operation model on the wire: the one mapping lives in the contract.
@@ -111,10 +119,8 @@ class AssistedService:
         return self._to_api(self.owned.delete_snapshot(req))
 
     def get_operation(self, ctxt: api.CallContext, op_id: str) -> api.Operation:
-        try:
+        with wire_errors(_unknown(op_id), chain=False):
             return self._to_api(self._journal.get(uuid.UUID(str(op_id))))
-        except (ValueError, jn.UnknownOperation):
-            raise api.OperationNotFound(f"no operation {op_id}") from None
 
     def list_operations(
         self, ctxt: api.CallContext, filters: api.OperationFilters
@@ -163,7 +169,7 @@ class AssistedService:
 
     # -- RPC 1.3 --------------------------------------------------------------------------
     def cancel_operation(self, ctxt: api.CallContext, op_id: str) -> api.Operation:
-        try:
+        with wire_errors(_unknown(op_id), chain=False):
             oid = uuid.UUID(str(op_id))
             op = self._journal.get(oid)
             if _KINDS[op.kind] not in (api.OperationKind.BACKUP, api.OperationKind.RESTORE):
@@ -177,8 +183,6 @@ class AssistedService:
                     "operations are cancellable and backups are not configured here"
                 )
             return self._to_api(self.backups.cancel_operation(oid))
-        except (ValueError, jn.UnknownOperation):
-            raise api.OperationNotFound(f"no operation {op_id}") from None
 
     def start_prune(self, ctxt: api.CallContext, req: api.PruneBackupsRequest) -> api.Operation:
         return self._to_api(self._bk().start_prune(req))

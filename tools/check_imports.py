@@ -461,6 +461,40 @@ class Report:
     modules: int
 
 
+def check_test_imports(root: Path, trees: Iterable[str]) -> list[Violation]:
+    """No module imports a test module (``test_*``, ``conftest``), at any level; code outside
+    ``tests/`` (the demo, benches, test bed) imports nothing of ``tests``. Shared test code
+    lives in helper modules, fixtures or ``testbed/``."""
+    out: list[Violation] = []
+    for tree in trees:
+        base = root / tree
+        for path in sorted(base.rglob("*.py")) if base.is_dir() else ():
+            rel = path.relative_to(root).as_posix()
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), rel)):
+                names: list[str] = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                for name in names:
+                    leaf = name.rsplit(".", 1)[-1]
+                    first = name.split(".", 1)[0]
+                    bad = first == "tests" and (leaf.startswith("test_") or leaf == "conftest")
+                    outside = first == "tests" and tree != "tests"
+                    if bad or outside:
+                        why = "a test module" if bad else "tests (outside tests/)"
+                        key = f"{rel} -> {name}"
+                        out.append(
+                            Violation(
+                                "test-imports",
+                                key,
+                                f"{rel}:{getattr(node, 'lineno', 0)} imports {why}: {name}",
+                            )
+                        )
+                        break
+    return out
+
+
 def check(root: Path, contract: Contract = CONTRACT, probes: bool = True) -> Report:
     mods = discover(root, contract.packages)
     found: list[Violation] = []
@@ -478,6 +512,7 @@ def check(root: Path, contract: Contract = CONTRACT, probes: bool = True) -> Rep
                 found.append(v)
     found += check_cycles(mods)
     found += check_size(root, contract.size_roots, contract.max_lines)
+    found += check_test_imports(root, contract.test_trees)
     if probes:
         found += run_probes(root, contract.probes)
 

@@ -72,6 +72,8 @@ class Contract:
     forbidden: tuple[Forbidden, ...] = ()
     probes: tuple[ImportProbe, ...] = ()
     exemptions: tuple[Exemption, ...] = ()
+    #: Trees where no module may import a test module (and only tests/ may import tests).
+    test_trees: tuple[str, ...] = ()
 
 
 _LIBVIRT = ("libvirt.*", "libvirt_qemu.*", "libvirt_ops.*")
@@ -158,4 +160,5 @@ CONTRACT = Contract(
         for m in ("hostagent", "hostagent.rpc.contract", "api_ext.cli", "api_ext.cinderclient_ext")
     ),
     exemptions=(),
+    test_trees=("tests", "testbed", "demo", "bench"),
 )

@@ -14,17 +14,17 @@ import logging
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from hostagent.backup import repo as bk
-from hostagent.backup.live import Cancel, Progress
-from hostagent.hypervisor import Located
+from hostagent.backup.live import BackupEngine, BackupSettings, Cancel, Progress
+from hostagent.hypervisor import DiskLocks, Hypervisor, Located
 from hostagent.journal import model as ops
 from hostagent.journal import store as jn
 from hostagent.journal.model import StepName
-
-if TYPE_CHECKING:
-    from hostagent.backup.service import BackupService
+from hostagent.pool import KeyedPool
 
 LOG = logging.getLogger(__name__)
 
@@ -54,11 +54,28 @@ class _Throttle:
         return report
 
 
+@dataclass(frozen=True)
+class RunDeps:
+    """What a create run uses of the backup service, handed over explicitly (the service
+    builds it once; the run never reaches into the service's private state)."""
+
+    j: jn.Journal
+    hv: Hypervisor
+    pool: KeyedPool
+    locks: DiskLocks
+    engine: BackupEngine
+    settings: BackupSettings
+    cancelled: Callable[[uuid.UUID], bool]
+    stream_progress: Callable[[Progress, Cancel], Progress]
+    finish_cancelled: Callable[[uuid.UUID, dict[str, Any], str], None]
+    forget: Callable[[uuid.UUID], None]
+
+
 class CreateRun:
     """One create request: its volumes launched ``max_parallel`` at a time, then finished."""
 
     def __init__(
-        self, svc: BackupService, op_id: uuid.UUID, found: list[Located], incremental: bool
+        self, svc: RunDeps, op_id: uuid.UUID, found: list[Located], incremental: bool
     ) -> None:
         self._svc, self._op, self._incremental = svc, op_id, incremental
         self._todo = list(found)
@@ -68,7 +85,7 @@ class CreateRun:
         self._results: list[dict[str, Any]] = []
         self._errors: list[dict[str, str]] = []
         self._lock = threading.Lock()
-        self._progress = _Throttle(svc._j, op_id)
+        self._progress = _Throttle(svc.j, op_id)
 
     def launch(self) -> None:
         """Submit volumes until ``max_parallel`` run; the last one to end finishes the op."""
@@ -78,13 +95,13 @@ class CreateRun:
             if self._todo and self._svc.cancelled(self._op):
                 self._skipped += [str(w.disk.serial).lower() for w in self._todo]
                 self._todo.clear()
-            while self._todo and self._running < self._svc._s.max_parallel:
+            while self._todo and self._running < self._svc.settings.max_parallel:
                 batch.append(self._todo.pop(0))
                 self._running += 1
             finish = not self._running and not self._todo and not self._done
             self._done = self._done or finish
         for where in batch:
-            self._svc._pool.submit(where.key, functools.partial(self._one, where))
+            self._svc.pool.submit(where.key, functools.partial(self._one, where))
         if finish:
             self._finish()
 
@@ -95,7 +112,7 @@ class CreateRun:
             return svc.cancelled(self._op)
 
         try:
-            with svc._locks.hold([where.key]):
+            with svc.locks.hold([where.key]):
                 if cancel():  # cancelled while it waited for the disk: never starts
                     with self._lock:
                         self._skipped.append(vid)
@@ -116,17 +133,19 @@ class CreateRun:
 
     def _backup(self, where: Located, vid: str, cancel: Cancel) -> None:
         svc = self._svc
-        with svc._j.step(self._op, StepName.VOLUME, {"volume_id": vid, "disk": where.key}) as h:
+        with svc.j.step(self._op, StepName.VOLUME, {"volume_id": vid, "disk": where.key}) as h:
             # the chain may have moved while queued: locate again under the lock
-            now = svc._hv.locate(vid)
-            progress = svc._stream_progress(self._progress.part(vid), cancel)
-            out = svc._engine.backup(now, self._incremental, svc._s.repository, progress, cancel)
+            now = svc.hv.locate(vid)
+            progress = svc.stream_progress(self._progress.part(vid), cancel)
+            out = svc.engine.backup(
+                now, self._incremental, svc.settings.repository, progress, cancel
+            )
             h.data.update(out)
         with self._lock:
             self._results.append(out)
 
     def _finish(self) -> None:
-        j, op = self._svc._j, self._op
+        j, op = self._svc.j, self._op
         order = {v: i for i, v in enumerate(j.get(op).request.get("volume_ids", []))}
         backups = sorted(self._results, key=lambda r: order.get(r["volume_id"], 0))
         result: dict[str, Any] = {"backups": backups}
@@ -136,7 +155,7 @@ class CreateRun:
             result["cancelled"] = sorted(self._skipped, key=lambda v: order.get(v, 0))
             done = ", ".join(b["volume_id"] for b in backups) or "none"
             what = f"volumes whose backup was published stay published ({done})"
-            self._svc._finish_cancelled(op, result, what)
+            self._svc.finish_cancelled(op, result, what)
         elif self._errors:
             result["failed"] = self._errors
             names = ", ".join(f"{e['volume_id']}: {e['error']}" for e in self._errors)
@@ -144,4 +163,4 @@ class CreateRun:
             j.finish(op, ops.OperationState.FAILED, result=result, error=err)
         else:
             j.finish(op, ops.OperationState.SUCCEEDED, result=result)
-        self._svc._forget(op)
+        self._svc.forget(op)

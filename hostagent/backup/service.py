@@ -26,7 +26,7 @@ from typing import Any
 
 from hostagent.backup import repo as bk
 from hostagent.backup.checkpoints import cinder_chain
-from hostagent.backup.create import CreateRun
+from hostagent.backup.create import CreateRun, RunDeps
 from hostagent.backup.live import (
     BackupEngine,
     BackupSettings,
@@ -76,6 +76,10 @@ class BackupService:
         self._engine, self._s, self._roots = engine, settings, roots
         self._cancel: set[uuid.UUID] = set()
         self._guard = threading.Lock()
+        self._run_deps = RunDeps(
+            journal, hv, pool, locks, engine, settings, self.cancelled,
+            self._stream_progress, self._finish_cancelled, self._forget,
+        )  # fmt: skip
 
     # -- repository -----------------------------------------------------------------------
     def _repo(self, *, create: bool = False) -> bk.Repository | None:
@@ -135,7 +139,7 @@ class BackupService:
             "incremental": req.incremental,
         }
         op = self._j.begin(ops.OperationKind.BACKUP, request, locks=[f"volume:{v}" for v in vols])
-        run = CreateRun(self, op.operation.id, found, req.incremental)
+        run = CreateRun(self._run_deps, op.operation.id, found, req.incremental)
         run.launch()
         return op.operation
 

@@ -12,27 +12,40 @@ must name what the caller sent passes its own :class:`Rule` first.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from hostagent.backup import repo as bk
+from hostagent.journal.errors import IdempotencyConflict
 from hostagent.rpc import contract as api
 from libvirt_ops import ChainMismatch, DiskBusy, DiskNotFound, DomainNotFound
 from qcow2.errors import SnapshotExists, SnapshotNotFound, UnsafeImage
 
-__all__ = ["RULES", "Rule", "to_wire", "wire_error", "wire_errors"]
+__all__ = ["REUSED_ID", "RULES", "Rule", "to_wire", "wire_error", "wire_errors"]
 
 
 @dataclass(frozen=True)
 class Rule:
-    """``lower`` (and its subclasses) is sent as ``wire``; ``message`` formats ``{exc}``."""
+    """``lower`` (a class or a tuple of them, subclasses included) is sent as ``wire``.
 
-    lower: type[Exception]
+    ``message`` is a template formatting ``{exc}``, or a function of the error (for a
+    message that names what the caller sent: no caller text ever goes through ``format``).
+    """
+
+    lower: type[Exception] | tuple[type[Exception], ...]
     wire: type[api.AgentRpcError]
-    message: str = "{exc}"
+    message: str | Callable[[Exception], str] = "{exc}"
 
     def apply(self, exc: Exception) -> api.AgentRpcError:
+        if callable(self.message):
+            return self.wire(self.message(exc))
         return self.wire(self.message.format(exc=exc))
+
+
+#: An idempotency key (snapshot id) reused with a different request.
+REUSED_ID = Rule(
+    IdempotencyConflict, api.InvalidRequest, "snapshot id reused with another request: {exc}"
+)
 
 
 #: Lower errors that mean "this request is wrong or must wait", never "agent broken".

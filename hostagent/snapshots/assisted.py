@@ -56,6 +56,7 @@ from hostagent.journal.crash import StepFn
 from hostagent.journal.model import StepName
 from hostagent.pool import KeyedPool
 from hostagent.rpc import contract as api
+from hostagent.rpc.wire_errors import REUSED_ID, Rule, wire_errors
 from qcow2 import CINDER, Qcow2Error, inspect_chain
 from qcow2.naming import volume_base_name
 
@@ -102,11 +103,14 @@ class AssistedSnapshots:
         path = os.path.join(os.path.dirname(where.disk.source), req.new_file)
         if os.path.islink(path) or not os.path.isfile(path):
             raise api.InvalidRequest(f"{path} was not pre-created as a regular file")
-        try:
-            with inspect_chain(path, roots=self._roots, naming=CINDER, fmt="qcow2") as c:
-                top = c.layers[0]
-        except Qcow2Error as exc:
-            raise api.InvalidRequest(f"new_file {req.new_file!r} refused: {exc}") from exc
+        refused = Rule(
+            Qcow2Error, api.InvalidRequest, lambda e: f"new_file {req.new_file!r} refused: {e}"
+        )
+        with (
+            wire_errors(refused),
+            inspect_chain(path, roots=self._roots, naming=CINDER, fmt="qcow2") as c,
+        ):
+            top = c.layers[0]
         if top.backing_name != names[0] or top.backing_fmt != where.disk.fmt:
             raise api.InvalidRequest(
                 f"new_file backs onto {top.backing_name!r}, not the active file {names[0]!r}"
@@ -152,14 +156,12 @@ class AssistedSnapshots:
     ) -> ops.Operation:
         request = {"kind": kind.value, **asdict(req)}
         locks = [f"volume:{req.volume_id}"]
-        try:
+        with wire_errors(REUSED_ID):
             if self._j.find(kind, key) is None:
                 where, _plan = validate(req)  # raises: nothing journaled, nothing touched
             else:
                 where = None  # a retry: answer with the first operation, whatever its state
             begun = self._j.begin(kind, request, key, locks)
-        except jn.IdempotencyConflict as exc:
-            raise api.InvalidRequest(f"snapshot id reused with another request: {exc}") from exc
         if begun.created:
             assert where is not None
             op_id, disk = begun.operation.id, where.key

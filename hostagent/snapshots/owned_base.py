@@ -19,6 +19,7 @@ from hostagent.journal import store as jn
 from hostagent.journal.crash import StepFn
 from hostagent.pool import KeyedPool
 from hostagent.rpc import contract as api
+from hostagent.rpc.wire_errors import Rule, wire_errors
 from qcow2 import Ledger, Qcow2Error, read_ledger
 
 LOG = logging.getLogger(__name__)
@@ -26,10 +27,11 @@ LOG = logging.getLogger(__name__)
 
 def checked_ledger(directory: str, volume_id: str) -> Ledger | None:
     """The volume's ledger (None: none yet); one we refuse to parse is a typed refusal."""
-    try:
+    refused = Rule(
+        Qcow2Error, api.InvalidRequest, lambda e: f"ledger of volume {volume_id} refused: {e}"
+    )
+    with wire_errors(refused):
         return read_ledger(directory, volume_id)
-    except Qcow2Error as exc:
-        raise api.InvalidRequest(f"ledger of volume {volume_id} refused: {exc}") from exc
 
 
 class OwnedBase:

@@ -24,6 +24,7 @@ from hostagent.journal import model as ops
 from hostagent.journal import store as jn
 from hostagent.journal.model import StepName
 from hostagent.rpc import contract as api
+from hostagent.rpc.wire_errors import REUSED_ID, wire_errors
 from hostagent.snapshots.owned_base import OwnedBase, checked_ledger
 from qcow2 import Ledger, read_ledger, write_ledger
 
@@ -63,14 +64,12 @@ class OwnedDeletes(OwnedBase):
     def delete_snapshot(self, req: api.DeleteOwnedSnapshotRequest) -> ops.Operation:
         kind = ops.OperationKind.OWNED_DELETE
         request = {"kind": kind.value, **asdict(req)}
-        try:
+        with wire_errors(REUSED_ID):
             if self._j.find(kind, req.snapshot_id) is None:
                 where, _ = self._validate_delete(req)  # raises: nothing journaled or touched
             else:
                 where = None  # a retry: answer with the first operation
             begun = self._j.begin(kind, request, req.snapshot_id, [f"volume:{req.volume_id}"])
-        except jn.IdempotencyConflict as exc:
-            raise api.InvalidRequest(f"snapshot id reused with another request: {exc}") from exc
         if begun.created:
             assert where is not None
             op_id, key = begun.operation.id, where.key

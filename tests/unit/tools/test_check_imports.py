@@ -182,6 +182,27 @@ def test_oversized_file(tmp_path: Path) -> None:
     assert out == ["[size] low/fmt.py has 21 lines (max 20)"]
 
 
+def test_test_modules_are_not_libraries(tmp_path: Path) -> None:
+    helpers = {
+        "tests/__init__.py": "",
+        "tests/unit/__init__.py": "",
+        "tests/unit/fakes.py": "",
+        "tests/unit/test_a.py": "from tests.unit.fakes import x\n",  # a helper module: fine
+    }
+    assert lines(tree(tmp_path, helpers), test_trees=("tests", "bench")) == []
+    bad = {
+        "tests/unit/test_b.py": "def f():\n    from tests.unit.test_a import y\n",
+        "tests/unit/test_c.py": "from tests.unit import conftest\n",
+        "bench/b.py": "from tests.unit.fakes import x\n",
+    }
+    out = lines(tree(tmp_path, {**helpers, **bad}), test_trees=("tests", "bench"))
+    assert out == [
+        "[test-imports] tests/unit/test_b.py:2 imports a test module: tests.unit.test_a",
+        "[test-imports] tests/unit/test_c.py:1 imports a test module: tests.unit.conftest",
+        "[test-imports] bench/b.py:1 imports tests (outside tests/): tests.unit.fakes",
+    ]
+
+
 def test_import_time_probe_sees_what_the_graph_cannot(tmp_path: Path) -> None:
     dynamic = "import importlib\nimportlib.import_module('fakevirt')\n"
     root = tree(tmp_path, {"low/fmt.py": dynamic})

@@ -59,3 +59,33 @@ def test_a_call_site_rule_comes_first() -> None:
         raise SnapshotExists("s")  # RULES maps it too, with the bare message
     assert info.value.message == "new_file 'f' refused: s"
     assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_caller_text_never_goes_through_format() -> None:
+    """A name with braces from the wire ends up verbatim; a template would raise."""
+    sent = "volume-{exc}.{0}"
+    rule = Rule(Qcow2Error, api.InvalidRequest, lambda e: f"new_file {sent!r} refused: {e}")
+    with pytest.raises(api.InvalidRequest) as info, wire_errors(rule):
+        raise SnapshotExists("bad")
+    assert info.value.message == "new_file 'volume-{exc}.{0}' refused: bad"
+    with pytest.raises((IndexError, KeyError)):  # negative control: as a template it breaks
+        Rule(Qcow2Error, api.InvalidRequest, f"new_file {sent!r} {{exc}}").apply(
+            SnapshotExists("x")
+        )
+
+
+def test_reused_id_and_tuple_rules() -> None:
+    from hostagent.journal.store import UnknownOperation
+    from hostagent.rpc.wire_errors import REUSED_ID
+
+    class Reused(REUSED_ID.lower):  # type: ignore[misc,valid-type]
+        def __init__(self) -> None:
+            Exception.__init__(self, "k")
+
+    with pytest.raises(api.InvalidRequest, match="snapshot id reused with another request: k"):
+        with wire_errors(REUSED_ID):
+            raise Reused()
+    unknown = Rule((ValueError, UnknownOperation), api.OperationNotFound, lambda _: "no op x")
+    for exc in (ValueError("badly formed"), UnknownOperation("x")):
+        with pytest.raises(api.OperationNotFound, match="no op x"), wire_errors(unknown):
+            raise exc
