@@ -11,6 +11,7 @@ from qcow2._inspect import inspect_chain, open_chain
 from qcow2._ledger import Ledger, read_ledger, write_ledger
 from qcow2._offline import create_snapshot_offline, delete_snapshot_offline, load_volume
 from qcow2._overlay import create_overlay, merge_overlay
+from qcow2._qemu_img import convert_raw_fd_to_qcow2
 
 # --- end ledger/overlay/offline (Q2) ---
 from qcow2.errors import CorruptImage, LedgerError, Qcow2Error, QemuImgError, UnsafeImage
@@ -40,6 +41,7 @@ __all__ += [
 # --- ledger/overlay/offline (Q2) ---
 __all__ += [
     "Ledger",
+    "convert_raw_fd_to_qcow2",
     "create_overlay",
     "create_snapshot_offline",
     "delete_snapshot_offline",

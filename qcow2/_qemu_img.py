@@ -66,11 +66,13 @@ def run(
     *,
     limits: Limits = META,
     progress: Progress | None = None,
+    pass_fds: tuple[int, ...] = (),
 ) -> str:
     """Run ``qemu-img ARGS`` bounded by ``limits``; return stdout (progress lines removed).
 
     With ``progress`` the caller must have put ``-p`` in ``args``; qemu-img then writes
-    ``(NN.NN/100%)\\r`` records that are parsed as they arrive.
+    ``(NN.NN/100%)\\r`` records that are parsed as they arrive. ``pass_fds`` stay open in
+    qemu-img under the same numbers, so ``/proc/self/fd/N`` paths name exactly those files.
     """
     argv = [QEMU_IMG, *args]
     cmd = [
@@ -87,6 +89,7 @@ def run(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=_ENV,
+            pass_fds=pass_fds,
         )
     except OSError as exc:
         raise QemuImgError(argv, -1, str(exc)) from exc
@@ -228,3 +231,17 @@ def convert_to_raw(path: str, fmt: str, dest: str, *, progress: Progress | None 
     if progress is not None:
         args.append("-p")
     run([*args, path, dest], limits=BULK, progress=progress)
+
+
+def convert_raw_fd_to_qcow2(src_fd: int, dest_dir_fd: int, dest_name: str) -> None:
+    """Raw data of the open file ``src_fd`` into a NEW qcow2 file ``dest_name`` created in
+    the open directory ``dest_dir_fd``: both are reached through ``/proc/self/fd``, so no
+    path someone else could swap is ever resolved (the restore's private directory)."""
+    if "/" in dest_name or dest_name in ("", ".", ".."):
+        raise ValueError(f"bad file name {dest_name!r}")
+    src, dest = f"/proc/self/fd/{src_fd}", f"/proc/self/fd/{dest_dir_fd}/{dest_name}"
+    run(
+        ["convert", "-q", "-f", "raw", "-O", "qcow2", src, dest],
+        limits=BULK,
+        pass_fds=(src_fd, dest_dir_fd),
+    )

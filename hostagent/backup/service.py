@@ -17,6 +17,7 @@ finish (published backups stay published).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -36,7 +37,7 @@ from hostagent.backup.live import (
     request_level,
 )
 from hostagent.backup.repo.engine import RateLimit
-from hostagent.backup.repo.restore import remove_partial
+from hostagent.backup.repo.target import TargetChanged, dir_identity, remove_partial
 from hostagent.hypervisor import DiskLocks, Hypervisor
 from hostagent.journal import model as ops
 from hostagent.journal import store as jn
@@ -277,8 +278,9 @@ class BackupService:
             repo.delete(m.volume_id, backup_id)  # chunks go at the next prune's GC
 
     # -- restore --------------------------------------------------------------------------
-    def _target(self, req: api.RestoreBackupRequest, m: bk.Manifest) -> str:
-        """The restore's new file: under an allowed root, its directory real, not existing."""
+    def _target(self, req: api.RestoreBackupRequest, m: bk.Manifest) -> tuple[str, list[int]]:
+        """The restore's new file: under an allowed root, its directory real, not existing;
+        and the directory's identity, which the worker requires again (a swap is refused)."""
         if req.to_path is not None:
             directory, name = os.path.split(req.to_path)
         else:
@@ -292,6 +294,10 @@ class BackupService:
             raise api.InvalidRequest(f"{directory} is not under an allowed share root")
         if not os.path.isdir(real):
             raise api.InvalidRequest(f"{directory} is not a directory")
+        try:
+            ident = list(dir_identity(real))
+        except (OSError, TargetChanged) as exc:
+            raise api.InvalidRequest(f"{directory} is not a plain directory: {exc}") from None
         path = os.path.join(real, name)
         if os.path.lexists(path):
             raise api.InvalidRequest(f"restore target {path} exists")
@@ -301,7 +307,7 @@ class BackupService:
         ):
             if op.request.get("path") == path:
                 raise api.InvalidRequest(f"restore {op.id} already writes {path}")
-        return path
+        return path, ident
 
     def _source_dir(self, m: bk.Manifest) -> str:
         try:
@@ -314,23 +320,31 @@ class BackupService:
 
     def restore_backup(self, req: api.RestoreBackupRequest) -> ops.Operation:
         repo, m = self._find(req.backup_id)
-        path = self._target(req, m)
+        path, ident = self._target(req, m)
         vols = sorted({m.volume_id, req.volume_id or m.volume_id})
         request = {
             "action": "restore",
             "backup_id": req.backup_id,
             "path": path,
+            "dir": ident,
             "fmt": req.fmt,
             "volume_ids": vols,
         }
         op = self._j.begin(
             ops.OperationKind.RESTORE, request, locks=[f"volume:{v}" for v in vols]
         ).operation
-        self._pool.submit(f"restore:{path}", lambda: self._restore(op.id, repo, m, path, req.fmt))
+        run = functools.partial(self._restore, op.id, repo, m, path, req.fmt, (ident[0], ident[1]))
+        self._pool.submit(f"restore:{path}", run)
         return op
 
     def _restore(
-        self, op_id: uuid.UUID, repo: bk.Repository, m: bk.Manifest, path: str, fmt: str
+        self,
+        op_id: uuid.UUID,
+        repo: bk.Repository,
+        m: bk.Manifest,
+        path: str,
+        fmt: str,
+        ident: tuple[int, int],
     ) -> None:
         def progress(done: int, total: int) -> None:
             with contextlib.suppress(jn.JournalError):
@@ -346,6 +360,7 @@ class BackupService:
                     volume_id=m.volume_id,
                     progress=progress,
                     cancel=lambda: self.cancelled(op_id),
+                    expect_dir=ident,
                 )
                 h.data["bytes_written"] = res.bytes_written
         except Exception as exc:

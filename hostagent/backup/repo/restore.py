@@ -11,13 +11,10 @@ single fsync at the end finds little left and disk I/O overlaps CPU work.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import os
 import queue
-import secrets
-import subprocess
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,7 +26,8 @@ from hostagent.backup.repo.format import (
     ManifestExtent,
 )
 from hostagent.backup.repo.repository import FILE_MODE, Repository
-from qcow2 import QemuImgError
+from hostagent.backup.repo.target import workspace
+from qcow2 import convert_raw_fd_to_qcow2
 
 Progress = Callable[[int, int], None]
 Cancel = Callable[[], bool]
@@ -218,66 +216,37 @@ def restore(
     progress: Progress | None = None,
     cancel: Cancel | None = None,
     durable: bool = True,
+    expect_dir: tuple[int, int] | None = None,
 ) -> RestoreResult:
     """Restore a backup to a NEW file (never overwritten), sparse, every chunk verified.
 
-    Written under a temporary name and linked into place only when complete, so a failed
-    restore (e.g. :class:`CorruptChunk`) leaves no file at ``dest_path``. ``durable``
-    (default) fsyncs the file before it appears; False leaves it to the page cache like
-    ``qemu-img convert`` does (for scratch copies).
+    Written in a private directory inside the target directory and linked into place from
+    its open descriptor only when complete (:mod:`.target`), so a failed restore (e.g.
+    :class:`CorruptChunk`) leaves no file at ``dest_path`` and no planted link or swapped
+    name can redirect the writes. ``expect_dir`` is the target directory's ``(st_dev,
+    st_ino)`` when the request was validated: a different directory there is refused
+    (:class:`TargetChanged`). ``durable`` (default) fsyncs the file before it appears; False
+    leaves it to the page cache like ``qemu-img convert`` does (for scratch copies).
     """
     if fmt not in ("raw", "qcow2"):
         raise ValueError(f"restore format {fmt!r} not supported")
     m = repo.load(volume_id, backup_id) if volume_id else repo.find(backup_id)
     dest = os.path.abspath(os.fspath(dest_path))
-    if os.path.lexists(dest):
-        raise FileExistsError(dest)
-    d, name = os.path.split(dest)
-    tmp = os.path.join(d, f"{_partial_prefix(name)}{secrets.token_hex(4)}")
-    tmp_q = tmp + ".qcow2"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-    try:
+    with workspace(dest, expect_dir) as ws:
+        fd = ws.create("data.raw")
         try:
             written, chunks = _restore_raw(repo, m, fd, progress, cancel, durable)
-        finally:
-            os.close(fd)
-        final = tmp
-        if fmt == "qcow2":
-            argv = ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", tmp, tmp_q]
-            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-            if proc.returncode:
-                raise QemuImgError(argv, proc.returncode, proc.stderr)
-            if durable:
-                qfd = os.open(tmp_q, os.O_RDONLY | os.O_CLOEXEC)
+            if fmt == "raw":
+                ws.publish(fd, FILE_MODE)
+            else:  # qemu-img reads our fd and creates its file in the private directory
+                convert_raw_fd_to_qcow2(fd, ws.priv_fd, "data.qcow2")
+                qfd = ws.open_made("data.qcow2")
                 try:
-                    os.fsync(qfd)
+                    if durable:
+                        os.fsync(qfd)
+                    ws.publish(qfd, FILE_MODE)
                 finally:
                     os.close(qfd)
-            final = tmp_q
-        os.link(final, dest)  # fails rather than overwrite a file created meanwhile
-    finally:
-        for p in (tmp, tmp_q):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
+        finally:
+            os.close(fd)
     return RestoreResult(dest, fmt, m.virtual_size, written, chunks)
-
-
-def _partial_prefix(name: str) -> str:
-    """Restores write ``.<name>.restore-<random>[.qcow2]`` beside the target, then link it."""
-    return f".{name}.restore-"
-
-
-def remove_partial(dest_path: str) -> list[str]:
-    """Remove what a restore to ``dest_path`` killed mid-write left beside it; their names.
-
-    The target itself never appears half written (it is linked only when complete), so
-    after a restart only the temporary files are left to clean up.
-    """
-    d, name = os.path.split(dest_path)
-    removed: list[str] = []
-    if name and os.path.isdir(d):
-        for tmp in os.listdir(d):
-            if tmp.startswith(_partial_prefix(name)):
-                os.unlink(os.path.join(d, tmp))
-                removed.append(tmp)
-    return removed

@@ -218,3 +218,22 @@ def test_recovery_fails_request_ops_and_hands_volume_backups_over(bed: BackupBed
     assert j.get(parent.id).state is ops.OperationState.FAILED
     assert j.get(restore.id).state is ops.OperationState.FAILED
     assert not tmp.exists()
+
+
+def test_restore_target_swapped_while_queued_writes_nothing(bed: BackupBed, tmp_path: Path) -> None:
+    bed.create([VOL])
+    bid = bed.svc.list_backups(CTX, VOL)[0]["id"]
+    target = bed.dir / "restores"
+    target.mkdir()
+    elsewhere = tmp_path.parent / f"elsewhere-{uuid.uuid4().hex}"
+    elsewhere.mkdir()
+    gate = threading.Event()
+    bed.pool.submit(f"restore:{target}/x.raw", lambda: gate.wait(30) and None)
+    req = api.RestoreBackupRequest.from_wire(bid, f"{target}/x.raw", None, "raw")
+    op = bed.svc.restore_backup(CTX, req)  # validated now, queued behind the gate
+    os.rename(target, bed.dir / "moved")
+    target.symlink_to(elsewhere)  # the directory becomes a link into another tree
+    gate.set()
+    done = bed.wait(op)
+    assert done.state is api.OperationState.FAILED and "TargetChanged" in str(done.error)
+    assert os.listdir(elsewhere) == [] and os.listdir(bed.dir / "moved") == []
