@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, cast
@@ -20,7 +22,7 @@ import webob
 from oslo_policy import policy
 
 from api_ext import _backup_routes, auth, schemas
-from api_ext.router import NotRouted, Router
+from api_ext.router import NotRouted, Router, ask_hosts, bounded
 from hostagent.rpc import contract as api
 from hostagent.rpc.client import om
 
@@ -134,9 +136,38 @@ def _json_response(status: int, body: object, headers: Mapping[str, str] = {}) -
     return resp
 
 
-def _fault(status: int, message: str) -> webob.Response:
+def _fault(status: int, message: str, **extra: str) -> webob.Response:
     name = _FAULT_NAMES.get(status, "computeFault")
-    return _json_response(status, {name: {"code": status, "message": message}})
+    return _json_response(status, {name: {"code": status, "message": message, **extra}})
+
+
+#: The agent's own answer for an unexpected failure (hostagent/rpc/wire_errors.py,
+#: ``INTERNAL_MESSAGE``): a generic text and the id its log holds the details under.
+_AGENT_INTERNAL = re.compile(
+    r"Internal error in the host agent \(error id (?P<id>[0-9a-f]{32})\); the details are in "
+    r"that agent's log under this id\."
+)
+
+
+def _internal_fault(
+    detail: object, agent_message: str = "", *, trace: bool = False
+) -> webob.Response:
+    """A 500 that names an error id and nothing else of the failure.
+
+    An agent's generic answer keeps the agent's id (the details are in that agent's log);
+    anything else (an older agent's raw text, an untyped remote error, a bug here) gets a
+    new id, and ``detail`` (paths, exception text) goes to this service's log under it.
+    """
+    known = _AGENT_INTERNAL.fullmatch(agent_message.strip())
+    if known is not None:
+        LOG.error("host agent failed unexpectedly [error id %s]", known["id"])
+        return _fault(500, known.group(0), error_id=known["id"])
+    error_id = uuid.uuid4().hex
+    LOG.error("request failed unexpectedly [error id %s]: %s", error_id, detail, exc_info=trace)
+    message = (
+        f"Internal error (error id {error_id}); the details are in the qsnap-api log under this id."
+    )
+    return _fault(500, message, error_id=error_id)
 
 
 class ApiApp:
@@ -221,7 +252,11 @@ class ApiApp:
         except NotRouted as exc:
             resp = _fault(404, str(exc))
         except api.AgentRpcError as exc:
-            resp = _fault(_agent_error_status(exc) or 500, exc.message or type(exc).__name__)
+            status = _agent_error_status(exc)
+            if status is not None:
+                resp = _fault(status, exc.message or type(exc).__name__)
+            else:  # AgentInternalError, or a typed error this API does not know
+                resp = _internal_fault(f"{type(exc).__name__}: {exc}", exc.message)
         except om.MessagingTimeout:
             resp = _fault(503, "The host agent did not answer in time; retry later.")
         except om.RemoteError as exc:
@@ -229,11 +264,12 @@ class ApiApp:
             if status is not None:
                 resp = _fault(status, str(exc.value) or str(exc.exc_type))
             else:
-                LOG.error("agent failed: %s", exc)
-                resp = _fault(500, "The host agent failed unexpectedly.")
+                resp = _internal_fault(f"agent failed: {exc}", str(exc.value or ""))
         except om.MessagingException as exc:
             LOG.warning("agent unreachable: %s", exc)
             resp = _fault(503, "The host agent is unreachable; retry later.")
+        except Exception as exc:  # a bug here: an id, never a bare 500 or exception text
+            resp = _internal_fault(f"{action}: {type(exc).__name__}: {exc}", trace=True)
         if req.path_info.startswith("/v2.1"):
             resp.headers.update(NOVA_VERSION_HEADERS)
         return resp
@@ -316,19 +352,30 @@ class ApiApp:
     def _on_op_host(
         self, req: webob.Request, op_id: str, call: Callable[[AgentClient], api.Operation]
     ) -> api.Operation:
-        """``call`` on ``?host=``, else on each known host until one knows the operation."""
+        """``call`` on ``?host=``, else on every live host at once; the one that knows it.
+
+        Each host gets ``[api] host_timeout``; one that does not answer in time (or is
+        unreachable) is skipped like one that does not know the operation.
+        """
         if not op_id.replace("-", "").isalnum() or len(op_id) > 64:  # agents use uuid4 ids
             raise schemas.BadRequest("Invalid input for field/attribute operation_id")
         host = req.GET.get("host")
         hosts = self._router.known_hosts()
         if host is not None and host not in hosts:
             raise HttpError(404, f"unknown host {host!r}")
-        for candidate in [host] if host else hosts:
+        if host:
             try:
-                return call(self._agents(candidate))
+                return call(self._agents(host))
             except api.OperationNotFound:
-                continue
-        raise HttpError(404, f"operation {op_id} not found")
+                raise HttpError(404, f"operation {op_id} not found") from None
+        timeout = self._router.settings.host_timeout
+        found, skipped = ask_hosts(
+            hosts, lambda h: call(bounded(self._agents(h), timeout)), timeout=timeout
+        )
+        if found is None:
+            late = f" (no answer from {', '.join(sorted(skipped)[:5])})" if skipped else ""
+            raise HttpError(404, f"operation {op_id} not found{late}")
+        return found[1]
 
     def _snapshot_instance(
         self, req: webob.Request, ctx: Any, instance_uuid: str
@@ -353,25 +400,22 @@ class ApiApp:
     def _list_operations(self, req: webob.Request, ctx: Any) -> webob.Response:
         """Every known host's operations merged, newest first, ``limit`` applied last.
 
-        Agents are asked for up to the maximum (their journal returns the OLDEST matches
-        first), so the newest ``limit`` of the merge are right for up to that many operations
-        per host. A host whose agent fails or does not answer is reported in ``failed_hosts``
-        (host -> reason) instead of failing the whole listing, unless ``host=`` named it.
+        Each agent is asked for its newest ``limit`` matches (RPC 1.4), so the newest
+        ``limit`` of the merge are exact and ``limit=1`` costs one operation per host. A
+        host whose agent fails or does not answer is reported in ``failed_hosts`` (host ->
+        reason) instead of failing the whole listing, unless ``host=`` named it.
         """
         self._authorize(auth.LIST_OPERATIONS, ctx)
         host, filters = schemas.list_request(req.query_string)
         hosts = self._router.known_hosts()
         if host is not None and host not in hosts:
             raise HttpError(404, f"unknown host {host!r}")
-        asked = api.OperationFilters(
-            filters.state, filters.kind, filters.volume_id, schemas.MAX_LIST_LIMIT
-        )
         rpc_ctxt = self._rpc_ctxt(ctx)
         if host is not None:
-            ops = self._agents(host).list_operations(rpc_ctxt, asked)
+            ops = self._agents(host).list_operations(rpc_ctxt, filters)
             failed: dict[str, str] = {}
         else:
-            ops, failed = self._fan_out(hosts, rpc_ctxt, asked)
+            ops, failed = self._fan_out(hosts, rpc_ctxt, filters)
         ops.sort(key=lambda op: (op.created_at or "", op.id), reverse=True)
         body: dict[str, Any] = {"operations": [op.to_wire() for op in ops[: filters.limit]]}
         if failed:

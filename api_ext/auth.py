@@ -4,8 +4,11 @@
 (options in ``[keystone_authtoken]``): a request without a valid token gets 401 there.
 ``noauth`` is for tests and single-machine demos only; it must be configured explicitly:
 ``X-Auth-Token: USER[:PROJECT]`` names the caller (no token -> 401) and ``X-Roles: a,b``
-its roles (``[api] noauth_roles`` when absent). Either way the app sees keystonemiddleware's
-headers and builds an ``oslo_context`` RequestContext from them.
+its roles (``[api] noauth_roles`` when absent). Because that trusts whatever a caller claims,
+noauth only starts on a loopback ``bind_host`` unless ``[api]
+noauth_unsafe_allow_non_loopback`` is set, and it logs a warning at start either way
+(:func:`check_noauth`). Either way the app sees keystonemiddleware's headers and builds an
+``oslo_context`` RequestContext from them.
 
 Policy defaults follow Nova: the assisted-snapshot API is for the volume service
 (``role:service or role:admin``); every native ``/v1`` call (instance snapshots, agent-owned
@@ -15,6 +18,9 @@ Deployers override them in ``[api] policy_file``.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,6 +28,7 @@ from oslo_config import cfg
 from oslo_context import context as oslo_context
 from oslo_policy import policy
 
+LOG = logging.getLogger(__name__)
 Environ = dict[str, Any]
 WsgiApp = Callable[[Environ, Callable[..., Any]], Iterable[bytes]]
 
@@ -147,6 +154,70 @@ class NotAuthenticated(Exception):
     """The request carries no confirmed identity (401)."""
 
 
+class UnsafeConfiguration(RuntimeError):
+    """The configuration would expose an unauthenticated API; the service must not start."""
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` (an address, or a name resolving only to such) is loopback.
+
+    IPv4-mapped IPv6 addresses count as their IPv4 address; a name that does not resolve,
+    or resolves to any non-loopback address, is not loopback.
+    """
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError):
+            return False
+        addrs = {str(info[4][0]) for info in infos}
+        return bool(addrs) and all(_ip_is_loopback(a) for a in addrs)
+    return _ip_is_loopback(str(ip))
+
+
+def _ip_is_loopback(addr: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def check_noauth(conf: cfg.ConfigOpts) -> None:
+    """Refuse noauth on a non-loopback ``bind_host`` unless explicitly allowed; warn anyway.
+
+    Raises :class:`UnsafeConfiguration`. Nothing to check for keystone.
+    """
+    api = conf.api
+    if api.auth_strategy != "noauth":
+        return
+    if is_loopback(api.bind_host):
+        LOG.warning(
+            "auth_strategy = noauth: every local caller is trusted as the user in its "
+            "X-Auth-Token with the roles in its X-Roles header (default %s); listening on "
+            "loopback %s only. For tests and single-machine demos.",
+            list(api.noauth_roles),
+            api.bind_host,
+        )
+        return
+    if not api.noauth_unsafe_allow_non_loopback:
+        raise UnsafeConfiguration(
+            f"[api] auth_strategy = noauth on bind_host {api.bind_host!r}, which is not a "
+            "loopback address: anyone reaching the port could claim any identity and role "
+            "(X-Auth-Token, X-Roles). Use auth_strategy = keystone, bind to 127.0.0.1, or "
+            "(UNSAFE, tests only) set [api] noauth_unsafe_allow_non_loopback = true."
+        )
+    LOG.warning(
+        "UNSAFE: auth_strategy = noauth on non-loopback bind_host %s "
+        "(noauth_unsafe_allow_non_loopback = true): ANY caller that reaches this port is "
+        "trusted as whoever its X-Auth-Token names with the roles its X-Roles header claims.",
+        api.bind_host,
+    )
+
+
 def make_enforcer(conf: cfg.ConfigOpts) -> policy.Enforcer:
     enforcer = policy.Enforcer(conf, policy_file=conf.api.policy_file)
     enforcer.register_defaults(RULES)
@@ -187,8 +258,12 @@ class NoAuthMiddleware:
 
 
 def wrap(app: WsgiApp, conf: cfg.ConfigOpts) -> WsgiApp:
-    """``app`` behind the configured authentication middleware."""
+    """``app`` behind the configured authentication middleware.
+
+    Raises :class:`UnsafeConfiguration` for noauth on a non-loopback address (not allowed).
+    """
     if conf.api.auth_strategy == "noauth":
+        check_noauth(conf)
         return NoAuthMiddleware(app, conf.api.noauth_roles)
     from keystonemiddleware import auth_token
 

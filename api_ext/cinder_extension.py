@@ -11,6 +11,15 @@ and later delete, those snapshots normally. Three actions on ``/snapshots/{id}/a
   update in ``creating``).
 - ``snapshot-delete-metadata``: drop the record and its quota, no storage operation.
 
+Finalize and delete act ONLY on records create-snapshot-metadata made: it sets the record's
+``provider_id`` to :data:`MARK`. A snapshot Cinder made itself (its driver owns the storage)
+is refused with 409 and left exactly as it was. Why ``provider_id``: Cinder 29 snapshots have
+no admin metadata, and their metadata is writable by project members
+(``volume:update_snapshot_metadata``), so a key there could be forged or removed by a
+tenant; ``provider_id`` is a driver-owned column no API request sets, the NFS/remotefs
+drivers leave empty, and Cinder only ever fills when empty. Records made before this mark
+existed are refused too (reset or delete them through Cinder's own admin actions).
+
 Loaded INSIDE Cinder's process (``osapi_volume_extension =
 api_ext.cinder_extension.Qsnap_snapshot_metadata``): it imports only Cinder and its
 libraries, never qsnap's other packages. Access is the policy rule ``qsnap:snapshot_metadata``
@@ -43,6 +52,8 @@ CONF = quota.CONF
 
 POLICY = "qsnap:snapshot_metadata"
 POLICY_DEFAULT = "rule:admin_api or role:service"
+#: ``provider_id`` of every record create-snapshot-metadata makes (see the module doc).
+MARK = "qsnap:recorded"
 
 # Canonical lowercase uuids only: the snapshot id becomes part of a file name
 # (volume-<uuid>.<snapshot-uuid>) on the share, so no braces, urn: or uppercase variants.
@@ -129,6 +140,15 @@ def _check_id(snapshot_id: str) -> None:
         raise webob.exc.HTTPBadRequest(explanation=f"snapshot id {snapshot_id!r} is not a uuid")
 
 
+def _check_ours(snapshot: Any, action: str) -> None:
+    """409 unless create-snapshot-metadata made this record (nothing is changed)."""
+    if snapshot.provider_id != MARK:
+        raise webob.exc.HTTPConflict(
+            explanation=f"snapshot {snapshot.id} was not recorded through "
+            f"os-qsnap-snapshot-metadata (Cinder owns it): {action} refused"
+        )
+
+
 class QsnapSnapshotMetadataController(wsgi.Controller):
     """The three actions; all state changes are conditional updates, so racing calls lose."""
 
@@ -145,7 +165,8 @@ class QsnapSnapshotMetadataController(wsgi.Controller):
         volume = objects.Volume.get_by_id(context, args["volume_id"])  # 404 if unknown
         existing = self._existing(context, id)
         if existing is not None:
-            if existing.volume_id == volume.id and existing.status == "creating":
+            ours = existing.provider_id == MARK and not existing.deleted
+            if ours and existing.volume_id == volume.id and existing.status == "creating":
                 return self._view_builder.detail(req, existing)  # an idempotent retry
             raise webob.exc.HTTPConflict(explanation=f"snapshot {id} already exists")
         self._check_volume(volume)
@@ -205,6 +226,7 @@ class QsnapSnapshotMetadataController(wsgi.Controller):
             "volume_type_id": volume.volume_type_id,
             "encryption_key_id": volume.encryption_key_id,
             "metadata": args.get("metadata") or {},
+            "provider_id": MARK,
         }
         try:
             db.snapshot_create(context, values)  # objects.Snapshot.create() refuses a set id
@@ -228,10 +250,12 @@ class QsnapSnapshotMetadataController(wsgi.Controller):
         status = args["status"]
         progress = args.get("progress") or ("100%" if status == "available" else None)
         snapshot = objects.Snapshot.get_by_id(context, id)  # 404 if unknown
+        _check_ours(snapshot, "finalize-snapshot-metadata")
         changes = {"status": status}
         if progress:
             changes["progress"] = progress
-        if not snapshot.conditional_update(changes, {"status": fields.SnapshotStatus.CREATING}):
+        expected = {"status": fields.SnapshotStatus.CREATING, "provider_id": MARK}
+        if not snapshot.conditional_update(changes, expected):
             raise webob.exc.HTTPConflict(
                 explanation=f"snapshot {id} is {snapshot.status!r}, not 'creating'"
             )
@@ -245,9 +269,11 @@ class QsnapSnapshotMetadataController(wsgi.Controller):
         _authorize(context)
         _check_id(id)
         snapshot = objects.Snapshot.get_by_id(context, id)  # 404 if unknown
+        _check_ours(snapshot, "snapshot-delete-metadata")
         # Claim it first so no driver operation can start on it meanwhile.
         if not snapshot.conditional_update(
-            {"status": fields.SnapshotStatus.DELETING}, {"status": _DELETABLE}
+            {"status": fields.SnapshotStatus.DELETING},
+            {"status": _DELETABLE, "provider_id": MARK},
         ):
             raise webob.exc.HTTPConflict(
                 explanation=f"snapshot {id} is {snapshot.status!r}: a storage operation owns it"

@@ -10,6 +10,7 @@ names are checked here, at the edge, before anything travels. Every failure is a
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -100,11 +101,57 @@ def _plain_name(value: object, field: str) -> None:
         raise BadRequest(f"Invalid input for field/attribute {field}: must be a plain file name")
 
 
-def parse_json(body: bytes) -> object:
+#: Deepest nesting a request may have. Every schema here needs at most 3 levels
+#: (``{"snapshot": {"volume_ids": [...]}}``); CPython's decoder recurses per level and
+#: raises RecursionError near 1000, so depth is counted BEFORE decoding.
+MAX_JSON_DEPTH = 16
+#: Largest ``delete_info`` (characters, as decoded from the query string). Cinder sends four
+#: short fields (~300 characters); the query string is not bounded like a request body is.
+MAX_DELETE_INFO = 4096
+_JSON_SPECIAL = re.compile(r'[\[\]{}"\\]')
+
+
+def check_json_depth(text: str, limit: int = MAX_JSON_DEPTH) -> None:
+    """Raise :class:`BadRequest` when ``text`` nests arrays/objects deeper than ``limit``.
+
+    A scan of the structural characters outside strings (escapes honoured), linear in
+    ``len(text)``; malformed text is left for the decoder to refuse.
+    """
+    depth = 0
+    in_string = False
+    skip = -1  # index of the character an escape consumed
+    for match in _JSON_SPECIAL.finditer(text):
+        i, c = match.start(), match.group()
+        if in_string:
+            if i == skip:
+                continue
+            if c == "\\":
+                skip = i + 1
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            if depth > limit:
+                raise BadRequest(f"Malformed request body: JSON nested deeper than {limit} levels")
+        elif c in "]}":
+            depth -= 1
+
+
+def parse_json(body: bytes | str, *, max_depth: int = MAX_JSON_DEPTH) -> object:
+    """Decode a JSON request; any malformed, undecodable or too deep input is BadRequest."""
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        text = body if isinstance(body, str) else body.decode(json.detect_encoding(body))
+    except UnicodeDecodeError as exc:
         raise BadRequest(f"Malformed request body: {exc}") from None
+    check_json_depth(text, max_depth)
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise BadRequest(f"Malformed request body: {exc}") from None
+    except RecursionError:  # a second line of defence: never a bare 500
+        raise BadRequest("Malformed request body: JSON nested too deeply") from None
 
 
 def _typed(fn: Any, *args: object) -> Any:
@@ -135,7 +182,11 @@ def delete_request(snapshot_id: str, query_string: str) -> api.DeleteSnapshotReq
         raise BadRequest("Invalid input: query parameter delete_info is required")
     if len(values) > 1:
         raise BadRequest("Invalid input: query parameter delete_info given more than once")
-    info = parse_json(values[0].encode())
+    if len(values[0]) > MAX_DELETE_INFO:
+        raise BadRequest(
+            f"Invalid input: query parameter delete_info longer than {MAX_DELETE_INFO} characters"
+        )
+    info = parse_json(values[0])
     try:
         _validate(DELETE_INFO, info)
     except BadRequest as exc:

@@ -27,7 +27,7 @@ from oslo_config import cfg
 from api_ext import auth
 from api_ext.app import AgentClient, ApiApp
 from api_ext.config import make_conf
-from api_ext.router import InventoryListener, Router
+from api_ext.router import InventoryListener, Router, RouterSettings
 from hostagent.rpc.client import AgentAPI, get_transport
 
 LOG = logging.getLogger(__name__)
@@ -59,10 +59,12 @@ class ApiServer:
 
         self.conf = conf
         agents = _Agents(transport, conf.api.rpc_timeout)
-        probe_timeout = min(5.0, conf.api.rpc_timeout)
+        settings = RouterSettings.from_conf(conf)
+        probe_timeout = min(settings.host_timeout, conf.api.rpc_timeout)
         self.router = Router(
             conf.api.hosts,
             probe=lambda host: AgentAPI(transport, host, timeout=probe_timeout).get_inventory({}),
+            settings=settings,
         )
         self._listener = InventoryListener(transport, self.router)
         app = ApiApp(
@@ -75,6 +77,7 @@ class ApiServer:
             server_name="qsnap-api",
         )
         self._server.max_request_body_size = conf.api.max_request_body_size
+        self._server.max_request_header_size = conf.api.max_request_header_size
         self._thread: threading.Thread | None = None
         self.port = 0
 
@@ -105,7 +108,13 @@ def serve(argv: Sequence[str] = (), *, ready_line: bool = False) -> int:
         conf.set_override("use_stderr", True)
     oslo_log.setup(conf, "qsnap")
     transport = get_transport(conf)
-    server = ApiServer(conf, transport)
+    try:
+        server = ApiServer(conf, transport)  # checks noauth before anything binds or listens
+    except auth.UnsafeConfiguration as exc:
+        LOG.error("qsnap-api refuses to start: %s", exc)
+        print(f"qsnap-api: refusing to start: {exc}", file=sys.stderr, flush=True)
+        transport.cleanup()
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

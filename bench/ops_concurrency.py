@@ -312,7 +312,10 @@ def watchdog_cost(g: Any, n: int = 5) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workers", type=int, default=4, help="agent [agent] workers (default 4)")
+    ap.add_argument(
+        "--workers", type=int, default=4,
+        help="agent [agent] workers and cinder_workers (assisted creates run in the latter)",
+    )  # fmt: skip
     ap.add_argument("--guests", type=int, default=2)
     ap.add_argument("--volumes", type=int, default=10, help="in total, spread over the guests")
     ap.add_argument("--per-volume", type=int, default=5)
@@ -346,7 +349,7 @@ def main() -> int:
             work, bed.rabbit.transport_url, bed.share.root, prefix="bench", stop_timeout=120,
             conf={
                 "DEFAULT": {"use_stderr": "true"},
-                "agent": {"workers": args.workers},
+                "agent": {"workers": args.workers, "cinder_workers": args.workers},
                 "cinder": noauth_cinder(rec),
             },
         )  # fmt: skip

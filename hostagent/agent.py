@@ -36,6 +36,7 @@ from hostagent.cinder.status import (
 from hostagent.config import make_conf
 from hostagent.inventory import InventoryTracker
 from hostagent.journal.events import make_events
+from hostagent.journal.purge import DAY, JournalPurger
 from hostagent.journal.store import Journal
 from hostagent.libvirt_hypervisor import LibvirtHypervisor
 from hostagent.pool import KeyedPool
@@ -43,6 +44,7 @@ from hostagent.recovery import reconcile
 from hostagent.rpc.client import InventoryFanout, get_transport
 from hostagent.rpc.server import get_server
 from hostagent.service import AssistedService
+from hostagent.snapshots.assisted_rules import Deadlines
 from libvirt_ops import Connection
 
 LOG = logging.getLogger(__name__)
@@ -95,6 +97,9 @@ class Agent:
             os.path.join(conf.state_path, "journal.sqlite"), host=conf.host, listener=self.events
         )
         self.journal = journal
+        self.purger = JournalPurger(
+            journal, age=conf.journal.purge_age_days * DAY, interval=conf.journal.purge_interval
+        )
         retry = RetryPolicy(deadline=30.0, request_timeout=conf.cinder.timeout)
         if conf.cinder.enabled:
             auth = cinder_auth(conf)
@@ -104,6 +109,8 @@ class Agent:
         self.queue = queue
         pool = KeyedPool(conf.agent.workers)
         self.pool = pool
+        #: Cinder-driven creates/deletes: their own capacity (backups cannot starve them).
+        self.cinder_pool = KeyedPool(conf.agent.cinder_workers, name="qsnap-cinder")
         hv = LibvirtHypervisor(
             conn,
             conf.host,
@@ -130,6 +137,12 @@ class Agent:
             roots=roots,
             backup_engine=LiveEngine(conn, journal, roots),
             backup_settings=backup_settings,
+            cinder_pool=self.cinder_pool,
+            deadlines=Deadlines(
+                create=conf.agent.create_deadline,
+                delete=conf.agent.delete_deadline,
+                create_reserve=conf.agent.freeze_timeout + 5.0,
+            ),
         )
         self.service = service
         if transport is None:
@@ -147,7 +160,7 @@ class Agent:
         self._server: Any = None
 
     def start(self) -> None:
-        """Reconcile unfinished work, then start the queue, tracker and RPC server threads."""
+        """Reconcile unfinished work, then start the queue, purge, tracker and RPC threads."""
         if self.events is not None:
             self.events.start()
         # a release of stranded backup overlays is finished, not failed: its base may be torn
@@ -162,6 +175,7 @@ class Agent:
         )
         reconcile(self.journal, resumers)
         self.queue.start()  # resends what an earlier run left pending
+        self.purger.start()  # after recovery: it finished what it could
         self.reaper.start()  # before the tracker: no stop may pass unseen once volumes are known
         self.tracker.start()
         self._server = get_server(self.transport, self.host, self.service)
@@ -174,10 +188,12 @@ class Agent:
             self._server.stop()
             self._server.wait()
             self._server = None
+        self.cinder_pool.shutdown(wait=True)
         self.pool.shutdown(wait=True)
         self.tracker.stop()
         self.reaper.stop()
         self.queue.stop()
+        self.purger.stop()
         if self.events is not None:
             self.events.stop()
         for transport in self._owned:

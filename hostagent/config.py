@@ -49,8 +49,18 @@ agent_opts: list[cfg.Opt] = [
         default=4,
         min=1,
         max=64,
-        help="Size of the bounded worker pool running long operations; further requests "
-        "wait in the queue (each disk is serialized separately).",
+        help="Size of the bounded worker pool running long operations (backups, verifies, "
+        "restores, prunes, instance snapshots, deletes of the agent's own snapshots); "
+        "further requests wait in the queue (each disk is serialized separately).",
+    ),
+    cfg.IntOpt(
+        "cinder_workers",
+        default=2,
+        min=1,
+        max=64,
+        help="Size of a separate pool for Cinder-driven assisted creates and deletes, so "
+        "a queue in the [agent] workers pool cannot hold them past Cinder's wait. Each disk "
+        "is still serialized with every other operation on it.",
     ),
     cfg.FloatOpt(
         "freeze_timeout",
@@ -60,10 +70,23 @@ agent_opts: list[cfg.Opt] = [
         "thaws it after this many seconds whatever happens.",
     ),
     cfg.FloatOpt(
-        "snapshot_timeout",
-        default=60.0,
+        "create_deadline",
+        default=600.0,
         min=1.0,
-        help="Deadline in seconds for one snapshot operation (overlays, quiesce, snapshot).",
+        help="Seconds after an assisted create is accepted until Cinder stops waiting for "
+        "it (Cinder's remotefs driver: 600). Its snapshot is not started later than this "
+        "minus freeze_timeout minus 5 s; a create not started by then fails without "
+        "touching the chain and sends Cinder no status (Cinder marks it error itself and "
+        "refuses later updates).",
+    ),
+    cfg.FloatOpt(
+        "delete_deadline",
+        default=7200.0,
+        min=1.0,
+        help="Seconds after an assisted delete is accepted until Cinder stops waiting for "
+        "it (Cinder's remotefs driver: 7200). A merge not started by then fails without "
+        "touching the chain and sends Cinder no status; a merge started in time runs to "
+        "its end (bounded by merge_timeout).",
     ),
     cfg.FloatOpt(
         "merge_timeout",
@@ -77,7 +100,8 @@ agent_opts: list[cfg.Opt] = [
         default=60.0,
         min=1.0,
         help="Seconds between periodic inventory publications (changes are published at "
-        "once as well).",
+        "once as well). qsnap-api forgets a host it has not heard from for its [api] "
+        "host_ttl (180 s), so keep this a fraction of that.",
     ),
 ]
 
@@ -196,6 +220,24 @@ backup_opts: list[cfg.Opt] = [
     ),
 ]
 
+journal_opts: list[cfg.Opt] = [
+    cfg.FloatOpt(
+        "purge_age_days",
+        default=30.0,
+        min=0.0,
+        help="Final operations (succeeded, failed, cancelled) last updated more than this "
+        "many days ago are deleted from the journal with their steps by a periodic purge. "
+        "Unfinished operations and operations with an undelivered volume-service notice "
+        "are never purged. 0 disables the purge (the journal then grows forever).",
+    ),
+    cfg.FloatOpt(
+        "purge_interval",
+        default=3600.0,
+        min=1.0,
+        help="Seconds between journal purge passes (the first runs when the agent starts).",
+    ),
+]
+
 _GROUPS: list[tuple[str | None, list[cfg.Opt]]] = [
     (None, default_opts),
     ("libvirt", libvirt_opts),
@@ -203,6 +245,7 @@ _GROUPS: list[tuple[str | None, list[cfg.Opt]]] = [
     ("shares", shares_opts),
     ("cinder", cinder_opts),
     ("backup", backup_opts),
+    ("journal", journal_opts),
 ]
 
 

@@ -3,6 +3,10 @@
 Two block jobs or a snapshot and a merge on one disk would fight over its chain, so work
 is queued per key (one key per disk) in FIFO order; different disks run in parallel up to
 ``workers`` threads. Nothing here knows about libvirt: keys are opaque strings.
+
+The agent runs two: one for Cinder-driven assisted creates and deletes, one for everything
+else, so neither can fill the other's workers; a disk's operations in both are serialized by
+:class:`hostagent.hypervisor.DiskLocks`, which the jobs that change a disk's chain hold.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ LOG = logging.getLogger(__name__)
 class KeyedPool:
     """``submit(key, fn)``: ``fn`` runs after every earlier job with the same key ended."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, *, name: str = "qsnap-op") -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="qsnap-op")
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix=name)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._queues: dict[str, collections.deque[Callable[[], None]]] = {}

@@ -25,6 +25,7 @@ from hostagent.recovery import Resume
 from hostagent.rpc import contract as api
 from hostagent.rpc.wire_errors import Rule, wire_errors
 from hostagent.snapshots.assisted import AssistedSnapshots
+from hostagent.snapshots.assisted_rules import Deadlines
 from hostagent.snapshots.owned import OwnedOps
 
 __all__ = ["AssistedService", "Hypervisor", "Located"]
@@ -57,7 +58,13 @@ class AssistedService:
         roots: list[str],
         backup_engine: BackupEngine | None = None,
         backup_settings: BackupSettings | None = None,
+        cinder_pool: KeyedPool | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
+        """``cinder_pool``: the capacity of Cinder-driven creates and deletes, apart from
+        ``pool`` (backups, verifies, restores, prunes, instance snapshots, owned deletes) so
+        a queue there cannot hold them past Cinder's wait (None: they share ``pool``).
+        ``deadlines``: when Cinder stops waiting for them."""
         self._journal = journal
         self._hv = hypervisor
         self._pool = pool
@@ -73,7 +80,10 @@ class AssistedService:
         step = crash_pointed(journal)
         args = (journal, hypervisor, notify, pool, locks)
         #: Cinder-assisted create/delete (Nova's os-assisted-volume-snapshots).
-        self.assisted = AssistedSnapshots(*args, roots=roots, step=step, release=release)
+        self.assisted = AssistedSnapshots(
+            journal, hypervisor, notify, cinder_pool or pool, locks,
+            roots=roots, step=step, release=release, deadlines=deadlines,
+        )  # fmt: skip
         #: Instance snapshots and owned deletes.
         self.owned = OwnedOps(*args, roots=roots, step=step, release=release)
 
@@ -134,8 +144,10 @@ class AssistedService:
             states=states,
             lock=f"volume:{filters.volume_id}" if filters.volume_id else None,
             limit=filters.limit,
+            newest_first=True,  # RPC 1.4: the newest ``limit`` matches, newest first
         )
-        return [self._to_api(op) for op in found]
+        steps = self._journal.steps_of(op.id for op in found)  # one read, not one per op
+        return [api.Operation.of(op, steps.get(op.id, ())) for op in found]
 
     def get_inventory(self, ctxt: api.CallContext) -> api.Inventory:
         return self._hv.inventory()

@@ -4,6 +4,12 @@ Two independent opinions must both pass: oslo.utils' format inspector (every nam
 check runs and reports, as in Glance/Nova/Cinder after CVE-2024-32498) and our own header
 parser with stricter bounds and the naming/location policy. Formats are never probed: the
 caller pins the top format and each backing format must be recorded in its parent.
+
+Location: every layer's realpath must lie under an allowed root AND in the top's own
+directory (the share directory, with symlinked directories such as a mount point resolved).
+Backing names are plain basenames, so only a symlinked file can lead a chain elsewhere: into
+another share (another allowed root) or another directory of the same one. That is refused
+(rule ``cross-directory``), for the top as for every backing file.
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ def inspect_chain(
     real_roots = [os.path.realpath(os.fspath(r)) for r in roots]
     if not real_roots:
         raise UnsafeImage(top, "roots", "no allowed roots given")
+    share_dir = os.path.realpath(os.path.dirname(top))
     infos: list[LayerInfo] = []
     readers: list[Layer] = []
     seen: set[tuple[int, int]] = set()
@@ -88,7 +95,7 @@ def inspect_chain(
             raise UnsafeImage(cur, "depth", f"chain deeper than {max_depth} layers")
         if cur_fmt not in FORMATS:
             raise UnsafeImage(cur, "format", f"format {cur_fmt!r} not allowed")
-        info, reader, ident = _inspect_one(cur, cur_fmt, real_roots)
+        info, reader, ident = _inspect_one(cur, cur_fmt, real_roots, share_dir)
         if ident in seen:
             raise UnsafeImage(cur, "loop", "backing chain loops back to this file")
         seen.add(ident)
@@ -102,8 +109,10 @@ def inspect_chain(
     return Chain(tuple(infos), readers)
 
 
-def _inspect_one(path: str, fmt: str, roots: list[str]) -> tuple[LayerInfo, Layer, tuple[int, int]]:
-    real = _check_location(path, roots)
+def _inspect_one(
+    path: str, fmt: str, roots: list[str], share_dir: str
+) -> tuple[LayerInfo, Layer, tuple[int, int]]:
+    real = _check_location(path, roots, share_dir)
     try:
         fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
@@ -143,19 +152,25 @@ def _inspect_one(path: str, fmt: str, roots: list[str]) -> tuple[LayerInfo, Laye
     return info, reader, ident
 
 
-def _check_location(path: str, roots: list[str]) -> str:
-    """The file must exist and its realpath (symlinks resolved) lie inside one root."""
+def _check_location(path: str, roots: list[str], share_dir: str) -> str:
+    """The file must exist and its realpath (symlinks resolved) lie inside one root and
+    directly in ``share_dir`` (the top's directory, resolved)."""
     try:
         lst = os.lstat(path)
     except OSError as exc:
         raise UnsafeImage(path, "missing", str(exc)) from None
     real = os.path.realpath(path)
-    for root in roots:
-        if real != root and os.path.commonpath([real, root]) == root:
-            return real
-    if stat.S_ISLNK(lst.st_mode) or real != os.path.abspath(path):
-        raise UnsafeImage(path, "symlink-escape", f"resolves to {real}, outside the roots")
-    raise UnsafeImage(path, "outside-roots", f"{real} is not under any allowed root")
+    if not any(real != root and os.path.commonpath([real, root]) == root for root in roots):
+        if stat.S_ISLNK(lst.st_mode) or real != os.path.abspath(path):
+            raise UnsafeImage(path, "symlink-escape", f"resolves to {real}, outside the roots")
+        raise UnsafeImage(path, "outside-roots", f"{real} is not under any allowed root")
+    if os.path.dirname(real) != share_dir:
+        raise UnsafeImage(
+            path,
+            "cross-directory",
+            f"resolves to {real}, outside the chain's share directory {share_dir}",
+        )
+    return real
 
 
 def _oslo_failures(path: str, fmt: str, head: bytes) -> dict[str, str]:

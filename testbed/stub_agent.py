@@ -16,9 +16,11 @@ typed request or plain values), so the stub does not depend on the request class
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -34,6 +36,9 @@ from testbed.service import Service
 VOL_OK = "11111111-1111-4111-8111-111111111111"
 VOL_BUSY = "22222222-2222-4222-8222-222222222222"  # raises libvirt_ops.DiskBusy (mapped)
 VOL_CRASH = "33333333-3333-4333-8333-333333333333"  # raises RuntimeError (internal)
+VOL_LEAK = "66666666-6666-4666-8666-666666666666"  # raises OSError naming LEAK_PATH (internal)
+#: A path an internal error names: it must reach the agent's log, never a caller.
+LEAK_PATH = f"/srv/qsnap-private/share-a/volume-{VOL_LEAK}.secret-layer"
 INSTANCE = "44444444-4444-4444-8444-444444444444"
 MiB = 1024 * 1024
 BACKUP_NS = uuid.UUID("99999999-9999-4999-8999-999999999999")
@@ -71,6 +76,8 @@ class StubService:
             raise DiskBusy(f"disk of volume {volume_id} has a block job")
         if volume_id == VOL_CRASH:
             raise RuntimeError("stub exploded")
+        if volume_id == VOL_LEAK:
+            raise PermissionError(13, "Permission denied", LEAK_PATH)
         if volume_id != VOL_OK:
             raise api.VolumeNotFound(f"volume {volume_id} is not attached on {self.host}")
 
@@ -189,6 +196,7 @@ class StubService:
     ) -> list[api.Operation]:
         with self._lock:
             ops = list(self._ops.values())
+        ops.sort(key=lambda op: (op.created_at or "", op.id), reverse=True)  # RPC 1.4
         return [
             op
             for op in ops
@@ -365,9 +373,22 @@ class StubService:
             self._stages[op_id] = [ended]
         return op
 
+    #: The volumes ``get_inventory`` names (``--volumes``), all attached to ``INSTANCE``.
+    inventory_volumes: tuple[str, ...] = (VOL_OK,)
+    #: ``--volumes-file``: re-read at every call (a test "attaches" a volume by writing it),
+    #: so what the stub publishes and what it answers when asked always agree, as in an agent.
+    volumes_file: str | None = None
+
     def get_inventory(self, ctxt: api.CallContext) -> api.Inventory:
-        vol = api.VolumeAttachment(VOL_OK, INSTANCE, "instance-0001", "vdb", "/x/volume-" + VOL_OK)
-        return api.Inventory(self.host, (vol,), generation=1)
+        names = self.inventory_volumes
+        if self.volumes_file is not None:
+            with open(self.volumes_file) as f:
+                names = tuple(v for v in f.read().replace("\n", ",").split(",") if v)
+        vols = tuple(
+            api.VolumeAttachment(v, INSTANCE, "instance-0001", "vdb", "/x/volume-" + v)
+            for v in names
+        )
+        return api.Inventory(self.host, vols, generation=1)
 
 
 def _step(name: str) -> dict[str, Any]:
@@ -394,19 +415,55 @@ def _stage(
 
 
 def start_stub_agent(
-    logdir: Path, transport_url: str, host: str, *, name: str = "stub-agent", timeout: float = 60.0
+    logdir: Path,
+    transport_url: str,
+    host: str,
+    *,
+    name: str = "stub-agent",
+    timeout: float = 60.0,
+    extra: Sequence[str] = (),
 ) -> Service:
-    """This module as a child process serving ``host``; returned once it printed READY."""
+    """This module as a child process serving ``host``; returned once it printed READY.
+    ``extra``: ``--volumes V1,V2`` (what get_inventory names), ``--volumes-file F``,
+    ``--publish-every S``."""
     svc = Service(name, logdir / f"{name}.log")
     argv = [sys.executable, "-m", "testbed.stub_agent", "--transport-url", transport_url]
-    svc.start([*argv, "--host", host], timeout=timeout)
+    svc.start([*argv, "--host", host, *extra], timeout=timeout)
     return svc
+
+
+def _publish_every(conf: Any, service: StubService, interval: float) -> None:
+    """Cast the stub's inventory on the fanout every ``interval`` s, as an agent does."""
+    from hostagent.rpc.client import InventoryFanout, get_transport
+
+    fanout = InventoryFanout(get_transport(conf))
+
+    def run() -> None:
+        while True:
+            try:
+                fanout(service.get_inventory(api.CallContext()))
+            except Exception as exc:  # the bus may be down: the next period republishes
+                print(f"publishing inventory failed: {exc}", file=sys.stderr, flush=True)
+            time.sleep(interval)
+
+    threading.Thread(target=run, name="inventory", daemon=True).start()
 
 
 def main() -> int:
     ns, rest = parse_args(sys.argv[1:])
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--volumes", help="comma-separated volumes get_inventory names")
+    extra.add_argument("--publish-every", type=float, default=0.0, help="seconds; 0: never")
+    extra.add_argument("--volumes-file", help="file naming the volumes, re-read every call")
+    more, rest = extra.parse_known_args(rest)
     conf = make_conf(rest, overrides={"transport_url": ns.transport_url, "host": ns.host})
-    serve(conf, StubService(conf.host), ready=lambda: print("READY", flush=True))
+    service = StubService(conf.host)
+    if more.volumes is not None:
+        service.inventory_volumes = tuple(v for v in more.volumes.split(",") if v)
+    service.volumes_file = more.volumes_file
+    if more.publish_every > 0:
+        _publish_every(conf, service, more.publish_every)
+    serve(conf, service, ready=lambda: print("READY", flush=True))
     return 0
 
 

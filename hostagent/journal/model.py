@@ -206,3 +206,18 @@ class Notification:
     next_attempt_at: float
     created_at: float
     sent_at: float | None
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What one :meth:`Journal.prune <hostagent.journal.store.Journal.prune>` deleted.
+
+    ``kept_owed``: final operations old enough to go that were kept because a notice naming
+    them is still undelivered.
+    """
+
+    operations: int = 0
+    steps: int = 0
+    notices: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+    kept_owed: int = 0

@@ -79,8 +79,15 @@ def _v1(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX notifications_due ON notifications (state, next_attempt_at)")
 
 
+def _v2(conn: sqlite3.Connection) -> None:
+    """Listings are newest first with a limit: walk an index backwards instead of sorting
+    the whole table (unfiltered, or by kind); the state filter has ``operations_state``."""
+    conn.execute("CREATE INDEX operations_created ON operations (created_at)")
+    conn.execute("CREATE INDEX operations_kind ON operations (kind, created_at)")
+
+
 #: MIGRATIONS[n-1] brings the schema from version n-1 to n. Append, never edit.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
 LATEST = len(MIGRATIONS)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from hostagent.journal import rows
@@ -85,6 +85,25 @@ class StepLog(SqliteStore):
             f"SELECT {rows.STEP_COLUMNS} FROM steps WHERE op_id = ? ORDER BY seq", (str(op_id),)
         )
         return [rows.step(row) for row in found]
+
+    def steps_of(self, op_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, list[Step]]:
+        """The steps of many operations in one read per 500 ids (a listing), each in order.
+
+        An operation without steps (or unknown) has no entry.
+        """
+        ids = [str(i) for i in op_ids]
+        out: dict[uuid.UUID, list[Step]] = {}
+        for at in range(0, len(ids), 500):
+            chunk = ids[at : at + 500]
+            found = self._read(
+                f"SELECT {rows.STEP_COLUMNS} FROM steps WHERE op_id IN"
+                f" ({','.join('?' * len(chunk))}) ORDER BY op_id, seq",
+                chunk,
+            )
+            for row in found:
+                step = rows.step(row)
+                out.setdefault(step.op_id, []).append(step)
+        return out
 
     @staticmethod
     def _step_row(conn: sqlite3.Connection, op_id: uuid.UUID, seq: int) -> Step:

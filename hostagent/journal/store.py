@@ -4,7 +4,8 @@ The agent may be killed at any instant (kill -9, host crash). Recovery can only 
 undo what it knows was attempted, so a step is written (PLANNED) and committed with
 ``synchronous=FULL`` before it acts, and marked DONE/FAILED after. Every public call is one
 transaction (:mod:`.sqlite`), safe to share between threads and processes. Nothing is
-deleted except by :meth:`Journal.prune`.
+deleted except by :meth:`Journal.prune` (old final operations; run periodically by
+:class:`hostagent.journal.purge.JournalPurger`).
 
 :class:`Journal` is one object over three tables: operations (here), their steps
 (:mod:`.steps`) and the notices owed to the volume service (:mod:`.notices`). Its errors
@@ -44,6 +45,7 @@ from hostagent.journal.model import (
     OperationKind,
     OperationRecord,
     OperationState,
+    Pruned,
 )
 from hostagent.journal.notices import NoticeTable, backoff
 from hostagent.journal.schema import SchemaError
@@ -225,7 +227,9 @@ class Journal(StepLog, NoticeTable):
         """Operations matching every given filter, oldest first unless ``newest_first``.
 
         ``newest_first`` with ``limit`` gives the newest matches, which is what a listing
-        wants; recovery walks them oldest first.
+        wants (``ORDER BY created_at DESC LIMIT``, walking an index backwards: schema v2);
+        recovery walks them oldest first. Filters apply before the limit, so asking for
+        unfinished states lists them however many finished operations are newer.
         """
         where: list[str] = []
         args: list[Any] = []
@@ -270,22 +274,56 @@ class Journal(StepLog, NoticeTable):
 
     # -- housekeeping -----------------------------------------------------------------------
 
-    def prune(self, older_than: float) -> int:
-        """Delete final operations and delivered notices last touched before ``older_than``.
+    def prune(
+        self,
+        older_than: float,
+        *,
+        batch: int = 500,
+        stop: Callable[[], bool] = lambda: False,
+    ) -> Pruned:
+        """Delete final operations last touched before ``older_than``, with their steps.
 
-        Returns how many operations were deleted. Unfinished operations and undelivered
-        notices are kept whatever their age: they are still owed work.
+        Kept whatever their age, because they are still owed work: unfinished operations
+        (pending, running: recovery resumes them) and operations named by an undelivered
+        notice. Delivered notices sent before ``older_than`` go too. Works in transactions of
+        at most ``batch`` operations, so a large backlog never holds the journal for long;
+        ``stop()`` true between two of them ends the pass early (the agent is stopping).
         """
         finals = [s.value for s in OperationState if s.is_final]
-        marks = ",".join("?" * len(finals))
-        old_ops = f"SELECT id FROM operations WHERE state IN ({marks}) AND updated_at < ?"
-        with self._write() as conn:
-            args = (*finals, older_than)
-            conn.execute(f"DELETE FROM steps WHERE op_id IN ({old_ops})", args)
-            conn.execute(f"DELETE FROM operation_locks WHERE op_id IN ({old_ops})", args)
-            deleted = conn.execute(f"DELETE FROM operations WHERE id IN ({old_ops})", args)
-            conn.execute(
-                "DELETE FROM notifications WHERE state = ? AND sent_at < ?",
-                (NotificationState.SENT.value, older_than),
-            )
-            return deleted.rowcount
+        owed = NotificationState.PENDING.value
+        old = (
+            f"state IN ({','.join('?' * len(finals))}) AND updated_at < ?"
+            " AND id NOT IN (SELECT op_id FROM notifications WHERE state = ? AND op_id IS NOT NULL)"
+        )
+        args = (*finals, older_than, owed)
+        n_ops = n_steps = 0
+        by_kind: dict[str, int] = {}
+        while True:
+            with self._write() as conn:
+                found = conn.execute(
+                    f"SELECT id, kind FROM operations WHERE {old} ORDER BY updated_at LIMIT ?",
+                    (*args, batch),
+                ).fetchall()
+                ids = [row["id"] for row in found]
+                marks = ",".join("?" * len(ids))
+                if ids:
+                    n_steps += conn.execute(
+                        f"DELETE FROM steps WHERE op_id IN ({marks})", ids
+                    ).rowcount
+                    conn.execute(f"DELETE FROM operation_locks WHERE op_id IN ({marks})", ids)
+                    n_ops += conn.execute(
+                        f"DELETE FROM operations WHERE id IN ({marks})", ids
+                    ).rowcount
+                for row in found:
+                    by_kind[row["kind"]] = by_kind.get(row["kind"], 0) + 1
+                if len(ids) < batch or stop():
+                    notices = conn.execute(
+                        "DELETE FROM notifications WHERE state = ? AND sent_at < ?",
+                        (NotificationState.SENT.value, older_than),
+                    ).rowcount
+                    (kept,) = conn.execute(
+                        f"SELECT COUNT(*) FROM operations WHERE state IN"
+                        f" ({','.join('?' * len(finals))}) AND updated_at < ?",
+                        (*finals, older_than),
+                    ).fetchone()
+                    return Pruned(n_ops, n_steps, notices, by_kind, int(kept))

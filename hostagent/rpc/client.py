@@ -1,4 +1,4 @@
-"""Client side of the agent's RPC API (1.3) and the inventory fan-out.
+"""Client side of the agent's RPC API (1.4) and the inventory fan-out.
 
 Callers get typed results (``Operation``, ``Inventory``) and typed errors from
 ``hostagent.rpc.contract``. Typed errors need the transport to allow that module
@@ -8,6 +8,8 @@ errors is converted here, so callers can rely on ``except VolumeNotFound``.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +23,8 @@ om = messaging()
 #: Fanout topic on which every agent casts ``inventory_update(host, volumes, generation)``.
 INVENTORY_TOPIC = "qsnap-inventory"
 _ERRORS_BY_NAME = {cls.__name__: cls for cls in api.RPC_ERRORS}
+#: The most ``list_operations`` answers (``OperationFilters`` refuses a larger limit).
+_LIST_MAX = 1000
 
 
 def get_transport(conf: cfg.ConfigOpts, url: str | None = None) -> Any:
@@ -38,9 +42,11 @@ class AgentAPI:
         1.2 - create/list/get/verify/delete/restore/prune backups
         1.3 - cancel_operation (backup/verify/prune/restore; new state ``cancelled``, new
               error NotCancellable), start_prune (prune as an operation)
+        1.4 - list_operations answers the newest ``limit`` matches, newest first (same
+              arguments; a 1.3 agent answered the oldest)
     """
 
-    VERSION_CAP = "1.3"
+    VERSION_CAP = "1.4"
 
     def __init__(self, transport: Any, host: str, *, timeout: float = 60.0) -> None:
         target = om.Target(topic=api.RPC_TOPIC, version="1.0")
@@ -117,12 +123,36 @@ class AgentAPI:
     def list_operations(
         self, ctxt: Mapping[str, Any], filters: api.OperationFilters | None = None
     ) -> list[api.Operation]:
-        wire = (filters or api.OperationFilters()).to_wire()
-        out = self._call(ctxt, "list_operations", filters=wire)
+        """The newest ``filters.limit`` matching operations, newest first (RPC 1.4).
+
+        A 1.3 agent (refusing 1.4) is asked at 1.0 for its maximum, which it answers oldest
+        first: the newest ``limit`` of those are kept, right while it holds at most that many.
+        """
+        f = filters or api.OperationFilters()
+        try:
+            out = self._call(ctxt, "list_operations", version="1.4", filters=f.to_wire())
+        except (om.RemoteError, om.UnsupportedVersion) as exc:
+            # over a real bus a RemoteError naming it; the fake driver raises it as itself
+            if isinstance(exc, om.RemoteError) and str(exc.exc_type) != "UnsupportedVersion":
+                raise
+            wide = dataclasses.replace(f, limit=_LIST_MAX).to_wire()
+            old = [
+                api.Operation.from_wire(op)
+                for op in self._call(ctxt, "list_operations", filters=wide)
+            ]
+            old.sort(key=lambda op: (op.created_at or "", op.id), reverse=True)
+            return old[: f.limit]
         return [api.Operation.from_wire(op) for op in out]
 
     def get_inventory(self, ctxt: Mapping[str, Any]) -> api.Inventory:
         return api.Inventory.from_wire(self._call(ctxt, "get_inventory"))
+
+    def with_timeout(self, timeout: float) -> AgentAPI:
+        """This host's client waiting at most ``timeout`` s for each answer (probes and
+        fan-outs, where a host that does not answer is skipped); cheap, shares the transport."""
+        bounded = copy.copy(self)
+        bounded._client = self._client.prepare(timeout=timeout)
+        return bounded
 
     # -- 1.2: backups (every one refuses with BackupNotFound/InvalidRequest, typed) -------
     def create_backup(

@@ -21,7 +21,7 @@ from hostagent.journal import model as ops
 from qcow2.naming import CINDER, is_uuid
 
 RPC_TOPIC = "qsnap-agent"
-RPC_VERSION = "1.3"
+RPC_VERSION = "1.4"
 #: Module the client must allow for typed errors to come back as themselves.
 ERRORS_MODULE = __name__
 
@@ -406,6 +406,10 @@ def _iso(ts: float) -> str:
 
 @dataclass(frozen=True)
 class OperationFilters:
+    """``list_operations``' filters. RPC 1.4: the agent answers the NEWEST ``limit`` matches,
+    newest first (a 1.3 agent answered the oldest, oldest first); filters apply before the
+    limit, so ``state=running`` lists every running operation up to ``limit``."""
+
     state: OperationState | None = None
     kind: OperationKind | None = None
     volume_id: str | None = None

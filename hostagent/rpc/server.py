@@ -3,8 +3,9 @@
 The endpoint is the edge: it turns wire arguments into typed requests once, delegates to an
 injected :class:`AgentService`, and maps every failure (by :mod:`.wire_errors`) to a typed
 error from ``hostagent.rpc.contract`` that the client rebuilds as the same class. Expected
-errors are sent without server-side tracebacks; anything unexpected is logged here and sent
-as ``AgentInternalError`` so the caller fails at once instead of waiting for a timeout.
+errors are sent without server-side tracebacks; anything unexpected is logged here (its
+text and traceback, under a fresh error id) and sent as ``AgentInternalError`` carrying only
+that id, so the caller fails at once instead of waiting for a timeout and learns no paths.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from oslo_config import cfg
 
 from hostagent.rpc import contract as api
 from hostagent.rpc.messaging import messaging
-from hostagent.rpc.wire_errors import to_wire
+from hostagent.rpc.wire_errors import internal_error, new_error_id, to_wire, wire_error
 from qcow2.naming import is_uuid
 
 om = messaging()
@@ -50,10 +51,16 @@ class AgentEndpoint:
             except api.AgentRpcError:
                 raise
             except Exception as exc:
-                typed = to_wire(exc)
-                if isinstance(typed, api.AgentInternalError):
-                    LOG.exception("RPC %s failed unexpectedly", method)
-                raise typed from exc
+                typed = wire_error(exc)
+                if typed is not None:
+                    raise typed from exc
+                error_id = new_error_id()
+                LOG.exception(
+                    "RPC %s failed unexpectedly [error id %s]: %s: %s",
+                    method, error_id, type(exc).__name__, exc,
+                )  # fmt: skip
+                # ``from None``: oslo.messaging sends the formatted traceback, causes included
+                raise internal_error(error_id) from None
         except api.AgentRpcError as exc:
             LOG.info("RPC %s refused: %s: %s", method, type(exc).__name__, exc)
             # ExpectedException records the current exc_info: the client gets ``exc`` typed.

@@ -12,6 +12,7 @@ must name what the caller sent passes its own :class:`Rule` first.
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -21,7 +22,25 @@ from hostagent.rpc import contract as api
 from libvirt_ops import ChainMismatch, DiskBusy, DiskNotFound, DomainNotFound
 from qcow2.errors import SnapshotExists, SnapshotNotFound, UnsafeImage
 
-__all__ = ["REUSED_ID", "RULES", "Rule", "to_wire", "wire_error", "wire_errors"]
+__all__ = [
+    "INTERNAL_MESSAGE",
+    "REUSED_ID",
+    "RULES",
+    "Rule",
+    "internal_error",
+    "new_error_id",
+    "to_wire",
+    "wire_error",
+    "wire_errors",
+]
+
+#: What a caller learns of an unexpected failure: nothing but an id. The exception text
+#: (which may name paths, hosts, internal state) stays in the agent's log under that id.
+#: qsnap-api recognises this exact text (api_ext/app.py) and passes it on unchanged.
+INTERNAL_MESSAGE = (
+    "Internal error in the host agent (error id {error_id}); the details are in that agent's "
+    "log under this id."
+)
 
 
 @dataclass(frozen=True)
@@ -77,12 +96,23 @@ def wire_error(exc: BaseException, rules: Iterable[Rule] = RULES) -> api.AgentRp
     return None
 
 
-def to_wire(exc: BaseException) -> api.AgentRpcError:
-    """What the endpoint sends for ``exc``: unmapped errors become ``AgentInternalError``."""
+def new_error_id() -> str:
+    """A fresh id for one unexpected failure (32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+def internal_error(error_id: str) -> api.AgentInternalError:
+    """The generic wire error for the failure logged under ``error_id``."""
+    return api.AgentInternalError(INTERNAL_MESSAGE.format(error_id=error_id))
+
+
+def to_wire(exc: BaseException, error_id: str | None = None) -> api.AgentRpcError:
+    """What the endpoint sends for ``exc``: unmapped errors become ``AgentInternalError``
+    with only an id (``error_id``, else a new one); the caller logs ``exc`` under it."""
     typed = wire_error(exc)
     if typed is not None:
         return typed
-    return api.AgentInternalError(f"{type(exc).__name__}: {exc}")
+    return internal_error(error_id or new_error_id())
 
 
 @contextlib.contextmanager

@@ -4,10 +4,19 @@ Cinder drives and owns the ``.info`` ledger and the files; the agent only change
 chain and reports the status Cinder's remotefs driver polls for.
 
 A request is validated against the disk's REAL chain (live XML + qcow2 inspection of every
-file) while the caller waits, so a bad name fails with a typed error and nothing is touched
-or journaled. Accepted requests are journaled (idempotency key = snapshot id) and answered
-at once; a worker re-validates (the chain may have moved while queued) and journals every
-step before taking it. Merged files are never deleted here: Cinder deletes them itself.
+file) AND the volume's ``.info`` ledger (the snapshot id and every name exactly as Cinder's
+remotefs driver computes them: :mod:`.assisted_rules`) while the caller waits, so a bad
+request fails with a typed error (400, or 404 for a snapshot id the ledger does not have)
+and nothing is touched, journaled or reported. Accepted requests are journaled (idempotency
+key = snapshot id) and answered at once; they run in the Cinder pool (apart from backups),
+where a worker holding the disk's lock re-validates (the chain may have moved while queued)
+and journals every step before taking it. Merged files are never deleted here: Cinder
+deletes them itself.
+
+A job not started before Cinder stops waiting (:class:`.assisted_rules.Deadlines`) fails
+without touching the chain and reports nothing. A snapshot or merge call that raised is
+judged from the live chain (:mod:`.assisted_chain`), as recovery judges it: a snapshot that
+is the live top nevertheless is reported done, never ``error``.
 
 After a restart, :meth:`AssistedSnapshots.resume` judges each unfinished operation from its
 journaled steps AND the live chain, because a PLANNED step may or may not have taken effect:
@@ -57,8 +66,20 @@ from hostagent.journal.model import StepName
 from hostagent.pool import KeyedPool
 from hostagent.rpc import contract as api
 from hostagent.rpc.wire_errors import REUSED_ID, Rule, wire_errors
+from hostagent.snapshots.assisted_chain import (
+    expected_after,
+    judge_create,
+    judge_delete,
+    live_names,
+)
+from hostagent.snapshots.assisted_rules import (
+    DeadlineExpired,
+    Deadlines,
+    check_create,
+    check_delete,
+    cinder_ledger,
+)
 from qcow2 import CINDER, Qcow2Error, inspect_chain
-from qcow2.naming import volume_base_name
 
 LOG = logging.getLogger(__name__)
 
@@ -82,11 +103,14 @@ class AssistedSnapshots:
         roots: list[str],
         step: StepFn,
         release: Release | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self._j, self._hv, self._notify, self._pool = journal, hv, notify, pool
         self._locks, self._roots, self._step = locks, roots, step
         #: Merges a backup checkpoint down first (None: a checkpointed chain is refused).
         self.release = release
+        #: When Cinder stops waiting: a job not started by then is not started.
+        self.deadlines = deadlines or Deadlines()
 
     # -- validation (touches nothing) -----------------------------------------------------
     def _chain_names(self, where: Located) -> list[str]:
@@ -96,8 +120,8 @@ class AssistedSnapshots:
     def _validate_create(self, req: api.CreateSnapshotRequest) -> tuple[Located, dict[str, Any]]:
         where = self._hv.locate(req.volume_id)
         names = self._chain_names(where)
-        if not req.new_file.startswith(volume_base_name(req.volume_id) + "."):
-            raise api.InvalidRequest(f"new_file {req.new_file!r} is not a file of this volume")
+        ledger = cinder_ledger(os.path.dirname(where.disk.source), req.volume_id)
+        check_create(ledger, names, req)  # Cinder's name for a NEW snapshot id
         if req.new_file in names:
             raise api.InvalidRequest(f"new_file {req.new_file!r} is already in the chain")
         path = os.path.join(os.path.dirname(where.disk.source), req.new_file)
@@ -143,6 +167,8 @@ class AssistedSnapshots:
             if pos(req.merge_target_file) <= top:
                 raise api.InvalidRequest("merge_target_file is not below file_to_merge")
             mode = "commit"
+        # the id is Cinder's and delete_info exactly the merge its ledger implies for it
+        check_delete(cinder_ledger(os.path.dirname(where.disk.source), req.volume_id), names, req)
         return where, {"disk": where.key, "mode": mode, "chain": names}
 
     # -- accept -----------------------------------------------------------------------------
@@ -152,7 +178,7 @@ class AssistedSnapshots:
         req: Request,
         key: str,
         validate: Callable[[Any], tuple[Located, dict[str, Any]]],
-        run: Callable[[uuid.UUID, Any], None],
+        run: Callable[[uuid.UUID, Any, float], None],
     ) -> ops.Operation:
         request = {"kind": kind.value, **asdict(req)}
         locks = [f"volume:{req.volume_id}"]
@@ -164,11 +190,11 @@ class AssistedSnapshots:
             begun = self._j.begin(kind, request, key, locks)
         if begun.created:
             assert where is not None
-            op_id, disk = begun.operation.id, where.key
+            op_id, disk, accepted = begun.operation.id, where.key, begun.operation.created_at
 
             def job() -> None:
                 with self._locks.hold([disk]):  # instance snapshots hold several disks
-                    run(op_id, req)
+                    run(op_id, req, accepted)
 
             self._pool.submit(disk, job)
         return begun.operation
@@ -191,14 +217,33 @@ class AssistedSnapshots:
         with self._step(op_id, StepName.NOTIFY, {"report": report.name}) as step:
             step.data["delivered"] = self._notify.send(snapshot_id, report, op_id)
 
-    def _run_create(self, op_id: uuid.UUID, req: api.CreateSnapshotRequest) -> None:
+    def _expired(self, op_id: uuid.UUID, req: Request, exc: DeadlineExpired) -> None:
+        """Cinder stopped waiting before the job could start: fail it, report nothing."""
+        LOG.warning("%s of volume %s: %s", req.snapshot_id, req.volume_id, exc)
+        self._j.finish(op_id, ops.OperationState.FAILED, error=exc)
+
+    def _run_create(
+        self, op_id: uuid.UUID, req: api.CreateSnapshotRequest, accepted: float
+    ) -> None:
+        late = self.deadlines.check
         try:
+            late("create", accepted)
             self._release_checkpoint(op_id, req.volume_id)
             with self._step(op_id, StepName.VALIDATE, None) as step:
                 where, plan = self._validate_create(req)
                 step.data.update(plan)
+            late("create", accepted)  # a release may have taken long: never start late
             with self._step(op_id, StepName.SNAPSHOT, {"new_file": req.new_file}) as step:
-                step.data.update(self._hv.snapshot(where, req.new_file))
+                try:
+                    step.data.update(self._hv.snapshot(where, req.new_file))
+                except Exception as exc:  # judged from the live chain, as recovery does
+                    taken = judge_create(self._hv, self._roots, req, exc)
+                    if taken is None:
+                        raise
+                    step.data.update(taken)
+        except DeadlineExpired as exc:
+            self._expired(op_id, req, exc)
+            return
         except Exception as exc:
             LOG.warning("create %s of volume %s failed: %s", req.snapshot_id, req.volume_id, exc)
             self._report(op_id, req.snapshot_id, Report.CREATE_FAILED)
@@ -207,7 +252,9 @@ class AssistedSnapshots:
         self._report(op_id, req.snapshot_id, Report.CREATE_DONE)
         self._j.finish(op_id, ops.OperationState.SUCCEEDED, result={"active": plan["new_path"]})
 
-    def _run_delete(self, op_id: uuid.UUID, req: api.DeleteSnapshotRequest) -> None:
+    def _run_delete(
+        self, op_id: uuid.UUID, req: api.DeleteSnapshotRequest, accepted: float
+    ) -> None:
         j = self._j
 
         def progress(cur: int, end: int) -> None:
@@ -216,15 +263,29 @@ class AssistedSnapshots:
             except jn.JournalError:  # progress is advisory; never fail the merge for it
                 LOG.debug("progress of %s not journaled", op_id, exc_info=True)
 
+        late = self.deadlines.check
         try:
+            late("delete", accepted)
             self._release_checkpoint(op_id, req.volume_id)
             with self._step(op_id, StepName.VALIDATE, None) as step:
                 where, plan = self._validate_delete(req)
                 step.data.update(plan)
+            late("delete", accepted)  # a merge started in time is never interrupted
             data = {"file_to_merge": req.file_to_merge, "target": req.merge_target_file}
             with self._step(op_id, StepName.MERGE, data) as step:
-                result = self._hv.merge(where, req.file_to_merge, req.merge_target_file, progress)
+                try:
+                    result = self._hv.merge(
+                        where, req.file_to_merge, req.merge_target_file, progress
+                    )
+                except Exception as exc:  # judged from the live chain, as recovery does
+                    merged = judge_delete(self._hv, self._roots, req, plan["chain"], exc)
+                    if merged is None:
+                        raise
+                    result = merged
                 step.data.update(result)
+        except DeadlineExpired as exc:
+            self._expired(op_id, req, exc)
+            return
         except Exception as exc:
             LOG.warning("delete %s of volume %s failed: %s", req.snapshot_id, req.volume_id, exc)
             self._report(op_id, req.snapshot_id, Report.DELETE_FAILED)
@@ -248,7 +309,14 @@ class _Resume:
         self.roots, self.job_timeout = owner._roots, job_timeout
 
     def submit(self, key: str, fn: Callable[[], None]) -> None:
-        self.o._pool.submit(key, fn)
+        """In the Cinder pool, holding the disk as a fresh job does (other pools' jobs)."""
+        locks = self.o._locks
+
+        def job() -> None:
+            with locks.hold([key]):
+                fn()
+
+        self.o._pool.submit(key, job)
 
     # -- shared -------------------------------------------------------------------------
     def owe(self, op_id: uuid.UUID, snapshot_id: str, report: Report) -> None:
@@ -270,14 +338,7 @@ class _Resume:
                 self.j.step_undone(op_id, s.seq, {"recovery": why})
 
     def live_names(self, where: Located) -> list[str]:
-        """The disk's chain, top first, from libvirt AND the file headers (must agree)."""
-        disk = where.disk
-        live = [os.path.realpath(layer.path) for layer in disk.chain]
-        with inspect_chain(disk.source, roots=self.roots, naming=CINDER, fmt=disk.fmt) as c:
-            on_disk = [os.path.realpath(info.path) for info in c.layers]
-        if live != on_disk:
-            raise Qcow2Error(f"libvirt's chain {live} differs from the files {on_disk}")
-        return [os.path.basename(p) for p in live]
+        return live_names(where, self.roots)
 
     def j_steps(self, op_id: uuid.UUID) -> tuple[ops.Step, ...]:
         return tuple(self.j.steps(op_id))
@@ -375,16 +436,18 @@ class _Resume:
             return "volume gone: error_deleting"
         if not merge or not validated:  # nothing touched yet: simply run it again
             self.undo_planned(op.id, steps, "restart before the merge: run again")
-            self.submit(where.key, lambda: self.run_merge(op.id, req, where, None))
+            at = op.created_at
+            self.submit(where.key, lambda: self.run_merge(op.id, req, where, None, at))
             return "merge never started: run again"
         before = [str(n) for n in validated[-1].data["chain"]]
-        self.submit(where.key, lambda: self.finish_merge(op.id, req, merge[-1], before))
+        self.submit(where.key, lambda: self.finish_merge(op, req, merge[-1], before))
         return "merge PLANNED: judged from the live chain in the pool"
 
     # -- delete workers (run in the pool: a job may take long) -----------------------------
     def finish_merge(
-        self, op_id: uuid.UUID, req: api.DeleteSnapshotRequest, step: ops.Step, before: list[str]
+        self, op: ops.Operation, req: api.DeleteSnapshotRequest, step: ops.Step, before: list[str]
     ) -> None:
+        op_id = op.id
         try:
             expected = expected_after(before, req)
             # no BlockJob object survives us: the job is adopted and settled, bounded
@@ -403,7 +466,7 @@ class _Resume:
             self.report_delete(op_id, req, Report.DELETE_DONE, data, "")
         elif names == before:
             self.j.step_undone(op_id, step.seq, {"recovery": "chain unchanged: merge again"})
-            self.run_merge(op_id, req, where, before)
+            self.run_merge(op_id, req, where, before, op.created_at)
         else:
             why = f"after restart the chain is {names}: neither {before} nor {expected}"
             self.j.step_failed(op_id, step.seq, ops.ErrorInfo("RecoveredFailure", why))
@@ -415,9 +478,13 @@ class _Resume:
         req: api.DeleteSnapshotRequest,
         where: Located,
         before: list[str] | None,
+        accepted: float,
     ) -> None:
-        """The merge again, as a fresh run does it (libvirt_ops re-checks the chain)."""
+        """The merge again, as a fresh run does it (libvirt_ops re-checks the chain); not
+        once Cinder stopped waiting (then it fails, nothing reported, as a fresh run)."""
+        late = self.o.deadlines.check
         try:
+            late("delete", accepted)
             if before is None:
                 # a checkpoint the kill left on top hides Cinder's chain: merge it down first
                 if release_step(self.j.step, op_id, where, self.o.release) is None:
@@ -425,10 +492,15 @@ class _Resume:
                 with self.j.step(op_id, StepName.VALIDATE) as vstep:
                     before = self.live_names(where)
                     vstep.data.update({"disk": where.key, "chain": before, "recovered": True})
+            late("delete", accepted)
             data = {"file_to_merge": req.file_to_merge, "target": req.merge_target_file}
             with self.j.step(op_id, StepName.MERGE, {**data, "recovered": True}) as mstep:
                 done = self.hv.merge(where, req.file_to_merge, req.merge_target_file, _noop)
                 mstep.data.update(done)
+        except DeadlineExpired as exc:
+            LOG.warning("recovered delete %s: %s", req.snapshot_id, exc)
+            self.j.finish(op_id, ops.OperationState.FAILED, error=exc)
+            return
         except Exception as exc:
             LOG.warning("recovered delete %s failed: %s", req.snapshot_id, exc)
             self.report_delete(op_id, req, Report.DELETE_FAILED, {}, str(exc))
@@ -464,14 +536,3 @@ def result_of(steps: tuple[ops.Step, ...]) -> dict[str, Any]:
 
 def _noop(cur: int, end: int) -> None:
     """Progress of a recovered merge is not journaled (it is advisory)."""
-
-
-def expected_after(before: list[str], req: api.DeleteSnapshotRequest) -> list[str]:
-    """The chain (basenames, top first) a successful merge of ``req`` leaves."""
-    if req.merge_target_file is not None:
-        assert req.file_to_merge is not None
-        top, base = before.index(req.file_to_merge), before.index(req.merge_target_file)
-        return before[:top] + before[base:]
-    if req.file_to_merge is None:
-        return before[:1]
-    return before[:1] + before[before.index(req.file_to_merge) :]

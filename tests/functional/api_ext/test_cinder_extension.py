@@ -266,3 +266,66 @@ def test_policy_denies_callers_without_the_rule(cinder: CinderPeer, client: Any)
         cinder.set_policy({})
     assert client.volume_snapshots.get(sid).status == "creating"
     assert client.qsnap_snapshots.finalize(sid).status == "available"
+
+
+def _seen(client: Any, sid: str) -> tuple[Any, ...]:
+    s = client.volume_snapshots.get(sid)
+    progress = getattr(s, "os-extended-snapshot-attributes:progress")
+    return (s.status, progress, s.name, s.description, s.metadata, s.updated_at, s.size)
+
+
+def test_snapshot_cinder_made_itself_is_refused_and_unchanged(
+    cinder: CinderPeer, client: Any
+) -> None:
+    """Issue 14: finalize and delete-metadata act only on records create-snapshot-metadata
+    made. A snapshot Cinder's NfsDriver took (its overlay and ledger entry on the share) is
+    refused with 409 and stays exactly as it was: record, quota usage, files."""
+    vol = _volume(client)
+    snap = client.volume_snapshots.create(vol.id, name="cinder-own", metadata={"k": "v"})
+    _wait(lambda: client.volume_snapshots.get(snap.id), lambda o: o.status != "creating", "snap")
+    # a project member could write any metadata key: forging one must not make it ours
+    client.volume_snapshots.set_metadata(snap.id, {"qsnap": "recorded"})
+    before = _seen(client, snap.id)
+    assert before[0] == "available"
+    files = _tree(cinder.share_dir)
+    ledger = qcow2.read_ledger(str(cinder.share_dir), vol.id)
+    assert ledger is not None and snap.id in ledger.snapshots
+    usage = client.quotas.get(cinder.project_id, usage=True).snapshots
+
+    for call in (
+        lambda: client.qsnap_snapshots.finalize(snap.id, "error"),
+        lambda: client.qsnap_snapshots.finalize(snap.id, "available"),
+        lambda: client.qsnap_snapshots.delete_metadata(snap.id),
+    ):
+        with pytest.raises(cexc.ClientException) as err:
+            call()
+        assert err.value.code == 409
+        assert "not recorded through os-qsnap-snapshot-metadata" in str(err.value)
+    # raw POSTs too (what a caller holding the service role could send)
+    for body in (
+        {"finalize-snapshot-metadata": {"status": "creating", "progress": "5%"}},
+        {"snapshot-delete-metadata": None},
+    ):
+        code, _ = _post(cinder, f"snapshots/{snap.id}/action", body)
+        assert code == 409, body
+
+    assert _seen(client, snap.id) == before
+    assert _tree(cinder.share_dir) == files
+    assert qcow2.read_ledger(str(cinder.share_dir), vol.id) == ledger
+    assert client.quotas.get(cinder.project_id, usage=True).snapshots == usage
+    # control: a record made through the extension on the same volume is still finalized
+    sid = str(uuid.uuid4())
+    client.qsnap_snapshots.create_metadata(sid, vol.id)
+    assert client.qsnap_snapshots.finalize(sid).status == "available"
+    client.qsnap_snapshots.delete_metadata(sid)
+    # and Cinder still owns and deletes its own snapshot normally
+    client.volume_snapshots.delete(snap.id)
+
+    def gone() -> bool:
+        try:
+            client.volume_snapshots.get(snap.id)
+        except cexc.NotFound:
+            return True
+        return False
+
+    _wait(lambda: gone(), bool, "cinder's own delete", 120)

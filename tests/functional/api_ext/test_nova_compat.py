@@ -39,7 +39,9 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def agent(rabbitmq: Any, logdir: Path) -> Iterator[Service]:
-    svc = start_stub_agent(logdir, rabbitmq.transport_url, HOST, timeout=60)
+    (logdir / "volumes").write_text(VOL_OK)
+    extra = ["--volumes-file", str(logdir / "volumes")]
+    svc = start_stub_agent(logdir, rabbitmq.transport_url, HOST, timeout=60, extra=extra)
     yield svc
     assert svc.stop(30) == 0, svc.tail()
 
@@ -123,12 +125,17 @@ def test_no_token_is_401(api_url: str) -> None:
     assert resp.status_code == 401
 
 
-def test_fanout_inventory_routes_new_volume_and_busy_is_409(api_url: str, rabbitmq: Any) -> None:
-    """VOL_BUSY is in no inventory (404) until the agent's fanout names it; then the
-    request reaches the agent, whose DiskBusy comes back as 409."""
+def test_fanout_inventory_routes_new_volume_and_busy_is_409(
+    api_url: str, rabbitmq: Any, logdir: Path
+) -> None:
+    """VOL_BUSY is in no inventory (404) until it is attached to the agent, which then
+    publishes it; the request reaches the agent, whose DiskBusy comes back as 409. (The
+    router believes a claim the host itself answers for: the stub's own inventory changes
+    before its fanout, as a real agent's does.)"""
     nova = _nova(api_url)
     with pytest.raises(nova_exc.NotFound):
         nova.assisted_volume_snapshots.create(VOL_BUSY, _create_info())
+    (logdir / "volumes").write_text(f"{VOL_OK},{VOL_BUSY}")  # attached on the host
     transport = get_transport(make_conf(), rabbitmq.transport_url)
     try:
         vols = tuple(

@@ -8,7 +8,7 @@ name; Cinder needs the API's URL; the agent needs Cinder's URL and project.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,14 +44,31 @@ class Deployment:
         return self.cinder.client()
 
 
+def _merged(
+    conf: Mapping[str, Mapping[str, object]], extra: Mapping[str, Mapping[str, object]]
+) -> dict[str, dict[str, object]]:
+    out = {g: dict(opts) for g, opts in conf.items()}
+    for group, opts in extra.items():
+        out.setdefault(group, {}).update(opts)
+    return out
+
+
 def _stopped(name: str, stop: Callable[[], int | None], tail: Callable[[], str]) -> None:
     """SIGTERM must end the service cleanly (0): a crash or hang on shutdown is a bug too."""
     rc = stop()
     assert rc == 0, f"{name} exited {rc}: {tail()}"
 
 
-def deploy(share: Any, rabbit: Any, conn: Any, image: Any) -> Iterator[Deployment]:
+def deploy(
+    share: Any,
+    rabbit: Any,
+    conn: Any,
+    image: Any,
+    agent_conf: Mapping[str, Mapping[str, object]] | None = None,
+) -> Iterator[Deployment]:
     """A module fixture's body; every teardown step runs, a failed one must not leak the rest.
+
+    ``agent_conf``: options merged over the agent's (group -> name -> value).
 
     noauth: callers sending no X-Roles (Cinder's ``[nova] auth_type = none``, the CLI's
     ``--os-auth-type none``) get the service and admin roles their policies need.
@@ -75,10 +92,10 @@ def deploy(share: Any, rabbit: Any, conn: Any, image: Any) -> Iterator[Deploymen
         agent = AgentProcess(
             logdir, rabbit.transport_url, share.root, host=agent_host,
             state=logdir / "agent-state", log=logdir / "qsnap-agent.log", rpc_timeout=30,
-            conf={
+            conf=_merged({
                 "agent": {"workers": 2, "merge_timeout": 300},
                 "cinder": noauth_cinder(cinder, user_id="qsnap-agent"),
-            },
+            }, agent_conf or {}),
         )  # fmt: skip
         cleanup.insert(0, agent.transport.cleanup)
         agent.start()

@@ -15,6 +15,7 @@ from typing import Any
 from hostagent.rpc import contract as api
 from hostagent.rpc.client import AgentAPI
 from libvirt_ops import DiskSnapshotSpec, QuiescePolicy, SnapshotRequest, take_snapshot
+from qcow2 import Ledger, write_ledger
 from testbed import procs
 from testbed.agent import CTX, AgentProcess, final, noauth_cinder
 from testbed.cinder import CinderRecorder
@@ -50,6 +51,17 @@ def precreate(g: Any, snap: str) -> str:
     return name
 
 
+def cinder_ledger(g: Any) -> None:
+    """Cinder's ``.info`` as Cinder leaves it after its creates and commit deletes (it
+    writes it once it heard ``90%``; the agent refuses a delete whose id is not in it):
+    ``active`` = the live top, each ``volume-<vid>.<snapshot id>`` layer mapped to its id."""
+    vid = g.disks[0].volume_id
+    names = [n for n in g.chain() if ".qsnap-bk-" not in n]
+    prefix = f"volume-{vid}."
+    snaps = {n[len(prefix) :]: n for n in names if n.startswith(prefix)}
+    write_ledger(str(g.dir), vid, Ledger(names[0], snaps))
+
+
 def create(client: AgentAPI, g: Any, snap: str, new_file: str) -> api.Operation:
     info = {"snapshot_id": snap, "type": "qcow2", "new_file": new_file}
     return client.create_assisted_snapshot(CTX, g.disks[0].volume_id, info)
@@ -77,6 +89,7 @@ class CrashBed:
         spec = DiskSnapshotSpec(name, volume_id=self.g.disks[0].volume_id, reuse_existing=True)
         req = SnapshotRequest(self.g.dom.UUIDString(), (spec,), quiesce=QuiescePolicy.OFF)
         take_snapshot(self.g.conn, req, roots=[self.share.root])
+        cinder_ledger(self.g)  # as Cinder's ledger has it after its create
         return snap, name
 
     def crash_then_recover(self, at: str, send: Callable[[AgentAPI], Any]) -> api.Operation:

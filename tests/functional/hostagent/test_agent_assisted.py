@@ -22,7 +22,13 @@ from hostagent.rpc.client import AgentAPI
 from testbed.agent import CTX, final
 from testbed.cinder import CinderRecorder
 from testbed.layers import qemu_img_check
-from tests.functional.hostagent.agent_bed import assisted_agent, create, delete, precreate
+from tests.functional.hostagent.agent_bed import (
+    assisted_agent,
+    cinder_ledger,
+    create,
+    delete,
+    precreate,
+)
 
 pytestmark = pytest.mark.functional
 
@@ -60,6 +66,7 @@ def test_assisted_create_delete_and_bad_requests(agent: Any, guest: Any) -> None
     assert cinder.updates == [(s1, {"status": "creating", "progress": "90%"})]
     again = create(client, g, s1, f1)  # Nova/Cinder retry: same operation, nothing redone
     assert again.id == op.id and g.chain() == [f1, base]
+    cinder_ledger(g)  # Cinder heard 90%: its ledger maps s1 (deletes are checked against it)
 
     # 3. bad requests touch nothing and journal nothing
     listing = sorted(os.listdir(g.dir))
@@ -82,12 +89,14 @@ def test_assisted_create_delete_and_bad_requests(agent: Any, guest: Any) -> None
     f2 = precreate(g, s2)
     assert final(client, create(client, g, s2, f2)).state is api.OperationState.SUCCEEDED
     assert g.chain() == [f2, f1, base]
+    cinder_ledger(g)
     op = final(client, delete(client, g, s1, f1, base))
     assert op.state is api.OperationState.SUCCEEDED, op.error
     assert [s["name"] for s in op.result["steps"]] == ["validate", "merge", "notify"]
     assert g.chain() == [f2, base]
     assert (g.dir / f1).exists()  # Cinder deletes it, never the agent
     assert cinder.updates[-1] == (s1, {"status": "deleting", "progress": "90%"})
+    cinder_ledger(g)
 
     # 2b. pull case (Cinder's "active file is the snapshot's file"): flatten into the active
     op = final(client, delete(client, g, s2, None, None))

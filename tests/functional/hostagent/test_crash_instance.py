@@ -60,7 +60,7 @@ class CrashBed:
         if op is None and retry:
             op = send(client)
         elif op is None:
-            op = client.list_operations(CTX, api.OperationFilters(kind=kind))[-1]
+            op = client.list_operations(CTX, api.OperationFilters(kind=kind))[0]  # newest
         return final(client, op, timeout=120)
 
     def converged(self) -> None:

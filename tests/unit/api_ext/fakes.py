@@ -123,9 +123,10 @@ class FakeAgent:
     ) -> list[api.Operation]:
         self._record("list", filters)
         f = filters or api.OperationFilters()
-        return [
+        newest_first = sorted(self.ops, key=lambda o: (o.created_at or "", o.id), reverse=True)
+        return [  # RPC 1.4: the newest ``limit`` matches
             o
-            for o in self.ops
+            for o in newest_first
             if (f.state is None or o.state is f.state)
             and (f.kind is None or o.kind is f.kind)
             and (f.volume_id is None or f.volume_id in o.volume_ids)

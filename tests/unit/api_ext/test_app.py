@@ -344,16 +344,20 @@ def test_router_probes_static_hosts_once_per_miss() -> None:
         att = api.VolumeAttachment(VOL, INST, "d", "vdb", "/s/f")
         return api.Inventory(host, (att,), 1)
 
-    router = Router(["down", "up"], probe=probe)
+    router = Router(["down", "up"], probe=probe, background=False)
     assert router.host_for_volume(VOL) == "up"
     assert router.host_for_volume(VOL) == "up"
     assert probed == ["down", "up"]
-    # a newer published inventory is not overwritten by a later probe's older answer
+    # a publication dropping VOL is believed only once "up" answers without it: its own
+    # answer (generation 1: VOL and not `other`) wins over the published generation 2
     other = "66666666-6666-4666-8666-666666666666"
     assert router.update("up", [{"volume_id": other, "instance_uuid": INST}], 2)
-    with pytest.raises(LookupError):
-        router.host_for_volume(VOL)  # probes again: "up" answers generation 1, dropped
     assert router.host_for_volume(other) == "up"
+    assert router.host_for_volume(VOL) == "up"
+    router.verify_pending()
+    assert router.host_for_volume(VOL) == "up"
+    with pytest.raises(LookupError):
+        router.host_for_volume(other)
     with pytest.raises(LookupError):
         router.host_for_volume(str(uuid.uuid4()))
 

@@ -62,8 +62,8 @@ def test_list_merges_hosts_newest_first_and_limits_after_merge(
     assert "failed_hosts" not in body
     top2 = app.get("/v1/operations?limit=2", headers=ADMIN).json["operations"]
     assert [o["id"] for o in top2] == ["b2", "a2"]
-    # each agent was asked for the maximum, not for 2 (its journal returns oldest first)
-    assert agents["host-a"].calls[-1][1].limit == 1000
+    # each agent was asked for the caller's 2 (RPC 1.4: its newest 2), not the maximum
+    assert agents["host-a"].calls[-1][1].limit == 2
 
 
 def test_list_filters_reach_the_agents(app: webtest.TestApp, agents: dict[str, FakeAgent]) -> None:

@@ -33,7 +33,8 @@ from hostagent.rpc import contract as api
 from hostagent.rpc.messaging import messaging
 from hostagent.service import AssistedService
 from hostagent.snapshots.assisted import expected_after
-from qcow2 import inspect_chain
+from hostagent.snapshots.assisted_rules import Deadlines
+from qcow2 import Ledger, inspect_chain, read_ledger, write_ledger
 
 VOL = "0b5e0a52-1c1b-4a7e-9d43-7f0c6f0e2a11"
 VOL2 = "1c6f1b63-2d2c-4b8f-8e54-8a1d7a1f3b22"
@@ -303,17 +304,23 @@ def _conforms(hv: FakeHypervisor) -> Hypervisor:
 
 
 class FakeNotifier:
-    """Cinder's snapshot status notifier; the first ``failures`` reports are unreachable."""
+    """Cinder's snapshot status notifier; the first ``failures`` reports are unreachable;
+    ``on_sent`` is Cinder hearing a report (e.g. writing its ledger after ``90%``)."""
 
-    def __init__(self, failures: int = 0) -> None:
+    def __init__(
+        self, failures: int = 0, on_sent: Callable[[str, Report], None] | None = None
+    ) -> None:
         self.failures = failures
         self.sent: list[tuple[str, Report]] = []
+        self.on_sent = on_sent
 
     def _r(self, sid: str, report: Report) -> Reported:
         if self.failures > 0:
             self.failures -= 1
             raise NotifyUnreachable(sid, report, 1, "connection refused")
         self.sent.append((sid, report))
+        if self.on_sent is not None:
+            self.on_sent(sid, report)
         return Reported(sid, report, 1)
 
     def report_create_done(self, sid: str) -> Reported:
@@ -422,29 +429,42 @@ class Agent:
         workers: int = 2,
         engine: BackupEngine | None = None,
         settings: BackupSettings | None = None,
+        cinder_workers: int | None = 2,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.tmp, self.hv = tmp, hv
         self.journal = Journal(str(tmp / "j.sqlite"), host="h")
         self.queue = NotifyQueue(self.journal, notifier or FakeNotifier(), meta=meta)
         self.pool = KeyedPool(workers)
+        # as the agent has it; None: Cinder's work shares ``pool`` (as before the split)
+        self.cinder_pool = self.pool
+        if cinder_workers is not None:
+            self.cinder_pool = KeyedPool(cinder_workers, name="qsnap-cinder")
         self.svc = AssistedService(
             self.journal, hv, self.queue, self.pool, roots=[str(tmp)],
             backup_engine=engine, backup_settings=settings,
+            cinder_pool=self.cinder_pool, deadlines=deadlines,
         )  # fmt: skip
 
+    def idle(self, timeout: float) -> bool:
+        """Both pools idle (Cinder's first: its jobs submit nothing to the other)."""
+        return self.cinder_pool.wait_idle(timeout) and self.pool.wait_idle(timeout)
+
     def wait(self, op: api.Operation) -> api.Operation:
-        """``op`` once the pool is idle."""
-        assert self.pool.wait_idle(60)
+        """``op`` once the pools are idle."""
+        assert self.idle(60)
         return self.svc.get_operation(CTX, op.id)
 
     def restart(self) -> list[Outcome]:
         """What a starting agent does: reconcile, then the queue's first flush."""
         out = reconcile(self.journal, self.svc.resumers(job_timeout=3600.0))
-        assert self.pool.wait_idle(30)
+        assert self.idle(30)
         self.queue.flush(due_only=False)
         return out
 
     def close(self) -> None:
+        if self.cinder_pool is not self.pool:
+            self.cinder_pool.shutdown(wait=True)
         self.pool.shutdown(wait=True)
         self.journal.close()
 
@@ -456,7 +476,30 @@ class Bed:
         self.tmp, self.dir = tmp, tmp / "share"
         self.hv = FakeHypervisor(self.dir, volumes)
         self.base = f"volume-{volumes[0]}"
-        self.notifier = FakeNotifier()
+        self.notifier = FakeNotifier(on_sent=self.cinder_heard)
+
+    # -- Cinder's .info ledger, as Cinder keeps it (it writes it once it sees 90%) ----------
+    def ledger(self, vid: str = VOL) -> Ledger | None:
+        return read_ledger(str(self.dir), vid)
+
+    def sync_ledger(self, vid: str = VOL) -> None:
+        """Cinder's ledger for the live chain: ``active`` = Cinder's top (a backup checkpoint
+        left out), every ``volume-<vid>.<snapshot id>`` layer mapped to its id (what creates
+        and commit deletes leave; a pull maps the base's id to the active file instead)."""
+        names = [n for n in self.hv.chains[vid] if ".qsnap-bk-" not in n]
+        prefix = f"volume-{vid}."
+        snaps = {n[len(prefix) :]: n for n in names if n.startswith(prefix)}
+        snaps = {k: v for k, v in snaps.items() if not k.startswith("tmp-snap-")}
+        write_ledger(str(self.dir), vid, Ledger(names[0], snaps))
+
+    def cinder_heard(self, sid: str, report: Report) -> None:
+        """Cinder's wait loop saw ``report``: on done it writes its ledger (see remotefs)."""
+        if report not in (Report.CREATE_DONE, Report.DELETE_DONE):
+            return
+        for vid in self.hv.chains:
+            old = self.ledger(vid)
+            if f"volume-{vid}.{sid}" in self.hv.chains[vid] or (old and sid in old.snapshots):
+                self.sync_ledger(vid)
 
     def agent(self, **kw: Any) -> Agent:
         return Agent(self.tmp, self.hv, self.notifier, **kw)
@@ -468,9 +511,10 @@ class Bed:
         return name
 
     def snapshot_now(self, snap: str) -> str:
-        """A snapshot taken (not by an agent under test)."""
+        """A snapshot taken (not by an agent under test), in Cinder's ledger."""
         name = self.precreate(snap)
         self.hv.chain.insert(0, name)
+        self.sync_ledger(next(iter(self.hv.chains)))
         return name
 
     def crashing(self, at: str, mp: pytest.MonkeyPatch, **kw: Any) -> tuple[Agent, threading.Event]:

@@ -88,7 +88,7 @@ def test_create_killed_mid_release_is_settled_then_reported_error(tmp_path: Path
         name2 = f"volume-{VOL}.{snap2}"
         make_image(bed.dir / name2, bed.base)
         op2 = agent.svc.create_assisted_snapshot(CTX, api.CreateSnapshotRequest(VOL, snap2, name2))
-        assert agent.pool.wait_idle(30)
+        assert agent.idle(30)
         assert agent.svc.get_operation(CTX, op2.id).state is api.OperationState.SUCCEEDED
         assert hv.chain == [name2, bed.base]
     finally:
@@ -259,7 +259,7 @@ def test_delete_killed_before_its_release_releases_then_merges(tmp_path: Path) -
     try:
         agent.svc.assisted.release = release
         reconcile(agent.journal, agent.svc.resumers(job_timeout=3600.0))
-        assert agent.pool.wait_idle(30)
+        assert agent.idle(30)
         agent.queue.flush(due_only=False)
         assert released == [overlay]
         assert hv.chain == [f2, bed.base]  # f1 committed into the base as Cinder asked

@@ -113,17 +113,17 @@ def test_migration_hook_runs_once_and_rolls_back_on_failure(tmp_path: Path) -> N
 
     with pytest.raises(RuntimeError):
         _journal_schema.migrate(conn, [*_journal_schema.MIGRATIONS, broken])
-    assert _journal_schema.schema_version(conn) == 1
+    assert _journal_schema.schema_version(conn) == _journal_schema.LATEST
     columns = [r[1] for r in conn.execute("PRAGMA table_info(operations)")]
     assert "half_done" not in columns
 
-    def v2(c: sqlite3.Connection) -> None:
+    def added(c: sqlite3.Connection) -> None:
         calls.append(1)
         c.execute("ALTER TABLE operations ADD COLUMN owner TEXT")
 
-    migrations = [*_journal_schema.MIGRATIONS, v2]
-    assert _journal_schema.migrate(conn, migrations) == 2
-    assert _journal_schema.migrate(conn, migrations) == 2
+    migrations = [*_journal_schema.MIGRATIONS, added]
+    assert _journal_schema.migrate(conn, migrations) == _journal_schema.LATEST + 1
+    assert _journal_schema.migrate(conn, migrations) == _journal_schema.LATEST + 1
     assert calls == [1]
     columns = [r[1] for r in conn.execute("PRAGMA table_info(operations)")]
     assert "owner" in columns

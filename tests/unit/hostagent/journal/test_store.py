@@ -179,7 +179,7 @@ def test_prune_keeps_unfinished_and_recent(journal: Journal, clock: FakeClock) -
     clock.now += 100
     recent = journal.begin(OperationKind.BACKUP, {"n": 3}).operation
     journal.finish(recent.id, OperationState.FAILED, error=ErrorInfo("E", "m"))
-    assert journal.prune(older_than=clock.now - 50) == 1
+    assert journal.prune(older_than=clock.now - 50).operations == 1
     assert {o.id for o in journal.list_operations()} == {stuck.id, recent.id}
     with pytest.raises(UnknownOperation):
         journal.get(old.id)

@@ -24,8 +24,8 @@ from qcow2.errors import Qcow2Error, SnapshotExists, SnapshotNotFound, UnsafeIma
         (bk.BackupNotFound("no b"), api.BackupNotFound, "no b"),
         (bk.RepositoryBusy("gc"), api.DiskBusy, "backup repository busy: gc"),
         (bk.FormatError("v9"), api.InvalidRequest, "backup repository refused: v9"),
-        (KeyError("k"), api.AgentInternalError, "KeyError: 'k'"),
-        (bk.CorruptChunk("c", "/r", "bad"), api.AgentInternalError, "CorruptChunk: chunk c"),
+        (KeyError("k"), api.AgentInternalError, "Internal error in the host agent (error id "),
+        (bk.CorruptChunk("c", "/r", "bad"), api.AgentInternalError, "Internal error in the host"),
     ],
 )
 def test_to_wire_class_and_message(lower: Exception, wire: type, message: str) -> None:
