@@ -40,11 +40,6 @@ def _unknown(op_id: str) -> Rule:
     )
 
 
-#: The journal's operation model on the wire: the one mapping lives in the contract.
-_KINDS = api.KIND_OF
-_STATES = api.STATE_OF
-
-
 class AssistedService:
     """:class:`hostagent.rpc.contract.AgentService` over a journal, a pool and a hypervisor."""
 
@@ -135,13 +130,9 @@ class AssistedService:
     def list_operations(
         self, ctxt: api.CallContext, filters: api.OperationFilters
     ) -> list[api.Operation]:
-        kinds = {v: k for k, v in _KINDS.items()}
-        states = None
-        if filters.state is not None:
-            states = [s for s, w in _STATES.items() if w is filters.state]
         found = self._journal.list_operations(
-            kind=kinds[filters.kind] if filters.kind else None,
-            states=states,
+            kind=filters.kind.journal_kind() if filters.kind else None,
+            states=filters.state.journal_states() if filters.state is not None else None,
             lock=f"volume:{filters.volume_id}" if filters.volume_id else None,
             limit=filters.limit,
             newest_first=True,  # RPC 1.4: the newest ``limit`` matches, newest first
@@ -184,9 +175,10 @@ class AssistedService:
         with wire_errors(_unknown(op_id), chain=False):
             oid = uuid.UUID(str(op_id))
             op = self._journal.get(oid)
-            if _KINDS[op.kind] not in (api.OperationKind.BACKUP, api.OperationKind.RESTORE):
+            wire_kind = api.OperationKind.of(op.kind)
+            if wire_kind not in (api.OperationKind.BACKUP, api.OperationKind.RESTORE):
                 raise api.NotCancellable(
-                    f"operation {op_id} is a {_KINDS[op.kind].value} operation: snapshot "
+                    f"operation {op_id} is a {wire_kind.value} operation: snapshot "
                     "operations run to completion or roll back; they are not cancellable"
                 )
             if self.backups is None:
