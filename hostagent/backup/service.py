@@ -240,7 +240,8 @@ class BackupService:
         total = 0
         buf = bytearray(repo.config.chunk_size)
         try:
-            with self._j.step(op_id, StepName.VERIFY, {"backup_id": m.backup_id}) as h:
+            step = self._j.step(op_id, StepName.VERIFY, {"backup_id": m.backup_id})
+            with repo.reading(m), step as h:  # registered: GC and prune keep its chunks
                 for n, cid in enumerate(ids, 1):
                     if self.cancelled(op_id):
                         raise bk.BackupCancelled(f"verify of {m.backup_id} cancelled")
@@ -273,7 +274,10 @@ class BackupService:
     def delete_backup(self, backup_id: str) -> None:
         repo, m = self._find(backup_id)
         if any(doc.get("parent_id") == backup_id for doc in repo.running()):
-            raise api.DiskBusy(f"a running incremental builds on backup {backup_id}")
+            raise api.DiskBusy(
+                f"a running incremental builds on backup {backup_id}, or a restore or "
+                "verify reads it"
+            )
         with wire_errors():
             repo.delete(m.volume_id, backup_id)  # chunks go at the next prune's GC
 

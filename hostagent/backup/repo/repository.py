@@ -40,6 +40,7 @@ import secrets
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -376,8 +377,9 @@ class Repository:
         total = 0
         ids = sorted(m.chunk_ids())
         buf = bytearray(self.config.chunk_size)
-        for cid in ids:
-            total += self.read_chunk_into(cid, buf)
+        with self.reading(m):
+            for cid in ids:
+                total += self.read_chunk_into(cid, buf)
         return VerifyReport(m.backup_id, len(ids), total)
 
     # --- concurrency: backup sessions and GC ------------------------------------------
@@ -385,6 +387,12 @@ class Repository:
         self, backup_id: str, volume_id: str, parent_id: str | None = None
     ) -> BackupSession:
         return BackupSession(self, backup_id, volume_id, parent_id)
+
+    def reading(self, manifest: Manifest) -> BackupSession:
+        """A restore or verify of ``manifest`` registers like a running backup: the shared
+        lock makes GC wait, and a marker naming the backup as its parent keeps prune and
+        delete off its manifest (so no chunk it reads can go while it reads)."""
+        return BackupSession(self, str(uuid.uuid4()), manifest.volume_id, manifest.backup_id)
 
     def running(self, stale_after: float = 86400.0) -> list[dict[str, object]]:
         """In-progress markers of backups that may still be running (dead ones skipped)."""

@@ -232,7 +232,7 @@ def restore(
         raise ValueError(f"restore format {fmt!r} not supported")
     m = repo.load(volume_id, backup_id) if volume_id else repo.find(backup_id)
     dest = os.path.abspath(os.fspath(dest_path))
-    with workspace(dest, expect_dir) as ws:
+    with repo.reading(m), workspace(dest, expect_dir) as ws:  # GC and prune keep our chunks
         fd = ws.create("data.raw")
         try:
             written, chunks = _restore_raw(repo, m, fd, progress, cancel, durable)
