@@ -128,6 +128,7 @@ class Agent:
             keep_last=b.keep_last,
             restore_dir=b.restore_dir,
             bandwidth_mib=b.bandwidth_mib,
+            create_repository=not b.repository or b.create_repository,
         )
         service = AssistedService(
             journal,

@@ -171,9 +171,18 @@ cinder_opts: list[cfg.Opt] = [
 backup_opts: list[cfg.Opt] = [
     cfg.StrOpt(
         "repository",
-        help="Directory of the chunked backup repository (created on first use). Put it on "
-        "a share every agent mounts so any host can list, verify and restore. Default: "
-        "<state_path>/backups (one-machine use).",
+        help="Directory of the chunked backup repository. Put it on a share every agent "
+        "mounts so any host can list, verify and restore. It must already hold a repository "
+        "unless create_repository is set (an empty directory there usually means the share "
+        "is not mounted). Default: <state_path>/backups (one-machine use, created on first "
+        "use).",
+    ),
+    cfg.BoolOpt(
+        "create_repository",
+        default=False,
+        help="Create a NEW repository in [backup] repository (and the directory) when none "
+        "is there. Off by default so that a missing or unmounted share refuses backups "
+        "instead of silently filling the local disk; set it once to start a new repository.",
     ),
     cfg.IntOpt(
         "zstd_level",

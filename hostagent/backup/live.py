@@ -39,6 +39,9 @@ class BackupSettings:
     restore_dir: str | None = None
     #: MiB/s per volume read stream; 0 = unlimited.
     bandwidth_mib: int = 0
+    #: A NEW repository (and its directory) may be made at ``repository``; otherwise a
+    #: backup there is refused until one exists (a missing or unmounted share).
+    create_repository: bool = False
 
 
 class BackupEngine(Protocol):

@@ -84,12 +84,21 @@ class BackupService:
 
     # -- repository -----------------------------------------------------------------------
     def _repo(self, *, create: bool = False) -> bk.Repository | None:
+        """The repository; None when there is none yet (reads find nothing). ``create``
+        (a backup) makes one only where ``create_repository`` allows it: a missing or empty
+        repository directory usually means its share is not mounted."""
         path = self._s.repository
         with wire_errors():
             if os.path.exists(os.path.join(path, "config.json")):
                 return bk.Repository.open(path)
             if not create:
                 return None
+            if not self._s.create_repository:
+                what = "does not exist" if not os.path.isdir(path) else "holds no repository"
+                raise api.InvalidRequest(
+                    f"backup repository {path} {what}: is its share mounted? (to start a new "
+                    "repository there, set [backup] create_repository = true)"
+                )
             cfg = bk.RepoConfig(chunk_size=self._s.chunk_size, zstd_level=self._s.zstd_level)
             return bk.Repository.create(path, cfg)
 

@@ -101,6 +101,9 @@ class CrashBed:
             send(self.agent.client(timeout=5))
         except MessagingTimeout:
             pass  # the agent may die before its reply left: the retry below covers it
+        except BaseException:  # refused or broken: the armed agent never dies; stop it
+            self.agent.stop()
+            raise
         self.agent.wait_died(60)
         self.agent.start(timeout=60)
         try:

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from hostagent.rpc import contract as api
+from qcow2 import Ledger, write_ledger
 from testbed.guest import GuestFactory
 from testbed.shares import DirShare
 from tests.functional.hostagent.agent_bed import DELETE_STEPS, CrashBed, delete, open_crash_bed
@@ -82,6 +83,9 @@ def test_flatten_crash_converges(bed: CrashBed, at: str) -> None:
     s1, f1 = bed.snapshot_directly()
     before = g.chain()
     assert before[0] == f1 and len(before) >= 2
+    # Cinder's ledger: s1 is the only snapshot; the layers below are the volume's own (the
+    # earlier cases' snapshots are deleted), so Cinder sends a flatten (base_id None)
+    write_ledger(str(g.dir), g.disks[0].volume_id, Ledger(f1, {s1: f1}))
     stale = _files(bed) - set(before)
     _converged_delete(bed, at, s1, (None, None))
     assert bed.converged(stale | set(before[1:])) == [f1]

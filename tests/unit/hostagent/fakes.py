@@ -543,7 +543,8 @@ class BackupBed(Bed):
         super().__init__(tmp, (VOL, VOL2))
         self.roots = [str(tmp)]
         self.engine = FakeEngine(self.hv, self.roots)
-        s = BackupSettings(str(tmp / "repo"), max_parallel=parallel, keep_last=2, **settings)
+        opts: dict[str, Any] = {"create_repository": True, **settings}
+        s = BackupSettings(str(tmp / "repo"), max_parallel=parallel, keep_last=2, **opts)
         self.a = self.agent(workers=4, engine=self.engine if engine else None, settings=s)
         self.journal, self.pool, self.svc = self.a.journal, self.a.pool, self.a.svc
 

@@ -27,7 +27,12 @@ class BackupAgent(AgentProcess):
         conf: dict[str, Mapping[str, object]] = {
             "agent": {"workers": workers, "merge_timeout": 120},
             "cinder": {"enabled": "false"},
-            "backup": {"repository": self.repo, "max_parallel": max_parallel, **(backup or {})},
+            "backup": {
+                "repository": self.repo,
+                "create_repository": True,
+                "max_parallel": max_parallel,
+                **(backup or {}),
+            },
         }
         super().__init__(
             work, rabbit.transport_url, share_root, prefix="bk", conf=conf, stop_timeout=30

@@ -237,3 +237,20 @@ def test_restore_target_swapped_while_queued_writes_nothing(bed: BackupBed, tmp_
     done = bed.wait(op)
     assert done.state is api.OperationState.FAILED and "TargetChanged" in str(done.error)
     assert os.listdir(elsewhere) == [] and os.listdir(bed.dir / "moved") == []
+
+
+def test_a_missing_or_unmounted_repository_refuses_backups(tmp_path: Path) -> None:
+    """No silent new repository on the local disk: the configured directory must hold one
+    unless [backup] create_repository is set."""
+    bed = BackupBed(tmp_path, create_repository=False)
+    repo = tmp_path / "repo"
+    with pytest.raises(api.InvalidRequest, match="does not exist: is its share mounted"):
+        bed.create([VOL])
+    repo.mkdir()  # an empty mount point: the share is not mounted
+    with pytest.raises(api.InvalidRequest, match="holds no repository"):
+        bed.create([VOL])
+    assert os.listdir(repo) == [] and bed.journal.list_operations() == []
+    assert bed.svc.list_backups(CTX, None) == []  # reads find nothing, create nothing
+    bk.Repository.create(repo)  # the share mounted again: its repository is there
+    done = bed.wait(bed.create([VOL]))
+    assert done.state is api.OperationState.SUCCEEDED

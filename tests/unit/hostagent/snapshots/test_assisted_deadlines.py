@@ -35,7 +35,9 @@ class Busy:
     def __init__(self, tmp: Path, *, workers: int = 1, **agent: Any) -> None:
         self.bed = BackupBed(tmp)
         self.bed.a.close()  # the same share, journal and Cinder; another agent
-        settings = BackupSettings(str(tmp / "repo"), max_parallel=2, keep_last=2)
+        settings = BackupSettings(
+            str(tmp / "repo"), max_parallel=2, keep_last=2, create_repository=True
+        )
         self.a = self.bed.agent(workers=workers, engine=self.bed.engine, settings=settings, **agent)
         self.gate = self.bed.engine.gate = threading.Event()
         self.backups: list[api.Operation] = []
