@@ -12,7 +12,7 @@ help:
 	@echo "make test        host setup + lint + unit + functional (real libvirt/QEMU guest, GlusterFS, RabbitMQ)"
 	@echo "make unit        fast tests only (no daemons)"
 	@echo "make functional  real-peer tests, then the leftover check"
-	@echo "make lint        ruff + mypy"
+	@echo "make lint        ruff + mypy + the import-layer contract (tools/check_imports.py)"
 	@echo "make bench       benchmark scripts (ratios against in-run baselines)"
 	@echo "make bench-backup  issue 7's backup figures in one run (full/incr/restore, vs Cinder, 10 at once)"
 

@@ -33,8 +33,9 @@ to_rpc_error = to_wire
 
 
 class AgentEndpoint:
-    """RPC API 1.3 (1.1 added ``delete_snapshot``, 1.2 the backup methods, 1.3
-    ``cancel_operation`` and ``start_prune``).
+    """RPC API 1.4 (1.1 added ``delete_snapshot``, 1.2 the backup methods, 1.3
+    ``cancel_operation`` and ``start_prune``, 1.4 ``list_operations`` newest first with the
+    caller's limit).
 
     Methods return plain JSON-able data.
     """
