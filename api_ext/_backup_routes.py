@@ -23,7 +23,7 @@ import routes
 import webob
 
 from api_ext import auth, schemas
-from api_ext.router import NotRouted, Router
+from api_ext.router import NotRouted, Router, bounded
 from hostagent.rpc import contract as api
 from hostagent.rpc.client import om
 
@@ -136,8 +136,15 @@ class BackupRoutes:
             )
         return next(iter(hosts.values()))
 
-    def _any_host(self, host: str | None, call: Callable[[BackupAgent], T]) -> T:
-        """``call`` on the pinned host, else on the first known host that answers."""
+    def _any_host(
+        self, host: str | None, call: Callable[[BackupAgent], T], *, read: bool = False
+    ) -> T:
+        """``call`` on the pinned host, else on the first live host that answers.
+
+        A ``read`` (list, get: nothing changes if it ran after all) gives each host only
+        ``[api] host_timeout``, so a silent host costs seconds, not the RPC timeout; a call
+        that changes something keeps the full timeout (a timed-out one may still run there).
+        """
         hosts = self._router.known_hosts()
         if host is not None:
             if host not in hosts:
@@ -147,8 +154,11 @@ class BackupRoutes:
             raise om.MessagingException("no agent host is known yet")
         last: Exception | None = None
         for candidate in hosts:
+            agent = self._agents(candidate)
+            if read:
+                agent = bounded(agent, self._router.settings.host_timeout)
             try:
-                return call(self._agents(candidate))
+                return call(agent)
             except om.RemoteError:
                 raise  # the agent answered (with an untyped error)
             except om.MessagingException as exc:
@@ -174,7 +184,7 @@ class BackupRoutes:
         self._authorize(auth.BACKUP_LIST, ctx)
         host, volume_id = schemas.backup_list(req.query_string)
         rpc = self._rpc_ctxt(ctx)
-        backups = self._any_host(host, lambda a: a.list_backups(rpc, volume_id))
+        backups = self._any_host(host, lambda a: a.list_backups(rpc, volume_id), read=True)
         return 200, {"backups": backups}
 
     def _get(self, req: webob.Request, ctx: Any, backup_id: str) -> Reply:
@@ -182,7 +192,8 @@ class BackupRoutes:
         bid = schemas.backup_id(backup_id)
         host = schemas.host_query(req.query_string)["host"]
         rpc = self._rpc_ctxt(ctx)
-        return 200, {"backup": self._any_host(host, lambda a: a.get_backup(rpc, bid))}
+        found = self._any_host(host, lambda a: a.get_backup(rpc, bid), read=True)
+        return 200, {"backup": found}
 
     def _verify(self, req: webob.Request, ctx: Any, backup_id: str) -> Reply:
         self._authorize(auth.BACKUP_VERIFY, ctx)

@@ -62,7 +62,15 @@ class FakeAgent:
         self.raise_: BaseException | None = None
         self.next_op: api.Operation | None = None
         self.backups: list[dict[str, Any]] = []
+        #: Per-call bounds the API asked for (``AgentAPI.with_timeout``), in order.
+        self.bounds: list[float] = []
         self._lock = threading.Lock()
+
+    def with_timeout(self, timeout: float) -> FakeAgent:
+        """The same agent; records that the caller bounded its next call to ``timeout``."""
+        with self._lock:
+            self.bounds.append(timeout)
+        return self
 
     def _record(self, name: str, args: Any) -> None:
         with self._lock:

@@ -148,6 +148,22 @@ def test_list_skips_a_silent_host(app: webtest.TestApp, agents: dict[str, FakeAg
     assert resp.status_int == 503
 
 
+def test_reads_bound_each_host_and_changes_keep_the_full_timeout(
+    app: webtest.TestApp, agents: dict[str, FakeAgent]
+) -> None:
+    """A silent host costs [api] host_timeout on a list/get (was the 30 s RPC timeout);
+    a verify or delete is not cut short (a timed-out one may still run on that host)."""
+    agents["host-a"].raise_ = om.MessagingTimeout("slow")
+    app.get("/v1/backups", headers=ADMIN)
+    app.get(f"/v1/backups/{BK1}", headers=ADMIN)
+    assert agents["host-a"].bounds == [5.0, 5.0] and agents["host-b"].bounds == [5.0, 5.0]
+    agents["host-a"].raise_ = None
+    app.post(f"/v1/backups/{BK1}/verify", headers=ADMIN, expect_errors=True)
+    app.delete(f"/v1/backups/{BK1}", headers=ADMIN, expect_errors=True)
+    assert agents["host-a"].bounds == [5.0, 5.0]  # no bound on calls that change something
+    assert [name for name, _ in agents["host-a"].calls][-2:] == ["verify_backup", "delete_backup"]
+
+
 def test_an_answering_agent_error_is_not_retried_elsewhere(
     app: webtest.TestApp, agents: dict[str, FakeAgent]
 ) -> None:
