@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
 from typing import Any
 
 from cinderclient import exceptions as cinder_exc
 
+from hostagent.rpc import contract as api
 from libvirt_ops import find_disk
+from testbed.cinder import wait_status
 from testbed.layers import qemu_chain
 from testbed.records import RecordLog
 from tests.functional.e2e.deployment import Deployment
@@ -138,3 +141,33 @@ def agent_op(d: Deployment, snapshot_id: str, kind: str) -> Any:
     ]
     assert len(found) == 1, (snapshot_id, kind, found)
     return found[0]
+
+
+def cinder_snapshot(d: Deployment) -> str:
+    """``snapshot-create --force`` on the in-use volume; Cinder must see it done, and the
+    agent's assisted create must have succeeded."""
+    c = d.client()
+    s = c.volume_snapshots.create(d.volume_id, force=True)
+    s = wait_status(c.volume_snapshots.get, s.id, {"available", "error"})
+    assert s.status == "available", d.cinder.tail()
+    op = agent_op(d, s.id, "create_assisted_snapshot")
+    assert op.state is api.OperationState.SUCCEEDED, op.error
+    return str(s.id)
+
+
+def cinder_delete(d: Deployment, sid: str) -> str:
+    """Cinder's own delete, awaited; the merge mode the agent chose from its delete_info."""
+    c = d.client()
+    c.volume_snapshots.delete(sid)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            s = c.volume_snapshots.get(sid)
+        except cinder_exc.NotFound:
+            break
+        assert s.status in ("deleting", "available"), d.cinder.tail()
+        assert time.monotonic() < deadline, f"{sid} still {s.status}"
+        time.sleep(0.2)
+    op = agent_op(d, sid, "delete_assisted_snapshot")
+    assert op.state is api.OperationState.SUCCEEDED, op.error
+    return str(next(s for s in op.result["steps"] if s["name"] == "validate")["data"]["mode"])

@@ -21,50 +21,18 @@ from typing import Any
 
 import pytest
 
-from hostagent.rpc import contract as api
-from testbed.cinder import REPO, wait_status
+from testbed.cinder import REPO
 from tests.functional.e2e.checks import (
     GuestData,
-    agent_op,
     check_cinder,
     check_image_files,
+    cinder_delete,
+    cinder_snapshot,
     ledger,
 )
 from tests.functional.e2e.deployment import Deployment
 
 pytestmark = pytest.mark.functional
-
-
-def _snapshot(d: Deployment) -> str:
-    """``snapshot-create --force`` on the in-use volume; Cinder must see it done."""
-    c = d.client()
-    s = c.volume_snapshots.create(d.volume_id, force=True)
-    s = wait_status(c.volume_snapshots.get, s.id, {"available", "error"})
-    assert s.status == "available", d.cinder.tail()
-    op = agent_op(d, s.id, "create_assisted_snapshot")
-    assert op.state is api.OperationState.SUCCEEDED, op.error
-    return str(s.id)
-
-
-def _delete(d: Deployment, sid: str) -> str:
-    """Cinder's delete; returns the merge mode the agent chose from Cinder's delete_info."""
-    c = d.client()
-    c.volume_snapshots.delete(sid)
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            s = c.volume_snapshots.get(sid)
-        except Exception as exc:
-            if type(exc).__name__ == "NotFound":
-                break
-            raise
-        assert s.status in ("deleting", "available"), d.cinder.tail()
-        assert time.monotonic() < deadline, f"{sid} still {s.status}"
-        time.sleep(0.2)
-    op = agent_op(d, sid, "delete_assisted_snapshot")
-    assert op.state is api.OperationState.SUCCEEDED, op.error
-    validate = next(s for s in op.result["steps"] if s["name"] == "validate")
-    return str(validate["data"]["mode"])
 
 
 def _verify(d: Deployment, data: GuestData, live: list[str], gone: list[str]) -> list[str]:
@@ -85,7 +53,7 @@ def test_snapshots_while_writing_then_deletes_in_both_orders(deployment: Deploym
     # three snapshots one after another while the writer runs; data lands in every layer
     first: list[str] = []
     for _ in range(3):
-        first.append(_snapshot(d))
+        first.append(cinder_snapshot(d))
         data.add_file()
         names = _verify(d, data, first, [])
     assert names == [f"{vol}.{first[2]}", f"{vol}.{first[1]}", f"{vol}.{first[0]}", vol]
@@ -94,7 +62,7 @@ def test_snapshots_while_writing_then_deletes_in_both_orders(deployment: Deploym
     # active file, the last one without a base (a full flatten; Cinder drops the volume file)
     modes = []
     for i, sid in enumerate(reversed(first)):
-        modes.append(_delete(d, sid))
+        modes.append(cinder_delete(d, sid))
         data.add_file()
         names = _verify(d, data, first[: 2 - i], first[2 - i :])
     assert modes == ["pull", "pull", "flatten"]
@@ -103,12 +71,12 @@ def test_snapshots_while_writing_then_deletes_in_both_orders(deployment: Deploym
     # a fresh chain on the flattened qcow2, deleted oldest first: commits, then a flatten
     second: list[str] = []
     for _ in range(3):
-        second.append(_snapshot(d))
+        second.append(cinder_snapshot(d))
         data.add_file()
         _verify(d, data, second, first)
     modes = []
     for i, sid in enumerate(second):
-        modes.append(_delete(d, sid))
+        modes.append(cinder_delete(d, sid))
         data.add_file()
         names = _verify(d, data, second[i + 1 :], first + second[: i + 1])
     assert modes == ["commit", "commit", "flatten"]
@@ -151,7 +119,7 @@ def _share_state(d: Deployment) -> dict[str, tuple[int, int]]:
 
 def test_bad_input_through_the_api_is_4xx_and_changes_nothing(deployment: Deployment) -> None:
     d, g = deployment, deployment.guest
-    vol, snap = d.volume_id, _snapshot(d)  # a 2-file chain: [volume-V.S, old active]
+    vol, snap = d.volume_id, cinder_snapshot(d)  # a 2-file chain: [volume-V.S, old active]
     names = check_image_files(d, [snap])
     g.check(["/bin/sh", "-c", "sync"], 60)
     time.sleep(1.0)  # let the last guest flush land before the baseline
@@ -203,7 +171,7 @@ def test_bad_input_through_the_api_is_4xx_and_changes_nothing(deployment: Deploy
     assert [op.id for op in d.agent.list_operations(ctx)] == before_ops
     check_cinder(d, [snap], [])
     # and the deployment still works: Cinder deletes the snapshot normally (a flatten)
-    assert _delete(d, snap) == "flatten"
+    assert cinder_delete(d, snap) == "flatten"
     check_cinder(d, [], [snap])
     check_image_files(d, [])
 
@@ -240,7 +208,7 @@ def test_instance_snapshot_from_cli_is_available_in_cinder_which_deletes_it(
     assert {s.id: s.status for s in listed} == {sid: "available" for sid in taken}
     assert names[:2] == [f"volume-{d.volume_id}.{taken[1]}", f"volume-{d.volume_id}.{taken[0]}"]
     # Cinder's normal delete: the older one is committed down, the newer one flattened
-    assert _delete(d, taken[0]) == "commit"
+    assert cinder_delete(d, taken[0]) == "commit"
     _verify(d, data, taken[1:], taken[:1])
-    assert _delete(d, taken[1]) == "flatten"
+    assert cinder_delete(d, taken[1]) == "flatten"
     _verify(d, data, [], taken)

@@ -26,11 +26,12 @@ import pytest
 from cinderclient import exceptions as cinder_exc
 
 from hostagent.rpc import contract as api
-from testbed.cinder import wait_status
 from tests.functional.e2e.checks import (
     agent_op,
     check_cinder,
     check_image_files,
+    cinder_delete,
+    cinder_snapshot,
     ledger,
     live_chain,
 )
@@ -57,34 +58,6 @@ def deployment(
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _snapshot(d: Deployment) -> str:
-    """``snapshot-create --force`` on the in-use volume; Cinder must see it done."""
-    c = d.client()
-    s = c.volume_snapshots.create(d.volume_id, force=True)
-    s = wait_status(c.volume_snapshots.get, s.id, {"available", "error"})
-    assert s.status == "available", d.cinder.tail()
-    assert agent_op(d, s.id, "create_assisted_snapshot").state is api.OperationState.SUCCEEDED
-    return str(s.id)
-
-
-def _cinder_delete(d: Deployment, sid: str) -> str:
-    """Cinder's own delete; the merge mode the agent validated."""
-    c = d.client()
-    c.volume_snapshots.delete(sid)
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            s = c.volume_snapshots.get(sid)
-        except cinder_exc.NotFound:
-            break
-        assert s.status in ("deleting", "available"), d.cinder.tail()
-        assert time.monotonic() < deadline, f"{sid} still {s.status}"
-        time.sleep(0.2)
-    op = agent_op(d, sid, "delete_assisted_snapshot")
-    assert op.state is api.OperationState.SUCCEEDED, op.error
-    return str(next(s for s in op.result["steps"] if s["name"] == "validate")["data"]["mode"])
-
-
 def _http(d: Deployment, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(d.api_url + path, data=data, method=method)  # noqa: S310
@@ -154,7 +127,7 @@ def test_delete_of_an_unknown_snapshot_with_a_real_commit_is_refused(
     are 400. Cinder's own delete of the same snapshot still works (the control)."""
     d, g = deployment, deployment.guest
     vol = d.volume_id
-    s1, s2 = _snapshot(d), _snapshot(d)
+    s1, s2 = cinder_snapshot(d), cinder_snapshot(d)
     names = check_image_files(d, [*_live_snapshots(d)])
     f1, base = f"volume-{vol}.{s1}", names[names.index(f"volume-{vol}.{s1}") + 1]
     assert names[:2] == [f"volume-{vol}.{s2}", f1]
@@ -183,7 +156,7 @@ def test_delete_of_an_unknown_snapshot_with_a_real_commit_is_refused(
         d.client().volume_snapshots.get(rogue)
 
     # the control: Cinder asks for exactly that commit for s1, and it is done
-    assert _cinder_delete(d, s1) == "commit"
+    assert cinder_delete(d, s1) == "commit"
     check_cinder(d, [s2], [s1])
     check_image_files(d, _live_snapshots(d))
 
@@ -245,6 +218,6 @@ def test_create_queued_past_its_deadline_is_failed_without_touching_the_chain(
     check_cinder(d, live, [])
 
     # the control: with the disk free, Cinder's own create starts in time and is taken
-    s = _snapshot(d)
+    s = cinder_snapshot(d)
     check_image_files(d, [*live, s])
     check_cinder(d, [*live, s], [])
