@@ -12,6 +12,8 @@ import json
 import os
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from typing import Any
 
@@ -171,3 +173,23 @@ def cinder_delete(d: Deployment, sid: str) -> str:
     op = agent_op(d, sid, "delete_assisted_snapshot")
     assert op.state is api.OperationState.SUCCEEDED, op.error
     return str(next(s for s in op.result["steps"] if s["name"] == "validate")["data"]["mode"])
+
+
+def api_request(d: Deployment, method: str, path: str, body: bytes | None, **headers: str) -> Any:
+    """One raw request; returns (status, parsed JSON body or None)."""
+    req = urllib.request.Request(d.api_url + path, data=body, method=method)  # noqa: S310
+    req.add_header("Content-Type", "application/json")
+    for k, v in headers.items():
+        req.add_header(k.replace("_", "-"), v)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310
+            raw, status = resp.read(), resp.status
+    except urllib.error.HTTPError as exc:
+        raw, status = exc.read(), exc.code
+    if status == 413 and not raw.startswith(b"{"):
+        # cheroot refuses an oversized body before the app sees it, in plain text
+        return status, {"requestEntityTooLarge": {"code": 413, "message": raw.decode()}}
+    try:
+        return status, (json.loads(raw) if raw else None)
+    except ValueError:
+        raise AssertionError(f"{method} {path}: {status}, non-JSON body {raw[:300]!r}") from None

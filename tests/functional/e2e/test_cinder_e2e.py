@@ -24,6 +24,7 @@ import pytest
 from testbed.cinder import REPO
 from tests.functional.e2e.checks import (
     GuestData,
+    api_request,
     check_cinder,
     check_image_files,
     cinder_delete,
@@ -87,26 +88,6 @@ def test_snapshots_while_writing_then_deletes_in_both_orders(deployment: Deploym
     assert g.agent("guest-fsfreeze-status") == "thawed"
 
 
-def _http(d: Deployment, method: str, path: str, body: bytes | None, **headers: str) -> Any:
-    """One raw request; returns (status, parsed JSON body or None)."""
-    req = urllib.request.Request(d.api_url + path, data=body, method=method)  # noqa: S310
-    req.add_header("Content-Type", "application/json")
-    for k, v in headers.items():
-        req.add_header(k.replace("_", "-"), v)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310
-            raw, status = resp.read(), resp.status
-    except urllib.error.HTTPError as exc:
-        raw, status = exc.read(), exc.code
-    if status == 413 and not raw.startswith(b"{"):
-        # cheroot refuses an oversized body before the app sees it, in plain text
-        return status, {"requestEntityTooLarge": {"code": 413, "message": raw.decode()}}
-    try:
-        return status, (json.loads(raw) if raw else None)
-    except ValueError:
-        raise AssertionError(f"{method} {path}: {status}, non-JSON body {raw[:300]!r}") from None
-
-
 def _share_state(d: Deployment) -> dict[str, tuple[int, int]]:
     """Every file under the volume's directory: (size, mtime in ns)."""
     out = {}
@@ -160,7 +141,7 @@ def test_bad_input_through_the_api_is_4xx_and_changes_nothing(deployment: Deploy
          {**svc, "X_Roles": "member"}, 403),
     ]  # fmt: skip
     for what, method, path, body, headers, want in cases:
-        status, fault = _http(d, method, path, body, **headers)
+        status, fault = api_request(d, method, path, body, **headers)
         assert status == want, (what, status, fault)
         assert fault is not None and len(fault) == 1, (what, fault)
         (detail,) = fault.values()

@@ -28,6 +28,7 @@ from cinderclient import exceptions as cinder_exc
 from hostagent.rpc import contract as api
 from tests.functional.e2e.checks import (
     agent_op,
+    api_request,
     check_cinder,
     check_image_files,
     cinder_delete,
@@ -59,17 +60,9 @@ def deployment(
 
 # -- helpers ----------------------------------------------------------------------------------
 def _http(d: Deployment, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(d.api_url + path, data=data, method=method)  # noqa: S310
-    req.add_header("Content-Type", "application/json")
-    for k, v in SVC.items():
-        req.add_header(k.replace("_", "-"), v)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310
-            raw, status = resp.read(), resp.status
-    except urllib.error.HTTPError as exc:
-        raw, status = exc.read(), exc.code
-    return status, (json.loads(raw) if raw else None)
+    """A JSON request as the volume service sends it (the service role)."""
+    raw = None if body is None else json.dumps(body).encode()
+    return api_request(d, method, path, raw, **SVC)  # type: ignore[no-any-return]
 
 
 def _delete_path(vol: str, sid: str, to_merge: str | None, target: str | None) -> str:
