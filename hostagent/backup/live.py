@@ -7,19 +7,17 @@ libvirt via :mod:`hostagent.backup.online`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import libvirt_ops as lo
 from hostagent.backup import online
 from hostagent.backup import repo as bk
+from hostagent.backup.repo.format import Cancel as Cancel  # re-exported: service, create
+from hostagent.backup.repo.format import Progress as Progress
 from hostagent.hypervisor import Located
 from hostagent.journal import model as ops
 from hostagent.journal import store as jn
-
-Progress = Callable[[int, int], None]
-Cancel = Callable[[], bool]
 
 
 def request_level(op: ops.Operation) -> bool:

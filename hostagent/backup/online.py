@@ -36,14 +36,15 @@ from dataclasses import dataclass
 import libvirt
 
 import libvirt_ops as lo
-from hostagent.backup.repo.engine import (
-    BackupResult,
+from hostagent.backup.repo.engine import BackupResult, backup_full, backup_incremental
+from hostagent.backup.repo.format import (
+    BackupCancelled,
+    BackupError,
     Cancel,
+    Checkpoint,
+    Manifest,
     Progress,
-    backup_full,
-    backup_incremental,
 )
-from hostagent.backup.repo.format import BackupCancelled, BackupError, Checkpoint, Manifest
 from hostagent.backup.repo.repository import Repository
 from hostagent.journal.crash import crash_point
 from hostagent.journal.model import (

@@ -31,16 +31,16 @@ import zstandard
 from hostagent.backup.repo.codec import Buffer, raw_frame, worth_compressing
 from hostagent.backup.repo.format import (
     BackupCancelled,
+    Cancel,
     Checkpoint,
     Manifest,
     ManifestExtent,
+    Progress,
     SourceLayer,
 )
 from hostagent.backup.repo.repository import Repository
 from qcow2 import CINDER, Chain, ExtentKind, Naming, open_chain
 
-Progress = Callable[[int, int], None]
-Cancel = Callable[[], bool]
 _INFLIGHT = 6
 _IO_INFLIGHT = 12  # compressed/raw frames waiting for write + fsync (<= 48 MiB)
 _SPARSE_BLOCK = 64 * 1024

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,6 +19,11 @@ from hostagent.errors import QsnapAgentError
 from qcow2.naming import is_uuid
 
 MiB = 1 << 20
+
+#: ``(done, total)`` bytes of a backup/restore stream (called on its reading thread).
+Progress = Callable[[int, int], None]
+#: True once the operation was asked to stop (checked between chunks).
+Cancel = Callable[[], bool]
 REPO_FORMAT = "qsnap-repo"
 MANIFEST_FORMAT = "qsnap-manifest"
 VERSION = 1

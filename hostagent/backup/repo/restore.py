@@ -22,15 +22,15 @@ from dataclasses import dataclass
 
 from hostagent.backup.repo.format import (
     BackupCancelled,
+    Cancel,
     Manifest,
     ManifestExtent,
+    Progress,
 )
 from hostagent.backup.repo.repository import FILE_MODE, Repository
 from hostagent.backup.repo.target import workspace
 from qcow2 import convert_raw_fd_to_qcow2
 
-Progress = Callable[[int, int], None]
-Cancel = Callable[[], bool]
 _INFLIGHT = 6
 _SPARSE_BLOCK = 64 * 1024
 _ZERO_BLOCK = bytes(_SPARSE_BLOCK)
