@@ -51,6 +51,7 @@ _AGENT_ERRORS: tuple[tuple[type[api.AgentRpcError], int], ...] = (
     (api.SnapshotNotFound, 404),
     (api.DiskBusy, 409),
     (api.NotCancellable, 409),
+    (api.NovaUnavailable, 503),
     (api.InvalidRequest, 400),
 )
 # The same by name: a RemoteError naming one (an agent newer or older than this API, or a
@@ -62,6 +63,7 @@ _AGENT_ERRORS_BY_NAME = {
     "InstanceNotFound": 404,
     "DiskBusy": 409,
     "NotCancellable": 409,
+    "NovaUnavailable": 503,
     "InvalidRequest": 400,
 }
 #: Hosts asked at once by the operations listing (each call blocks one thread).

@@ -11,6 +11,9 @@ and later delete, those snapshots normally. Three actions on ``/snapshots/{id}/a
   update in ``creating``).
 - ``snapshot-delete-metadata``: drop the record and its quota, no storage operation.
 
+Each also keeps the volume's active file as Cinder's remotefs driver keeps it (attachment
+``connection_info`` name/format, admin metadata ``format``): :mod:`api_ext.cinder_connection`.
+
 Finalize and delete act ONLY on records create-snapshot-metadata made: it sets the record's
 ``provider_id`` to :data:`MARK`. A snapshot Cinder made itself (its driver owns the storage)
 is refused with 409 and left exactly as it was. Why ``provider_id``: Cinder 29 snapshots have
@@ -21,9 +24,10 @@ drivers leave empty, and Cinder only ever fills when empty. Records made before 
 existed are refused too (reset or delete them through Cinder's own admin actions).
 
 Loaded INSIDE Cinder's process (``osapi_volume_extension =
-api_ext.cinder_extension.Qsnap_snapshot_metadata``): it imports only Cinder and its
-libraries, never qsnap's other packages. Access is the policy rule ``qsnap:snapshot_metadata``
-(default: Cinder admins or the ``service`` role), overridable in Cinder's policy file.
+api_ext.cinder_extension.Qsnap_snapshot_metadata``): it imports only Cinder, its
+libraries and :mod:`api_ext.cinder_connection` (Cinder only), never qsnap's other
+packages. Access is the policy rule ``qsnap:snapshot_metadata`` (default: Cinder admins or
+the ``service`` role), overridable in Cinder's policy file.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from cinder.objects import fields
 from oslo_db import exception as db_exc
 from oslo_log import log as logging
 from oslo_policy import policy as oslo_policy
+
+from api_ext import cinder_connection
 
 LOG = logging.getLogger(__name__)
 QUOTAS = quota.QUOTAS
@@ -171,6 +177,7 @@ class QsnapSnapshotMetadataController(wsgi.Controller):
             raise webob.exc.HTTPConflict(explanation=f"snapshot {id} already exists")
         self._check_volume(volume)
         snapshot = self._record(context, id, volume, args)
+        cinder_connection.on_create(context, volume, id)
         LOG.info("qsnap recorded snapshot %s of volume %s", id, volume.id)
         return self._view_builder.detail(req, snapshot)
 
@@ -256,9 +263,13 @@ class QsnapSnapshotMetadataController(wsgi.Controller):
             changes["progress"] = progress
         expected = {"status": fields.SnapshotStatus.CREATING, "provider_id": MARK}
         if not snapshot.conditional_update(changes, expected):
+            if snapshot.status == status == "available":  # a retry: converge the pointers
+                cinder_connection.on_available(context, snapshot)
             raise webob.exc.HTTPConflict(
                 explanation=f"snapshot {id} is {snapshot.status!r}, not 'creating'"
             )
+        if status == "available":  # the overlay is the volume's active file now
+            changes["connection"] = cinder_connection.on_available(context, snapshot)
         LOG.info("qsnap finalized snapshot %s: %s", id, changes)
         return self._view_builder.detail(req, objects.Snapshot.get_by_id(context, id))
 
@@ -285,8 +296,10 @@ class QsnapSnapshotMetadataController(wsgi.Controller):
         except Exception:  # as Cinder's manager: a usage glitch must not keep the record
             LOG.exception("qsnap: snapshot usage update failed for %s", id)
             reservations = None
+        earlier = cinder_connection.earlier_snapshots(context, snapshot)
         db.volume_glance_metadata_delete_by_snapshot(context, id)
         snapshot.destroy()
+        cinder_connection.on_deleted(context, snapshot, earlier)
         if reservations:
             QUOTAS.commit(context, reservations, project_id=project)
         LOG.info("qsnap removed the record of snapshot %s (no storage operation)", id)

@@ -39,9 +39,11 @@ from hostagent.journal.events import make_events
 from hostagent.journal.purge import DAY, JournalPurger
 from hostagent.journal.store import Journal
 from hostagent.libvirt_hypervisor import LibvirtHypervisor
+from hostagent.nova_records import NovaRecords
 from hostagent.pool import KeyedPool
 from hostagent.recovery import reconcile
 from hostagent.rpc.client import InventoryFanout, get_transport
+from hostagent.rpc.nova_side import NovaSideAPI
 from hostagent.rpc.server import get_server
 from hostagent.service import AssistedService
 from hostagent.snapshots.assisted_rules import Deadlines
@@ -130,6 +132,10 @@ class Agent:
             bandwidth_mib=b.bandwidth_mib,
             create_repository=not b.repository or b.create_repository,
         )
+        if transport is None:
+            transport = get_transport(conf)
+            self._owned.append(transport)
+        self.transport = transport
         service = AssistedService(
             journal,
             hv,
@@ -144,12 +150,9 @@ class Agent:
                 delete=conf.agent.delete_deadline,
                 create_reserve=conf.agent.freeze_timeout + 5.0,
             ),
+            nova=self._nova_records(conf, transport),
         )
         self.service = service
-        if transport is None:
-            transport = get_transport(conf)
-            self._owned.append(transport)
-        self.transport = transport
         self.reaper = OverlayReaper(conn, journal, roots=roots)
         self.tracker = InventoryTracker(
             conn,
@@ -159,6 +162,17 @@ class Agent:
             on_refresh=self.reaper.remember,
         )
         self._server: Any = None
+
+    def _nova_records(self, conf: cfg.ConfigOpts, transport: Any) -> NovaRecords:
+        """Nova's side on its transport ([nova] transport_url, else the agent's own)."""
+        n = conf.nova
+        if not n.enabled:
+            return NovaRecords()
+        if n.transport_url:
+            transport = get_transport(conf, n.transport_url)
+            self._owned.append(transport)
+        side = NovaSideAPI(transport, conf.host, timeout=n.refresh_timeout)
+        return NovaRecords(side, ping_timeout=n.ping_timeout)
 
     def start(self) -> None:
         """Reconcile unfinished work, then start the queue, purge, tracker and RPC threads."""

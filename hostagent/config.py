@@ -247,12 +247,44 @@ journal_opts: list[cfg.Opt] = [
     ),
 ]
 
+nova_opts: list[cfg.Opt] = [
+    cfg.BoolOpt(
+        "enabled",
+        default=False,
+        help="Whether Nova manages guests on this host. When true, every chain change the "
+        "agent makes by itself on a Nova guest (instance snapshot, delete of its own "
+        "snapshot) ends with Nova's block-device mapping refreshed through qsnap's driver "
+        "in nova-compute (compute_driver = qsnap.QsnapLibvirtDriver), and is refused before "
+        "it starts when that driver does not answer. When false, chain changes on a guest "
+        "carrying Nova's domain metadata are refused (Nova would not learn of them).",
+    ),
+    cfg.StrOpt(
+        "transport_url",
+        secret=True,
+        help="Transport on which nova-compute's qsnap driver listens (its [qsnap] "
+        "transport_url); default: the agent's own transport_url.",
+    ),
+    cfg.FloatOpt(
+        "ping_timeout",
+        default=5.0,
+        min=0.1,
+        help="Seconds the check before a chain change waits for Nova's side to answer.",
+    ),
+    cfg.FloatOpt(
+        "refresh_timeout",
+        default=60.0,
+        min=1.0,
+        help="Seconds one BDM refresh may take (Nova re-reads Cinder's attachment).",
+    ),
+]
+
 _GROUPS: list[tuple[str | None, list[cfg.Opt]]] = [
     (None, default_opts),
     ("libvirt", libvirt_opts),
     ("agent", agent_opts),
     ("shares", shares_opts),
     ("cinder", cinder_opts),
+    ("nova", nova_opts),
     ("backup", backup_opts),
     ("journal", journal_opts),
 ]

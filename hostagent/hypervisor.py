@@ -39,6 +39,10 @@ class Hypervisor(Protocol):
 
     def snapshot(self, where: Located, new_file: str) -> dict[str, Any]: ...
 
+    def nova_managed(self, domain_uuid: str) -> bool:
+        """Whether Nova built the domain (and so rebuilds its disks from its own records)."""
+        ...
+
     def merge(
         self,
         where: Located,

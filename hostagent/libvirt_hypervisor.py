@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import libvirt
+from lxml import etree
 
 from hostagent.backup.online import BACKUP_NAMING
 from hostagent.hypervisor import Located
@@ -37,6 +38,9 @@ from libvirt_ops import (
 from qcow2.naming import is_uuid
 
 LOG = logging.getLogger(__name__)
+
+#: Namespace prefix of Nova's domain metadata (``.../nova/1.1`` today).
+NOVA_METADATA_NS = "{http://openstack.org/xmlns/libvirt/nova/"
 
 _QUIESCE = {
     api.Quiesce.REQUIRED: QuiescePolicy.REQUIRE,
@@ -70,6 +74,18 @@ class LibvirtHypervisor:
         if len(hits) > 1:
             raise api.InvalidRequest(f"volume {volume_id} is attached {len(hits)} times here")
         return hits[0]
+
+    def nova_managed(self, domain_uuid: str) -> bool:
+        """True when the domain carries Nova's ``<nova:instance>`` metadata (Nova built it and
+        rebuilds it from its block-device mapping on a hard reboot or a start)."""
+        try:
+            xml = self._conn.get().lookupByUUIDString(domain_uuid).XMLDesc(0)
+        except libvirt.libvirtError as exc:
+            raise api.InstanceNotFound(f"domain {domain_uuid}: {exc}") from exc
+        meta = etree.fromstring(xml.encode()).find("metadata")
+        return meta is not None and any(
+            str(child.tag).startswith(NOVA_METADATA_NS) for child in meta
+        )
 
     def snapshot(self, where: Located, new_file: str) -> dict[str, Any]:
         spec = DiskSnapshotSpec(new_file, volume_id=where.disk.serial, reuse_existing=True)

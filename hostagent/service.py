@@ -1,4 +1,4 @@
-"""The agent's :class:`hostagent.rpc.contract.AgentService`: the RPC verbs, by concept.
+"""The agent's :class:`hostagent.rpc.agent_service.AgentService`: the RPC verbs, by concept.
 
 Each verb delegates to the concept that runs it and resumes it after a crash:
 assisted snapshots (:mod:`hostagent.snapshots.assisted`), instance snapshots and owned
@@ -20,6 +20,7 @@ from hostagent.hypervisor import DiskLocks, Hypervisor, Located
 from hostagent.journal import model as ops
 from hostagent.journal import store as jn
 from hostagent.journal.crash import crash_pointed
+from hostagent.nova_records import NovaRecords
 from hostagent.pool import KeyedPool
 from hostagent.recovery import Resume
 from hostagent.rpc import contract as api
@@ -41,7 +42,7 @@ def _unknown(op_id: str) -> Rule:
 
 
 class AssistedService:
-    """:class:`hostagent.rpc.contract.AgentService` over a journal, a pool and a hypervisor."""
+    """:class:`hostagent.rpc.agent_service.AgentService` over a journal, a pool and a hypervisor."""
 
     def __init__(
         self,
@@ -55,11 +56,13 @@ class AssistedService:
         backup_settings: BackupSettings | None = None,
         cinder_pool: KeyedPool | None = None,
         deadlines: Deadlines | None = None,
+        nova: NovaRecords | None = None,
     ) -> None:
         """``cinder_pool``: the capacity of Cinder-driven creates and deletes, apart from
         ``pool`` (backups, verifies, restores, prunes, instance snapshots, owned deletes) so
         a queue there cannot hold them past Cinder's wait (None: they share ``pool``).
-        ``deadlines``: when Cinder stops waiting for them."""
+        ``deadlines``: when Cinder stops waiting for them. ``nova``: Nova's side, checked
+        before and refreshed after the chain changes the agent makes by itself."""
         self._journal = journal
         self._hv = hypervisor
         self._pool = pool
@@ -80,7 +83,7 @@ class AssistedService:
             roots=roots, step=step, release=release, deadlines=deadlines,
         )  # fmt: skip
         #: Instance snapshots and owned deletes.
-        self.owned = OwnedOps(*args, roots=roots, step=step, release=release)
+        self.owned = OwnedOps(*args, roots=roots, step=step, release=release, nova=nova)
 
     def resumers(
         self, *, job_timeout: float, recover_volume: RecoverVolume | None = None

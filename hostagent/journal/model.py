@@ -95,6 +95,8 @@ class StepName(enum.StrEnum):
     REMOVE = "remove"
     #: Delete the Cinder record of an agent-owned snapshot.
     CINDER_DELETE = "cinder_delete"
+    #: Have Nova re-read the changed volumes' connection_info into its BDM (and compare).
+    NOVA_REFRESH = "nova_refresh"
     #: Read a frozen layer's guest view into the repository (publishes the backup).
     READ = "read"
     #: One volume's online backup inside a backup request.

@@ -44,9 +44,11 @@ class AgentAPI:
               error NotCancellable), start_prune (prune as an operation)
         1.4 - list_operations answers the newest ``limit`` matches, newest first (same
               arguments; a 1.3 agent answered the oldest)
+        1.5 - create/delete_assisted_snapshot take ``reporter`` ("cinder" | "nova": with
+              "nova" the agent posts no status to Cinder; Nova's driver does)
     """
 
-    VERSION_CAP = "1.4"
+    VERSION_CAP = "1.5"
 
     def __init__(self, transport: Any, host: str, *, timeout: float = 60.0) -> None:
         target = om.Target(topic=api.RPC_TOPIC, version="1.0")
@@ -68,10 +70,20 @@ class AgentAPI:
             raise typed(str(exc.value)) from exc
 
     def create_assisted_snapshot(
-        self, ctxt: Mapping[str, Any], volume_id: str, create_info: Mapping[str, Any]
+        self,
+        ctxt: Mapping[str, Any],
+        volume_id: str,
+        create_info: Mapping[str, Any],
+        *,
+        reporter: api.Reporter = api.Reporter.CINDER,
     ) -> api.Operation:
+        extra = _reporter_args(reporter)
         out = self._call(
-            ctxt, "create_assisted_snapshot", volume_id=volume_id, create_info=dict(create_info)
+            ctxt,
+            "create_assisted_snapshot",
+            volume_id=volume_id,
+            create_info=dict(create_info),
+            **extra,
         )
         return api.Operation.from_wire(out)
 
@@ -81,6 +93,8 @@ class AgentAPI:
         volume_id: str,
         snapshot_id: str,
         delete_info: Mapping[str, Any],
+        *,
+        reporter: api.Reporter = api.Reporter.CINDER,
     ) -> api.Operation:
         out = self._call(
             ctxt,
@@ -88,6 +102,7 @@ class AgentAPI:
             volume_id=volume_id,
             snapshot_id=snapshot_id,
             delete_info=dict(delete_info),
+            **_reporter_args(reporter),
         )
         return api.Operation.from_wire(out)
 
@@ -244,6 +259,14 @@ class AgentAPI:
         """Prune as an operation (its result is what ``prune_backups`` returns)."""
         rule = _prune_rule(keep_last, keep_daily, volume_id, dry_run)
         return api.Operation.from_wire(self._call(ctxt, "start_prune", version="1.3", **rule))
+
+
+def _reporter_args(reporter: api.Reporter) -> dict[str, Any]:
+    """``reporter`` travels (at 1.5) only when it is not the 1.0 behaviour, so a Cinder-wired
+    caller still talks to older agents; a 1.4 agent refuses "nova" rather than report twice."""
+    if reporter is api.Reporter.CINDER:
+        return {}
+    return {"version": "1.5", "reporter": reporter.value}
 
 
 def _prune_rule(

@@ -1,4 +1,5 @@
-"""The agent's RPC contract: typed requests/results, typed errors, the AgentService protocol.
+"""The agent's RPC contract: typed requests/results and typed errors (the service behind the
+endpoint: :mod:`.agent_service`).
 
 The RPC edge (``rpc_server``) turns wire dicts into these dataclasses once, so the service
 behind it never sees ``create_info`` dicts. Errors raised across RPC must be importable by
@@ -14,14 +15,14 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from hostagent.errors import QsnapAgentError
 from hostagent.journal import model as ops
 from qcow2.naming import CINDER, is_uuid
 
 RPC_TOPIC = "qsnap-agent"
-RPC_VERSION = "1.4"
+RPC_VERSION = "1.5"
 #: Module the client must allow for typed errors to come back as themselves.
 ERRORS_MODULE = __name__
 
@@ -79,6 +80,13 @@ class NotCancellable(AgentRpcError):
     code = "not_cancellable"
 
 
+class NovaUnavailable(AgentRpcError):
+    """The guest is Nova's and qsnap's side in nova-compute cannot be reached (or the agent
+    is not configured for it): a chain change Nova would not learn of is refused."""
+
+    code = "nova_unavailable"
+
+
 class AgentInternalError(AgentRpcError):
     """An unexpected failure in the agent (logged there with its traceback)."""
 
@@ -94,6 +102,7 @@ RPC_ERRORS: tuple[type[AgentRpcError], ...] = (
     SnapshotNotFound,
     BackupNotFound,
     NotCancellable,
+    NovaUnavailable,
     AgentInternalError,
 )
 
@@ -148,6 +157,26 @@ class CallContext:
         return cls(get("request_id"), get("user_id") or get("user"), get("project_id"))
 
 
+class Reporter(enum.StrEnum):
+    """Who tells Cinder the outcome of an assisted create/delete (RPC 1.5).
+
+    CINDER: the agent posts the status updates itself (Cinder's ``[nova]`` points at
+    qsnap-api, a cloud without Nova). NOVA: the caller is Nova's compute driver
+    (``api_ext.nova_driver``), which reports to Cinder and refreshes its block-device
+    mapping as stock Nova does once the operation ends; the agent posts nothing.
+    """
+
+    CINDER = "cinder"
+    NOVA = "nova"
+
+    @classmethod
+    def of(cls, value: object) -> Reporter:
+        for member in cls:
+            if value == member.value:
+                return member
+        raise InvalidRequest(f"reporter must be 'cinder' or 'nova', got {value!r}")
+
+
 @dataclass(frozen=True)
 class CreateSnapshotRequest:
     """Nova's assisted create: ``create_info = {snapshot_id, type: qcow2, new_file[, id]}``."""
@@ -155,16 +184,22 @@ class CreateSnapshotRequest:
     volume_id: str
     snapshot_id: str
     new_file: str
+    reporter: Reporter = Reporter.CINDER
 
     @classmethod
-    def from_wire(cls, volume_id: object, create_info: object) -> CreateSnapshotRequest:
+    def from_wire(
+        cls, volume_id: object, create_info: object, reporter: object = "cinder"
+    ) -> CreateSnapshotRequest:
         info = _exact_keys(create_info, "create_info", {"snapshot_id", "type", "new_file"}, {"id"})
         if info["type"] != "qcow2":
             raise InvalidRequest(f"create_info.type must be 'qcow2', got {info['type']!r}")
         new_file = _file_name(info["new_file"], "new_file")
         assert new_file is not None
         return cls(
-            _uuid(volume_id, "volume_id"), _uuid(info["snapshot_id"], "snapshot_id"), new_file
+            _uuid(volume_id, "volume_id"),
+            _uuid(info["snapshot_id"], "snapshot_id"),
+            new_file,
+            Reporter.of(reporter),
         )
 
 
@@ -176,10 +211,15 @@ class DeleteSnapshotRequest:
     snapshot_id: str
     file_to_merge: str | None
     merge_target_file: str | None
+    reporter: Reporter = Reporter.CINDER
 
     @classmethod
     def from_wire(
-        cls, volume_id: object, snapshot_id: object, delete_info: object
+        cls,
+        volume_id: object,
+        snapshot_id: object,
+        delete_info: object,
+        reporter: object = "cinder",
     ) -> DeleteSnapshotRequest:
         info = _exact_keys(
             delete_info,
@@ -196,7 +236,7 @@ class DeleteSnapshotRequest:
         target = _file_name(info["merge_target_file"], "merge_target_file", optional=True)
         if target is not None and to_merge is None:
             raise InvalidRequest("merge_target_file given without file_to_merge")
-        return cls(vol, _uuid(snapshot_id, "snapshot_id"), to_merge, target)
+        return cls(vol, _uuid(snapshot_id, "snapshot_id"), to_merge, target, Reporter.of(reporter))
 
 
 @dataclass(frozen=True)
@@ -528,59 +568,3 @@ class Inventory:
     def from_wire(cls, data: Mapping[str, Any]) -> Inventory:
         vols = tuple(VolumeAttachment(**v) for v in data.get("volumes", ()))
         return cls(str(data["host"]), vols, int(data.get("generation", 0)))
-
-
-# -- the service the RPC endpoint delegates to ------------------------------------------
-class AgentService(Protocol):
-    """What the agent does; the RPC endpoint validates and delegates to it.
-
-    Long operations return their ``Operation`` at once (state queued/running) and run in the
-    worker pool. Implementations raise ``AgentRpcError`` subclasses (or libvirt_ops/qcow2
-    errors, which the endpoint maps) for requests that must touch nothing.
-    """
-
-    def create_assisted_snapshot(
-        self, ctxt: CallContext, req: CreateSnapshotRequest
-    ) -> Operation: ...
-
-    def delete_assisted_snapshot(
-        self, ctxt: CallContext, req: DeleteSnapshotRequest
-    ) -> Operation: ...
-
-    def snapshot_instance(self, ctxt: CallContext, req: InstanceSnapshotRequest) -> Operation: ...
-
-    def delete_snapshot(self, ctxt: CallContext, req: DeleteOwnedSnapshotRequest) -> Operation:
-        """RPC 1.1: merge away a snapshot the agent owns (ledger + Cinder record follow)."""
-        ...
-
-    def get_operation(self, ctxt: CallContext, op_id: str) -> Operation: ...
-
-    def list_operations(self, ctxt: CallContext, filters: OperationFilters) -> list[Operation]: ...
-
-    def get_inventory(self, ctxt: CallContext) -> Inventory: ...
-
-    # -- RPC 1.2: backups -----------------------------------------------------------------
-    def create_backup(self, ctxt: CallContext, req: CreateBackupRequest) -> Operation: ...
-
-    def list_backups(self, ctxt: CallContext, volume_id: str | None) -> list[dict[str, Any]]: ...
-
-    def get_backup(self, ctxt: CallContext, backup_id: str) -> dict[str, Any]: ...
-
-    def verify_backup(self, ctxt: CallContext, backup_id: str) -> Operation: ...
-
-    def delete_backup(self, ctxt: CallContext, backup_id: str) -> None: ...
-
-    def restore_backup(self, ctxt: CallContext, req: RestoreBackupRequest) -> Operation: ...
-
-    def prune_backups(self, ctxt: CallContext, req: PruneBackupsRequest) -> dict[str, Any]: ...
-
-    # -- RPC 1.3: cancel, prune as an operation -------------------------------------------
-    def cancel_operation(self, ctxt: CallContext, op_id: str) -> Operation:
-        """Ask a running backup/verify/prune/restore to stop; the operation as it is now.
-
-        Raises OperationNotFound, or NotCancellable for a finished operation or one of a
-        kind that is never cancelled (snapshots). Cancelling twice is harmless.
-        """
-        ...
-
-    def start_prune(self, ctxt: CallContext, req: PruneBackupsRequest) -> Operation: ...

@@ -19,8 +19,17 @@ def init_threading_backend() -> None:
 
 
 def messaging() -> types.ModuleType:
-    """The ``oslo_messaging`` module, imported after the threading backend is selected."""
-    init_threading_backend()
+    """The ``oslo_messaging`` module, imported after the threading backend is selected.
+
+    Inside a host process that chose its backend already (nova-compute loading qsnap's
+    driver, in eventlet mode) that choice stands: the process owns its concurrency model.
+    """
+    from oslo_service.backend import exceptions as backend_errors
+
+    try:
+        init_threading_backend()
+    except backend_errors.BackendAlreadySelected:
+        pass
     import oslo_messaging
 
     module: types.ModuleType = oslo_messaging

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from oslo_config import cfg
 
 from hostagent.rpc import contract as api
+from hostagent.rpc.agent_service import AgentService
 from hostagent.rpc.messaging import messaging
 from hostagent.rpc.wire_errors import internal_error, new_error_id, to_wire, wire_error
 from qcow2.naming import is_uuid
@@ -33,16 +34,16 @@ to_rpc_error = to_wire
 
 
 class AgentEndpoint:
-    """RPC API 1.4 (1.1 added ``delete_snapshot``, 1.2 the backup methods, 1.3
+    """RPC API 1.5 (1.1 added ``delete_snapshot``, 1.2 the backup methods, 1.3
     ``cancel_operation`` and ``start_prune``, 1.4 ``list_operations`` newest first with the
-    caller's limit).
+    caller's limit, 1.5 ``reporter`` on the assisted create/delete).
 
     Methods return plain JSON-able data.
     """
 
     target = om.Target(version=api.RPC_VERSION)
 
-    def __init__(self, service: api.AgentService) -> None:
+    def __init__(self, service: AgentService) -> None:
         self._service = service
 
     def _run(self, method: str, fn: Callable[[], T]) -> T:
@@ -68,20 +69,29 @@ class AgentEndpoint:
             raise om.ExpectedException() from exc
 
     def create_assisted_snapshot(
-        self, ctxt: dict[str, Any], volume_id: object, create_info: object
+        self,
+        ctxt: dict[str, Any],
+        volume_id: object,
+        create_info: object,
+        reporter: object = "cinder",
     ) -> dict[str, Any]:
         def call() -> dict[str, Any]:
-            req = api.CreateSnapshotRequest.from_wire(volume_id, create_info)
+            req = api.CreateSnapshotRequest.from_wire(volume_id, create_info, reporter)
             c = api.CallContext.from_wire(ctxt)
             return self._service.create_assisted_snapshot(c, req).to_wire()
 
         return self._run("create_assisted_snapshot", call)
 
     def delete_assisted_snapshot(
-        self, ctxt: dict[str, Any], volume_id: object, snapshot_id: object, delete_info: object
+        self,
+        ctxt: dict[str, Any],
+        volume_id: object,
+        snapshot_id: object,
+        delete_info: object,
+        reporter: object = "cinder",
     ) -> dict[str, Any]:
         def call() -> dict[str, Any]:
-            req = api.DeleteSnapshotRequest.from_wire(volume_id, snapshot_id, delete_info)
+            req = api.DeleteSnapshotRequest.from_wire(volume_id, snapshot_id, delete_info, reporter)
             c = api.CallContext.from_wire(ctxt)
             return self._service.delete_assisted_snapshot(c, req).to_wire()
 
@@ -238,7 +248,7 @@ class AgentEndpoint:
         return self._run("start_prune", call)
 
 
-def get_server(transport: Any, host: str, service: api.AgentService) -> Any:
+def get_server(transport: Any, host: str, service: AgentService) -> Any:
     """An (unstarted) RPC server for ``host``; the caller starts, stops and waits it."""
     target = om.Target(topic=api.RPC_TOPIC, server=host)
     return om.get_rpc_server(
@@ -250,7 +260,7 @@ def get_server(transport: Any, host: str, service: api.AgentService) -> Any:
     )
 
 
-def serve(conf: cfg.ConfigOpts, service: api.AgentService, *, ready: Callable[[], None]) -> None:
+def serve(conf: cfg.ConfigOpts, service: AgentService, *, ready: Callable[[], None]) -> None:
     """Run the RPC server until SIGTERM/SIGINT; ``ready`` is called once it consumes."""
     transport = om.get_rpc_transport(conf)
     server = get_server(transport, conf.host, service)

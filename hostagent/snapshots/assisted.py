@@ -117,8 +117,19 @@ class AssistedSnapshots:
         """The chain as Cinder knows it: a backup checkpoint on top (released first) left out."""
         return cinder_chain(where, self._roots, releasable=self.release is not None)
 
+    def _check_reporter(self, where: Located, req: Request) -> None:
+        """A Nova guest's snapshots go through Nova (whose driver calls us with reporter
+        NOVA and then refreshes its BDM); through qsnap-api its BDM would go stale."""
+        if req.reporter is api.Reporter.CINDER and self._hv.nova_managed(where.domain_uuid):
+            raise api.InvalidRequest(
+                f"volume {req.volume_id} belongs to a guest Nova manages: Cinder's [nova] must "
+                "point at Nova (qsnap's driver in nova-compute hands the work to this agent), "
+                "not at qsnap-api, or Nova's block-device mapping goes stale; refused"
+            )
+
     def _validate_create(self, req: api.CreateSnapshotRequest) -> tuple[Located, dict[str, Any]]:
         where = self._hv.locate(req.volume_id)
+        self._check_reporter(where, req)
         names = self._chain_names(where)
         ledger = cinder_ledger(os.path.dirname(where.disk.source), req.volume_id)
         check_create(ledger, names, req)  # Cinder's name for a NEW snapshot id
@@ -143,6 +154,7 @@ class AssistedSnapshots:
 
     def _validate_delete(self, req: api.DeleteSnapshotRequest) -> tuple[Located, dict[str, Any]]:
         where = self._hv.locate(req.volume_id)
+        self._check_reporter(where, req)
         names = self._chain_names(where)
 
         def pos(name: str) -> int:
@@ -213,9 +225,14 @@ class AssistedSnapshots:
         so the new_file/delete_info Cinder computed from its ledger holds again."""
         release_step(self._step, op_id, self._hv.locate(volume_id), self.release)
 
-    def _report(self, op_id: uuid.UUID, snapshot_id: str, report: Report) -> None:
+    def _report(self, op_id: uuid.UUID, req: Request, report: Report) -> None:
+        """The decided outcome is journaled either way; Cinder hears it from us only when we
+        are its compute service (with Nova, Nova's driver reports once the op has ended)."""
         with self._step(op_id, StepName.NOTIFY, {"report": report.name}) as step:
-            step.data["delivered"] = self._notify.send(snapshot_id, report, op_id)
+            if req.reporter is api.Reporter.NOVA:
+                step.data["delivered"] = "by nova"
+            else:
+                step.data["delivered"] = self._notify.send(req.snapshot_id, report, op_id)
 
     def _expired(self, op_id: uuid.UUID, req: Request, exc: DeadlineExpired) -> None:
         """Cinder stopped waiting before the job could start: fail it, report nothing."""
@@ -246,10 +263,10 @@ class AssistedSnapshots:
             return
         except Exception as exc:
             LOG.warning("create %s of volume %s failed: %s", req.snapshot_id, req.volume_id, exc)
-            self._report(op_id, req.snapshot_id, Report.CREATE_FAILED)
+            self._report(op_id, req, Report.CREATE_FAILED)
             self._j.finish(op_id, ops.OperationState.FAILED, error=exc)
             return
-        self._report(op_id, req.snapshot_id, Report.CREATE_DONE)
+        self._report(op_id, req, Report.CREATE_DONE)
         self._j.finish(op_id, ops.OperationState.SUCCEEDED, result={"active": plan["new_path"]})
 
     def _run_delete(
@@ -288,10 +305,10 @@ class AssistedSnapshots:
             return
         except Exception as exc:
             LOG.warning("delete %s of volume %s failed: %s", req.snapshot_id, req.volume_id, exc)
-            self._report(op_id, req.snapshot_id, Report.DELETE_FAILED)
+            self._report(op_id, req, Report.DELETE_FAILED)
             j.finish(op_id, ops.OperationState.FAILED, error=exc)
             return
-        self._report(op_id, req.snapshot_id, Report.DELETE_DONE)
+        self._report(op_id, req, Report.DELETE_DONE)
         j.finish(op_id, ops.OperationState.SUCCEEDED, result=result)
 
     # -- resume after a crash ---------------------------------------------------------------
@@ -307,6 +324,8 @@ class _Resume:
     def __init__(self, owner: AssistedSnapshots, job_timeout: float) -> None:
         self.o, self.j, self.hv = owner, owner._j, owner._hv
         self.roots, self.job_timeout = owner._roots, job_timeout
+        #: Operations whose outcome Nova's driver reports (filled before any job is queued).
+        self.by_nova: set[uuid.UUID] = set()
 
     def submit(self, key: str, fn: Callable[[], None]) -> None:
         """In the Cinder pool, holding the disk as a fresh job does (other pools' jobs)."""
@@ -320,8 +339,11 @@ class _Resume:
 
     # -- shared -------------------------------------------------------------------------
     def owe(self, op_id: uuid.UUID, snapshot_id: str, report: Report) -> None:
-        """Journal a notify step and the notice; the queue's start() delivers it."""
+        """Journal a notify step and the notice; the queue's start() delivers it (none when
+        Nova's driver reports: it reads the outcome from the operation)."""
         with self.j.step(op_id, StepName.NOTIFY, {"report": report.name, "recovered": True}):
+            if op_id in self.by_nova:
+                return
             status, progress = report.value
             self.j.enqueue(snapshot_id, status, progress, op_id)
 
@@ -346,6 +368,8 @@ class _Resume:
     # -- one operation --------------------------------------------------------------------
     def resume(self, rec: ops.OperationRecord) -> str:
         op, steps = rec.operation, rec.steps
+        if op.request.get("reporter") == api.Reporter.NOVA.value:
+            self.by_nova.add(op.id)
         released: list[str] = []
         if has_planned_release(steps):  # before anything judges the chain
             args = (self.hv.locate, self.hv.settle_job, self.roots, self.job_timeout)
@@ -413,6 +437,7 @@ class _Resume:
             snapshot_id=sid,
             file_to_merge=op.request.get("file_to_merge"),
             merge_target_file=op.request.get("merge_target_file"),
+            reporter=api.Reporter.of(op.request.get("reporter", "cinder")),
         )
         failed = next((s for s in steps if s.state is ops.StepState.FAILED), None)
         if failed is not None:
@@ -517,7 +542,10 @@ class _Resume:
     ) -> None:
         data = {"report": report.name, "recovered": True}
         with self.j.step(op_id, StepName.NOTIFY, data) as step:
-            step.data["delivered"] = self.o._notify.send(req.snapshot_id, report, op_id)
+            if req.reporter is api.Reporter.NOVA:
+                step.data["delivered"] = "by nova"
+            else:
+                step.data["delivered"] = self.o._notify.send(req.snapshot_id, report, op_id)
         keys = ("kind", "chain_after", "merged_away")
         self.close(op_id, report, {k: result[k] for k in keys if k in result}, why)
 

@@ -4,7 +4,9 @@ The agent picks each snapshot's uuid, so the overlay (``volume-<vid>.<snapid>``,
 naming) is known before Cinder is asked to record it. Steps, each journaled before it acts:
 plan, cinder_create (records in ``creating``), overlays (made here, so a failure removes
 exactly ours), snapshot (one libvirt call, the request's quiesce policy), ledger (``active``
-+ ``snapid -> file`` per volume, as remotefs writes it), cinder_finalize (``available``).
++ ``snapid -> file`` per volume, as remotefs writes it), cinder_finalize (``available``; the
+extension also points the attachment and the volume's format at the overlay), and on a Nova
+guest nova_refresh (Nova re-reads the attachments into its BDM; they must name the overlays).
 Failure: cleanup (our unused overlays), cinder_finalize ``error``. :meth:`resume` judges a
 crashed one from its steps and the live chains, sharing this step code.
 """
@@ -24,7 +26,9 @@ from hostagent.hypervisor import Located, chain_names
 from hostagent.journal import model as ops
 from hostagent.journal import store as jn
 from hostagent.journal.model import StepName
+from hostagent.nova_records import RecordsStale
 from hostagent.rpc import contract as api
+from hostagent.rpc.nova_side import BdmState
 from hostagent.snapshots.owned_base import OwnedBase
 from qcow2 import CINDER, Ledger, create_overlay, read_ledger, write_ledger
 from qcow2.naming import snapshot_file_name
@@ -74,6 +78,7 @@ class InstanceSnapshots(OwnedBase):
 
     def snapshot_instance(self, req: api.InstanceSnapshotRequest) -> ops.Operation:
         chosen = self._validate_instance(req)  # raises: nothing journaled, nothing touched
+        self._nova_guard(chosen[0].domain_uuid)  # a Nova guest needs Nova's side answering
         request = {"kind": ops.OperationKind.INSTANCE_SNAPSHOT.value, **asdict(req)}
         request["quiesce"] = req.quiesce.value
         locks = [f"instance:{req.instance_uuid}"]
@@ -101,7 +106,9 @@ class InstanceSnapshots(OwnedBase):
                 with self._step(op_id, StepName.PLAN, None) as st:
                     st.data["volumes"] = [asdict(v) for v in self._plan(req, keys)]
                     st.data["quiesce"] = req.quiesce.value
-                    st.data["domain"] = self._hv.instance_volumes(req.instance_uuid)[0].domain_uuid
+                    domain = self._hv.instance_volumes(req.instance_uuid)[0].domain_uuid
+                    st.data["domain"] = domain
+                    st.data["nova"] = self._nova_guard(domain)  # again: last check before acting
             except Exception as exc:
                 LOG.warning("instance snapshot %s refused at plan: %s", op_id, exc)
                 self._j.finish(op_id, ops.OperationState.FAILED, error=exc)
@@ -168,7 +175,7 @@ class InstanceSnapshots(OwnedBase):
                 for v in vols:
                     self._ledger_add(v)
             self._progress(op_id, "ledger")
-            self._finalize(op_id, vols, MetaAction.FINALIZE_AVAILABLE)
+            sent = self._finalize(op_id, vols, MetaAction.FINALIZE_AVAILABLE)
         except Exception as exc:  # the snapshot exists: the op fails, the overlays stay live
             LOG.error("instance snapshot %s taken but not recorded: %s", op_id, exc)
             if self._q.meta is not None:  # never leave Cinder's records in 'creating'
@@ -177,6 +184,13 @@ class InstanceSnapshots(OwnedBase):
             self._j.finish(op_id, ops.OperationState.FAILED, error=exc)
             return
         self._progress(op_id, "cinder_finalize")
+        if plan.get("nova"):
+            try:  # the snapshot exists and Cinder has it: only Nova may still be stale
+                self._sync_nova(op_id, plan["domain"], vols, sent)
+            except Exception as exc:
+                LOG.error("instance snapshot %s: Nova not refreshed: %s", op_id, exc)
+                self._j.finish(op_id, ops.OperationState.FAILED, error=exc)
+                return
         snaps = [
             {"volume_id": v.volume_id, "snapshot_id": v.snapshot_id, "file": v.path} for v in vols
         ]
@@ -193,7 +207,12 @@ class InstanceSnapshots(OwnedBase):
         if new != old:
             write_ledger(v.dir, v.volume_id, new)
 
-    def _finalize(self, op_id: uuid.UUID, vols: list[VolPlan], action: MetaAction) -> None:
+    def _finalize(
+        self, op_id: uuid.UUID, vols: list[VolPlan], action: MetaAction
+    ) -> dict[str, bool]:
+        """Each record's change, journaled and tried once (a failed one is resent later);
+        whether it landed now, by snapshot id (empty without Cinder)."""
+        sent: dict[str, bool] = {}
         with self._step(op_id, StepName.CINDER_FINALIZE, {"action": action.value}) as st:
             if self._q.meta is None:
                 st.data["cinder"] = "skipped: [cinder] enabled is false"
@@ -202,6 +221,20 @@ class InstanceSnapshots(OwnedBase):
                     v.snapshot_id: self._q.send_meta(v.snapshot_id, action, op_id) for v in vols
                 }
                 st.data["delivered"] = sent
+        return sent
+
+    def _sync_nova(
+        self, op_id: uuid.UUID, domain: str, vols: list[VolPlan], sent: dict[str, bool]
+    ) -> None:
+        """Nova reads the new top from Cinder's attachments, which finalize rewrote: every
+        finalize must have landed first, else Nova would copy the old name."""
+        late = sorted(sid for sid in (v.snapshot_id for v in vols) if not sent.get(sid))
+        if late:
+            raise RecordsStale(
+                f"Cinder's records of snapshots {late} are not updated yet (resent later): "
+                "Nova's block-device mapping was not refreshed"
+            )
+        self._nova_refresh(op_id, domain, {v.volume_id: BdmState(v.file, "qcow2") for v in vols})
 
     def _in_use(self, domain_uuid: str, vols: list[VolPlan]) -> set[str] | None:
         """Real paths in the domain's live chains (None when the domain cannot be read)."""

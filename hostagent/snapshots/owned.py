@@ -9,8 +9,8 @@ records through qsnap's Cinder extension. Every step is journaled before it is t
 live chain after a crash, so a fresh run and a recovered one share the same step code.
 
 Instance snapshot steps: plan, cinder_create, overlays, snapshot, ledger, cinder_finalize
-(failure: cleanup, cinder_finalize error). Owned delete steps: validate, merge, ledger,
-remove, cinder_delete.
+(failure: cleanup, cinder_finalize error), then nova_refresh on a Nova guest. Owned delete
+steps: validate, merge, ledger, remove, cinder_delete, nova_refresh on a Nova guest.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from hostagent.journal import model as ops
 from hostagent.journal import store as jn
 from hostagent.journal.crash import StepFn
 from hostagent.journal.model import StepName
+from hostagent.nova_records import NovaRecords
 from hostagent.pool import KeyedPool
 from hostagent.rpc import contract as api
 from hostagent.snapshots.instance import InstanceSnapshots
@@ -49,11 +50,13 @@ class OwnedOps:
         roots: list[str],
         step: StepFn,
         release: Release | None = None,
+        nova: NovaRecords | None = None,
     ) -> None:
         self._j, self._locks, self._hv, self._roots = journal, locks, hv, roots
         self._pool = pool
-        self.instances = InstanceSnapshots(journal, hv, queue, pool, locks, roots=roots, step=step)
-        self.deletes = OwnedDeletes(journal, hv, queue, pool, locks, roots=roots, step=step)
+        parts = (journal, hv, queue, pool, locks)
+        self.instances = InstanceSnapshots(*parts, roots=roots, step=step, nova=nova)
+        self.deletes = OwnedDeletes(*parts, roots=roots, step=step, nova=nova)
         self.instances.release = self.deletes.release = release
 
     def snapshot_instance(self, req: api.InstanceSnapshotRequest) -> ops.Operation:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -17,8 +18,11 @@ from hostagent.cinder.outbox import NotifyQueue
 from hostagent.hypervisor import DiskLocks, Hypervisor, Located
 from hostagent.journal import store as jn
 from hostagent.journal.crash import StepFn
+from hostagent.journal.model import StepName
+from hostagent.nova_records import NovaRecords
 from hostagent.pool import KeyedPool
 from hostagent.rpc import contract as api
+from hostagent.rpc.nova_side import BdmState
 from hostagent.rpc.wire_errors import Rule, wire_errors
 from qcow2 import Ledger, Qcow2Error, read_ledger
 
@@ -50,9 +54,26 @@ class OwnedBase:
         *,
         roots: list[str],
         step: StepFn,
+        nova: NovaRecords | None = None,
     ) -> None:
         self._j, self._hv, self._q, self._pool = journal, hv, queue, pool
         self._locks, self._roots, self._step = locks, roots, step
+        self._nova = nova or NovaRecords()
+
+    def _nova_guard(self, domain_uuid: str) -> bool:
+        """Whether the change must end with Nova's BDM refreshed (raises: refused)."""
+        return self._nova.guard(domain_uuid, self._hv.nova_managed(domain_uuid))
+
+    def _nova_refresh(
+        self, op_id: uuid.UUID, instance_uuid: str, expected: dict[str, BdmState]
+    ) -> None:
+        """Journaled: Nova re-reads Cinder's attachments; each BDM must name ``expected``."""
+        data = {
+            "instance": instance_uuid,
+            "expected": {k: v.to_wire() for k, v in expected.items()},
+        }
+        with self._step(op_id, StepName.NOVA_REFRESH, data) as st:
+            st.data["bdm"] = self._nova.refresh(instance_uuid, expected)
 
     # -- validation (touches nothing) -----------------------------------------------------
     def _checked(self, where: Located) -> list[str]:

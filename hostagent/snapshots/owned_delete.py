@@ -4,7 +4,9 @@ Unlike Cinder's assisted delete (Cinder owns the ledger and removes the merged f
 the agent does it all: the newest snapshot by ACTIVE COMMIT + pivot into its backing file
 (copies only the overlay), an inner one by commit into its backing file; then the ledger
 (``active`` moves back when the newest went), the merged-away file, and Cinder's record
-(snapshot-delete-metadata). Steps: validate, merge, ledger, remove, cinder_delete; the merge
+(snapshot-delete-metadata; the extension also points the attachment and the volume's format
+at the new top), and on a Nova guest Nova's BDM (re-read from that attachment; it must name
+the live top). Steps: validate, merge, ledger, remove, cinder_delete, nova_refresh; the merge
 reports progress. :meth:`resume` settles a job still on the disk after a crash.
 """
 
@@ -23,7 +25,9 @@ from hostagent.hypervisor import Located, chain_names
 from hostagent.journal import model as ops
 from hostagent.journal import store as jn
 from hostagent.journal.model import StepName
+from hostagent.nova_records import RecordsStale
 from hostagent.rpc import contract as api
+from hostagent.rpc.nova_side import BdmState
 from hostagent.rpc.wire_errors import REUSED_ID, wire_errors
 from hostagent.snapshots.owned_base import OwnedBase, checked_ledger
 from qcow2 import Ledger, read_ledger, write_ledger
@@ -51,7 +55,10 @@ class OwnedDeletes(OwnedBase):
         if file not in names or names.index(file) + 1 >= len(names):
             raise api.InvalidRequest(f"{file!r} is not a layer with a backing file in {names}")
         pos = names.index(file)
+        nova = self._nova_guard(where.domain_uuid)  # a Nova guest needs Nova's side answering
         return where, {
+            "domain": where.domain_uuid,
+            "nova": nova,
             "disk": where.key,
             "dir": directory,
             "file": file,
@@ -134,6 +141,18 @@ class OwnedDeletes(OwnedBase):
                         st.data["delivered"] = self._q.send_meta(
                             req.snapshot_id, MetaAction.DELETE, op_id
                         )
+                delivered = st.data.get("delivered", False)
+            else:
+                delivered = True
+            if plan.get("nova") and "nova_refresh" not in done:
+                if not delivered:  # Nova copies Cinder's attachment: it must be new first
+                    raise RecordsStale(
+                        f"Cinder's record of {req.snapshot_id} is not updated yet (resent "
+                        "later): Nova's block-device mapping was not refreshed"
+                    )
+                live = self._hv.locate(req.volume_id).disk
+                top = BdmState(os.path.basename(live.source), live.fmt)
+                self._nova_refresh(op_id, plan["domain"], {req.volume_id: top})
         except Exception as exc:
             LOG.error("owned delete %s merged but not recorded: %s", req.snapshot_id, exc)
             self._j.finish(op_id, ops.OperationState.FAILED, error=exc)

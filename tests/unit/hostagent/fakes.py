@@ -27,6 +27,7 @@ from hostagent.cinder.status import NotifyUnreachable, Report, Reported
 from hostagent.hypervisor import Hypervisor, Located
 from hostagent.journal import crash as crash_mod
 from hostagent.journal.store import Journal
+from hostagent.nova_records import NovaRecords
 from hostagent.pool import KeyedPool
 from hostagent.recovery import Outcome, reconcile
 from hostagent.rpc import contract as api
@@ -119,6 +120,7 @@ class FakeHypervisor:
       ``block_job`` reports a job for ``job_polls`` calls and ``settle_job`` waits for its
       end, bounded by ``timeout`` (a job that cannot be pivoted). ``settles`` records each.
     - ``frozen`` is the guest's freeze state; ``thaw_if_frozen`` counts in ``thawed``.
+    - ``nova`` says whether the domain carries Nova's metadata (``nova_managed``).
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class FakeHypervisor:
         self.pivoted: list[str] = []
         self.frozen = False
         self.thawed = 0
+        self.nova = False
         self._lock = threading.Lock()
 
     @property
@@ -169,6 +172,11 @@ class FakeHypervisor:
         if volume_id not in self.chains:
             raise api.VolumeNotFound(volume_id)
         return self._located(volume_id)
+
+    def nova_managed(self, domain_uuid: str) -> bool:
+        if domain_uuid != self.domain:
+            raise api.InstanceNotFound(domain_uuid)
+        return self.nova
 
     def instance_volumes(self, instance_uuid: str) -> list[Located]:
         if instance_uuid != self.domain:
@@ -431,6 +439,7 @@ class Agent:
         settings: BackupSettings | None = None,
         cinder_workers: int | None = 2,
         deadlines: Deadlines | None = None,
+        nova: NovaRecords | None = None,
     ) -> None:
         self.tmp, self.hv = tmp, hv
         self.journal = Journal(str(tmp / "j.sqlite"), host="h")
@@ -443,7 +452,7 @@ class Agent:
         self.svc = AssistedService(
             self.journal, hv, self.queue, self.pool, roots=[str(tmp)],
             backup_engine=engine, backup_settings=settings,
-            cinder_pool=self.cinder_pool, deadlines=deadlines,
+            cinder_pool=self.cinder_pool, deadlines=deadlines, nova=nova,
         )  # fmt: skip
 
     def idle(self, timeout: float) -> bool:

@@ -60,7 +60,7 @@ def test_out_of_range_values_are_refused(tmp_path: Path, body: str) -> None:
 
 def test_list_opts_covers_every_group() -> None:
     groups = {group for group, _ in list_opts()}
-    assert groups == {None, "libvirt", "agent", "shares", "cinder", "backup", "journal"}
+    assert groups == {None, "libvirt", "agent", "shares", "cinder", "nova", "backup", "journal"}
     names = {opt.dest for _, opts in list_opts() for opt in opts}
     assert {"host", "state_path", "uri", "workers", "allowed_roots", "auth_type"} <= names
     assert {"repository", "max_parallel", "keep_last", "zstd_level"} <= names

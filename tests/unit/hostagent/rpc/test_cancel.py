@@ -53,4 +53,4 @@ def test_cancel_and_start_prune_round_trip(tmp_path: Path) -> None:
     ep = AgentEndpoint(bed.svc)
     assert isinstance(_expected(lambda: ep.cancel_operation({}, 7)), api.InvalidRequest)
     assert isinstance(_expected(lambda: ep.cancel_operation({}, "../x")), api.OperationNotFound)
-    assert ep.target.version == "1.4"
+    assert ep.target.version == "1.5"

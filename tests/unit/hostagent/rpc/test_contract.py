@@ -174,7 +174,7 @@ def test_delete_snapshot_is_rpc_1_1_and_validated() -> None:
             raise api.SnapshotNotFound(f"{req.snapshot_id} not in the ledger")
 
     ep = AgentEndpoint(Svc())  # type: ignore[arg-type]
-    assert ep.target.version == "1.4" and AgentAPI.VERSION_CAP == "1.4"
+    assert ep.target.version == "1.5" and AgentAPI.VERSION_CAP == "1.5"
     assert isinstance(expected(lambda: ep.delete_snapshot({}, VOL, "../x")), api.InvalidRequest)
     assert seen == []
     exc = expected(lambda: ep.delete_snapshot({}, VOL.upper(), SNAP))
