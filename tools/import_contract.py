@@ -95,11 +95,16 @@ CONTRACT = Contract(
                 # package containers import nothing of hostagent; errors is the root
                 ("hostagent", "hostagent.rpc", "hostagent.backup", "hostagent.errors"),
                 ("hostagent.journal.model",),
-                ("hostagent.rpc.contract", "hostagent.rpc.messaging"),
+                (
+                    "hostagent.rpc.contract",
+                    "hostagent.rpc.agent_service",
+                    "hostagent.rpc.messaging",
+                    "hostagent.rpc.nova_side",
+                ),
                 ("hostagent.journal.*", "hostagent.pool", "hostagent.config"),
                 # the resume registry: orders the work, each kind registers its resume
                 ("hostagent.recovery",),
-                ("hostagent.cinder.*",),
+                ("hostagent.cinder.*", "hostagent.nova_records"),
                 ("hostagent.backup.repo.*",),
                 # lower errors -> wire errors: under the backup service and the endpoint
                 ("hostagent.rpc.wire_errors",),
@@ -124,6 +129,8 @@ CONTRACT = Contract(
                 "hostagent.rpc",
                 "hostagent.rpc.contract",
                 "hostagent.rpc.client",
+                # served inside nova-compute by api_ext.nova_agent/nova_driver
+                "hostagent.rpc.nova_side",
                 "hostagent.config",
                 "hostagent.cinder.records",
             ),
