@@ -140,6 +140,12 @@ class BackupService:
             found = [self._hv.locate(v) for v in req.volume_ids]
         for where in found:  # the whole chain inspected now: a refusal touches nothing
             cinder_chain(where, self._roots, releasable=True)
+            if req.incremental and self._hv.nova_managed(where.domain_uuid):
+                raise api.InvalidRequest(
+                    f"volume {where.disk.serial}: an incremental backup leaves a checkpoint "
+                    "overlay as the live top, which Nova's block-device mapping and Cinder's "
+                    "records do not name; a guest Nova manages gets plain backups only"
+                )
         vols = [str(w.disk.serial).lower() for w in found]
         self._repo(create=True)
         request = {

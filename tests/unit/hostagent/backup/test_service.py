@@ -82,6 +82,19 @@ def test_refusals_journal_nothing(bed: BackupBed) -> None:
         bed.svc.verify_backup(CTX, str(uuid.uuid4()))
 
 
+def test_a_nova_guest_gets_no_incremental_backup(bed: BackupBed) -> None:
+    """Its checkpoint overlay would stay the live top, unknown to Nova's BDM (issue 13)."""
+    bed.hv.nova = True
+    with pytest.raises(api.InvalidRequest, match="Nova"):
+        bed.svc.create_backup(CTX, api.CreateBackupRequest((VOL,), None, True))
+    assert bed.journal.list_operations() == []
+    op = bed.create([VOL])  # a plain backup leaves the chain as it was: allowed
+    assert op.state is api.OperationState.SUCCEEDED, op.error
+    bed.hv.nova = False  # the control: the same incremental request on a guest of no Nova
+    op = bed.wait(bed.svc.create_backup(CTX, api.CreateBackupRequest((VOL,), None, True)))
+    assert op.state is api.OperationState.SUCCEEDED, op.error
+
+
 def test_list_get_verify_detects_a_flipped_byte(bed: BackupBed) -> None:
     bed.create([VOL])
     bed.create([VOL])
