@@ -76,6 +76,10 @@ ce.objects = types.SimpleNamespace(  # no database: the objects the actions look
     Snapshot=types.SimpleNamespace(get_by_id=lambda ctx, sid, *a, **k: current["snap"]),
     Volume=types.SimpleNamespace(get_by_id=lambda ctx, vid, *a, **k: current["volume"]),
 )
+ce.cinder_connection = types.SimpleNamespace(  # attachment/format upkeep: functional tests
+    on_create=lambda *a: None, on_available=lambda *a: {}, on_deleted=lambda *a: {},
+    earlier_snapshots=lambda *a: [],
+)
 ce.QsnapSnapshotMetadataController._reserve_opts = staticmethod(lambda *a: {"snapshots": -1})
 ce.db = types.SimpleNamespace(
     volume_glance_metadata_delete_by_snapshot=lambda *a: calls.append("glance"),
