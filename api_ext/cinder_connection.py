@@ -11,10 +11,10 @@ this extension, so its create/finalize/delete-metadata actions do the same here:
 - finalize ``available`` of the volume's newest snapshot S: the active file is
   ``volume-<vid>.<S>``, ``qcow2``;
 - snapshot-delete-metadata of S while the attachment names S's file (the agent merged the
-  newest layer down, so the active file is S's backing file): the active file is the file of
-  the newest remaining snapshot taken before S, else the volume's base file with
-  ``base_format``. A chain is linear in creation order, which is why Cinder's records say
-  which file backs S; the agent compares what Nova copies with its live chain afterwards.
+  newest layer down): the active file is the one the agent names from its live chain (a
+  volume file of this volume, raw or qcow2; Cinder's records cannot say which file backs S
+  once Cinder's own online deletes renamed the base). The agent then has Nova copy the
+  attachment and compares Nova's answer with the live chain.
 
 Loaded inside Cinder's API process with the extension: imports only Cinder.
 """
@@ -91,25 +91,12 @@ def on_available(context: Any, snapshot: Any) -> dict[str, Any]:
     return _point_at(volume, snapshot_file(volume.id, snapshot.id), QCOW2)
 
 
-def on_deleted(context: Any, snapshot: Any, earlier: list[Any]) -> dict[str, Any]:
-    """``snapshot``'s record is gone; ``earlier``: the volume's snapshots taken before it."""
+def on_deleted(context: Any, snapshot: Any, active: str, fmt: str) -> dict[str, Any]:
+    """``snapshot``'s record is gone and the agent says ``active`` (``fmt``) is the volume's
+    active file now. Applied only while the attachment still names the snapshot's own file
+    (its layer was the top): a late resend can never move a newer pointer back."""
     volume = objects.Volume.get_by_id(context.elevated(), snapshot.volume_id)
     mine = snapshot_file(volume.id, snapshot.id)
     if not any(a.connection_info.get("name") == mine for a in _attachments(volume)):
-        return {}  # an inner layer went: the active file did not change
-    if earlier:
-        return _point_at(volume, snapshot_file(volume.id, earlier[-1].id), QCOW2)
-    with volume.obj_as_admin():
-        base = volume.admin_metadata.get("base_format")
-    if base is None:
-        LOG.warning("qsnap: volume %s has no base_format: format left as it is", volume.id)
-        base = volume.admin_metadata.get("format", "raw")
-    return _point_at(volume, f"volume-{volume.id}", str(base))
-
-
-def earlier_snapshots(context: Any, snapshot: Any) -> list[Any]:
-    """The volume's snapshots taken before ``snapshot`` (read before its record goes)."""
-    snaps = _snapshots(context, snapshot.volume_id)
-    ids = [s.id for s in snaps]
-    pos = ids.index(snapshot.id) if snapshot.id in ids else len(snaps)
-    return snaps[:pos]
+        return {}  # an inner layer went, or a newer change already moved the pointer
+    return _point_at(volume, active, fmt)

@@ -65,6 +65,9 @@ MARK = "qsnap:recorded"
 # (volume-<uuid>.<snapshot-uuid>) on the share, so no braces, urn: or uppercase variants.
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _UUID = {"type": "string", "pattern": _UUID_RE.pattern}
+# A volume's file: volume-<volume uuid>[.<snapshot uuid>] (remotefs naming), nothing else.
+_U = _UUID_RE.pattern[1:-1]
+_ACTIVE_RE = re.compile(rf"^volume-{_U}(\.{_U})?$")
 _METADATA = copy.deepcopy(parameter_types.extra_specs)
 
 CREATE_SCHEMA = {
@@ -108,6 +111,12 @@ DELETE_SCHEMA = {
     "properties": {
         "snapshot-delete-metadata": {
             "type": ["object", "null"],
+            "properties": {
+                # the volume's active file once this snapshot's layer went (both or neither)
+                "active": {"type": "string", "pattern": _ACTIVE_RE.pattern},
+                "format": {"type": "string", "enum": ["raw", "qcow2"]},
+            },
+            "dependencies": {"active": ["format"], "format": ["active"]},
             "additionalProperties": False,
         }
     },
@@ -281,6 +290,10 @@ class QsnapSnapshotMetadataController(wsgi.Controller):
         _check_id(id)
         snapshot = objects.Snapshot.get_by_id(context, id)  # 404 if unknown
         _check_ours(snapshot, "snapshot-delete-metadata")
+        args = body.get("snapshot-delete-metadata") or {}
+        active = args.get("active")
+        if active is not None and not active.startswith(f"volume-{snapshot.volume_id}"):
+            raise webob.exc.HTTPBadRequest(explanation=f"{active!r} is not a file of the volume")
         # Claim it first so no driver operation can start on it meanwhile.
         if not snapshot.conditional_update(
             {"status": fields.SnapshotStatus.DELETING},
@@ -296,10 +309,10 @@ class QsnapSnapshotMetadataController(wsgi.Controller):
         except Exception:  # as Cinder's manager: a usage glitch must not keep the record
             LOG.exception("qsnap: snapshot usage update failed for %s", id)
             reservations = None
-        earlier = cinder_connection.earlier_snapshots(context, snapshot)
         db.volume_glance_metadata_delete_by_snapshot(context, id)
         snapshot.destroy()
-        cinder_connection.on_deleted(context, snapshot, earlier)
+        if active is not None:
+            cinder_connection.on_deleted(context, snapshot, active, args["format"])
         if reservations:
             QUOTAS.commit(context, reservations, project_id=project)
         LOG.info("qsnap removed the record of snapshot %s (no storage operation)", id)

@@ -15,7 +15,7 @@ import threading
 import uuid
 from typing import Protocol
 
-from hostagent.cinder.records import MetaAction, MetaError
+from hostagent.cinder.records import ActiveFile, MetaAction, MetaError
 from hostagent.cinder.status import NotifyError, NotifyRejected, Report, Reported
 from hostagent.journal.store import Journal, backoff
 
@@ -35,7 +35,9 @@ class MetaClient(Protocol):
     """The part of :class:`hostagent.cinder.records.CinderMeta` the agent uses."""
 
     def create(self, snapshot_id: str, volume_id: str, description: str) -> None: ...
-    def apply(self, snapshot_id: str, action: MetaAction) -> None: ...
+    def apply(
+        self, snapshot_id: str, action: MetaAction, active: ActiveFile | None = None
+    ) -> None: ...
 
 
 class NoCinder:
@@ -102,27 +104,41 @@ class NotifyQueue:
         is false (no volume service: ledgers are still kept, no call is made)."""
         return self._meta
 
-    def send_meta(self, snapshot_id: str, action: MetaAction, op_id: uuid.UUID | None) -> bool:
-        """Journal a record change then try it once; False = left pending for a resend."""
+    def send_meta(
+        self,
+        snapshot_id: str,
+        action: MetaAction,
+        op_id: uuid.UUID | None,
+        active: ActiveFile | None = None,
+    ) -> bool:
+        """Journal a record change then try it once; False = left pending for a resend.
+        ``active`` (a delete) travels in the notice's progress slot, unused by meta actions."""
         if self._meta is None:
             raise RuntimeError("no Cinder record client: [cinder] enabled is false")
-        note = self._journal.enqueue(snapshot_id, action.value, None, op_id)
-        return self._deliver(note.id, snapshot_id, action)
+        detail = active.encode() if active is not None else None
+        note = self._journal.enqueue(snapshot_id, action.value, detail, op_id)
+        return self._deliver(note.id, snapshot_id, action, detail)
 
-    def _do(self, snapshot_id: str, what: Report | MetaAction) -> None:
+    def _do(self, snapshot_id: str, what: Report | MetaAction, detail: str | None) -> None:
         if isinstance(what, Report):
             _send(self._notifier, snapshot_id, what)
         elif self._meta is None:  # journaled by an agent that had Cinder enabled
             raise MetaError(snapshot_id, what.value, "[cinder] enabled is false", rejected=True)
         else:
-            self._meta.apply(snapshot_id, what)
+            self._meta.apply(snapshot_id, what, ActiveFile.decode(detail))
 
-    def _deliver(self, note_id: int, snapshot_id: str, report: Report | MetaAction) -> bool:
+    def _deliver(
+        self,
+        note_id: int,
+        snapshot_id: str,
+        report: Report | MetaAction,
+        detail: str | None = None,
+    ) -> bool:
         with self._send_lock:
             if self._journal.notification(note_id).state.value != "pending":
                 return True  # sent meanwhile by the other path
             try:
-                self._do(snapshot_id, report)
+                self._do(snapshot_id, report, detail)
             except (NotifyError, MetaError) as exc:
                 attempts = self._journal.notification(note_id).attempts + 1
                 rejected = isinstance(exc, NotifyRejected) or (
@@ -151,8 +167,12 @@ class NotifyQueue:
         for note in self._journal.pending_notifications(due_only=due_only):
             if self._stop.is_set():
                 break
-            what = MetaAction.of(note.status) or Report((note.status, note.progress))
-            sent += self._deliver(note.id, note.snapshot_id, what)
+            meta = MetaAction.of(note.status)
+            if meta is not None:
+                sent += self._deliver(note.id, note.snapshot_id, meta, note.progress)
+            else:
+                report = Report((note.status, note.progress))
+                sent += self._deliver(note.id, note.snapshot_id, report)
         return sent
 
     def start(self) -> None:

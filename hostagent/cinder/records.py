@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from cinderclient import base
@@ -68,8 +69,34 @@ def finalize_body(status: str = "available", progress: str | None = None) -> dic
     return {FINALIZE: args}
 
 
-def delete_body() -> dict[str, Any]:
-    return {DELETE: {}}
+def delete_body(active: ActiveFile | None = None) -> dict[str, Any]:
+    """``active``: the volume's active file once the snapshot's layer went (the extension
+    points the attachment and the volume's format at it if they named that layer)."""
+    if active is None:
+        return {DELETE: {}}
+    return {DELETE: {"active": active.name, "format": active.format}}
+
+
+@dataclass(frozen=True)
+class ActiveFile:
+    """A volume's active file and its format, as Cinder's records must name them.
+
+    Journaled with a delete-metadata notice as ``name|format`` (:meth:`encode`) so a resend
+    after a restart carries exactly what the live chain said when the layer went.
+    """
+
+    name: str
+    format: str
+
+    def encode(self) -> str:
+        return f"{self.name}|{self.format}"
+
+    @classmethod
+    def decode(cls, text: str | None) -> ActiveFile | None:
+        if not text:
+            return None
+        name, _, fmt = text.partition("|")
+        return cls(name, fmt)
 
 
 class QsnapSnapshotManager(base.Manager):  # type: ignore[misc]  # cinderclient is untyped
@@ -101,9 +128,9 @@ class QsnapSnapshotManager(base.Manager):  # type: ignore[misc]  # cinderclient 
         resp, data = self._post(snapshot, finalize_body(status, progress))
         return Snapshot(self, data["snapshot"], loaded=True, resp=resp)
 
-    def delete_metadata(self, snapshot: Any) -> None:
+    def delete_metadata(self, snapshot: Any, active: ActiveFile | None = None) -> None:
         """Drop Cinder's record only; the snapshot's file is the caller's business."""
-        self._post(snapshot, delete_body())
+        self._post(snapshot, delete_body(active))
 
 
 class MetaAction(enum.Enum):
@@ -199,12 +226,12 @@ class CinderMeta:
             ),
         )
 
-    def apply(self, snapshot_id: str, action: MetaAction) -> None:
+    def apply(self, snapshot_id: str, action: MetaAction, active: ActiveFile | None = None) -> None:
         """Carry out ``action``; raises :class:`MetaError` when it did not land."""
         mgr = getattr(self._client, EXTENSION_NAME)
         if action is MetaAction.DELETE:
             try:
-                self._call(snapshot_id, DELETE, lambda: mgr.delete_metadata(snapshot_id))
+                self._call(snapshot_id, DELETE, lambda: mgr.delete_metadata(snapshot_id, active))
             except MetaError as exc:
                 if not (exc.rejected and self._status(snapshot_id) is None):
                     raise

@@ -20,7 +20,7 @@ from dataclasses import asdict
 from typing import Any
 
 from hostagent.backup.checkpoints import release_step
-from hostagent.cinder.records import MetaAction
+from hostagent.cinder.records import ActiveFile, MetaAction
 from hostagent.hypervisor import Located, chain_names
 from hostagent.journal import model as ops
 from hostagent.journal import store as jn
@@ -137,9 +137,11 @@ class OwnedDeletes(OwnedBase):
                 with self._step(op_id, StepName.CINDER_DELETE, None) as st:
                     if self._q.meta is None:
                         st.data["cinder"] = "skipped: [cinder] enabled is false"
-                    else:
+                    else:  # the live top goes along: Cinder's attachment must name it
+                        top = self._live_top(req.volume_id)
+                        st.data["active"] = asdict(top)
                         st.data["delivered"] = self._q.send_meta(
-                            req.snapshot_id, MetaAction.DELETE, op_id
+                            req.snapshot_id, MetaAction.DELETE, op_id, top
                         )
                 delivered = st.data.get("delivered", False)
             else:
@@ -150,9 +152,9 @@ class OwnedDeletes(OwnedBase):
                         f"Cinder's record of {req.snapshot_id} is not updated yet (resent "
                         "later): Nova's block-device mapping was not refreshed"
                     )
-                live = self._hv.locate(req.volume_id).disk
-                top = BdmState(os.path.basename(live.source), live.fmt)
-                self._nova_refresh(op_id, plan["domain"], {req.volume_id: top})
+                top = self._live_top(req.volume_id)
+                expected = {req.volume_id: BdmState(top.name, top.format)}
+                self._nova_refresh(op_id, plan["domain"], expected)
         except Exception as exc:
             LOG.error("owned delete %s merged but not recorded: %s", req.snapshot_id, exc)
             self._j.finish(op_id, ops.OperationState.FAILED, error=exc)
@@ -160,6 +162,11 @@ class OwnedDeletes(OwnedBase):
         result = {"volume_id": req.volume_id, "snapshot_id": req.snapshot_id,
                   "merged": path, "kind": plan["mode"]}  # fmt: skip
         self._j.finish(op_id, ops.OperationState.SUCCEEDED, result=result)
+
+    def _live_top(self, volume_id: str) -> ActiveFile:
+        """The disk's active file and format as QEMU has them open (the live XML)."""
+        live = self._hv.locate(volume_id).disk
+        return ActiveFile(os.path.basename(live.source), live.fmt)
 
     @staticmethod
     def _ledger_drop(req: api.DeleteOwnedSnapshotRequest, plan: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ from cinderclient.extension import Extension
 
 import qcow2
 from api_ext import cinderclient_ext
-from testbed.cinder import REPO, VENV, CinderPeer
+from testbed.cinder import CONNECTOR, REPO, VENV, CinderPeer, attach
 from testbed.shares import DirShare
 
 EXT = "api_ext.cinder_extension.Qsnap_snapshot_metadata"
@@ -179,6 +179,48 @@ def test_create_finalize_then_cinder_deletes_normally(cinder: CinderPeer, client
     )
     assert "Pattern verification failed" not in out.stdout
     assert client.volumes.get(vol.id).status == "available"
+
+
+def test_attached_volume_points_at_the_active_file(cinder: CinderPeer, client: Any) -> None:
+    """Issue 13: finalize and delete-metadata keep the attachment's connection_info and the
+    volume's format on the active file, as remotefs does for its own snapshots (what Nova
+    copies into its BDM and os-initialize_connection hands out)."""
+    vol = _volume(client)
+    assert attach(client, vol.id, str(uuid.uuid4())).status == "in-use"
+    att_id = client.volumes.get(vol.id).attachments[0]["attachment_id"]
+
+    def pointer() -> tuple[str, str]:
+        info = client.attachments.show(att_id).connection_info
+        return info["name"], info.get("format", "raw")
+
+    base = f"volume-{vol.id}"
+    assert pointer() == (base, "raw")
+    sid = str(uuid.uuid4())
+    new = _agent_snapshot(cinder.share_dir, vol.id, sid)
+    client.qsnap_snapshots.create_metadata(sid, vol.id)
+    assert pointer() == (base, "raw")  # creating: nothing moves yet
+    client.qsnap_snapshots.finalize(sid, "available")
+    assert pointer() == (new, "qcow2")
+    init = client.volumes.initialize_connection(vol.id, dict(CONNECTOR, host="other"))
+    assert (init["data"]["name"], init["data"]["format"]) == (new, "qcow2")
+
+    # a pointer at another volume's file is refused and nothing changes
+    code, _ = _post(
+        cinder,
+        f"snapshots/{sid}/action",
+        {"snapshot-delete-metadata": {"active": f"volume-{uuid.uuid4()}", "format": "raw"}},
+    )
+    assert code == 400 and client.volume_snapshots.get(sid).status == "available"
+    code, _ = _post(
+        cinder, f"snapshots/{sid}/action", {"snapshot-delete-metadata": {"active": base}}
+    )
+    assert code == 400 and pointer() == (new, "qcow2")  # a name without its format
+
+    qcow2.write_ledger(str(cinder.share_dir), vol.id, qcow2.Ledger(active=base, snapshots={}))
+    client.qsnap_snapshots.delete_metadata(sid, cinderclient_ext.ActiveFile(base, "raw"))
+    assert pointer() == (base, "raw")
+    init = client.volumes.initialize_connection(vol.id, dict(CONNECTOR, host="other"))
+    assert (init["data"]["name"], init["data"]["format"]) == (base, "raw")
 
 
 def test_finalize_error(client: Any) -> None:

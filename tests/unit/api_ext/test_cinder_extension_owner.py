@@ -78,7 +78,6 @@ ce.objects = types.SimpleNamespace(  # no database: the objects the actions look
 )
 ce.cinder_connection = types.SimpleNamespace(  # attachment/format upkeep: functional tests
     on_create=lambda *a: None, on_available=lambda *a: {}, on_deleted=lambda *a: {},
-    earlier_snapshots=lambda *a: [],
 )
 ce.QsnapSnapshotMetadataController._reserve_opts = staticmethod(lambda *a: {"snapshots": -1})
 ce.db = types.SimpleNamespace(

@@ -22,7 +22,7 @@ import libvirt_ops as lo
 from hostagent.backup import repo as bk
 from hostagent.backup.service import BackupEngine, BackupSettings
 from hostagent.cinder.outbox import NotifyQueue
-from hostagent.cinder.records import MetaAction, MetaError
+from hostagent.cinder.records import ActiveFile, MetaAction, MetaError
 from hostagent.cinder.status import NotifyUnreachable, Report, Reported
 from hostagent.hypervisor import Hypervisor, Located
 from hostagent.journal import crash as crash_mod
@@ -350,6 +350,7 @@ class FakeMeta:
     def __init__(self) -> None:
         self.records: dict[str, str] = {}
         self.calls: list[tuple[str, str]] = []
+        self.active: dict[str, ActiveFile] = {}  # what a delete said the active file is
         self.fail_create = False
         self.unreachable = 0
 
@@ -359,8 +360,10 @@ class FakeMeta:
             raise MetaError(snapshot_id, "create", "HTTP 409", rejected=True)
         self.records.setdefault(snapshot_id, "creating")
 
-    def apply(self, snapshot_id: str, action: MetaAction) -> None:
+    def apply(self, snapshot_id: str, action: MetaAction, active: ActiveFile | None = None) -> None:
         self.calls.append((action.name, snapshot_id))
+        if active is not None:
+            self.active[snapshot_id] = active
         if self.unreachable > 0:
             self.unreachable -= 1
             raise MetaError(snapshot_id, action.value, "connection refused", rejected=False)

@@ -158,3 +158,29 @@ def test_agent_without_cinder_needs_no_endpoint_and_keeps_a_report_pending(tmp_p
             q.send_meta(SID, MetaAction.DELETE, None)
     finally:
         j.close()
+
+
+def test_a_delete_resent_after_a_failure_carries_the_same_active_file(
+    fake: FakeCinder, tmp_path: Any
+) -> None:
+    """The active file rides in the journaled notice: the resend (even by another agent
+    process) sends exactly what the live chain said when the layer went."""
+    from hostagent.cinder.outbox import NotifyQueue
+    from hostagent.journal.store import Journal
+    from tests.unit.hostagent.fakes import FakeNotifier
+
+    fake.script = []  # 500 until the RetryPolicy gives up: left pending
+    active = cinder_meta.ActiveFile(f"volume-{VID}", "raw")
+    j = Journal(str(tmp_path / "j.sqlite"), host="h")
+    try:
+        first = NotifyQueue(j, FakeNotifier(), meta=_meta(fake))
+        assert first.send_meta(SID, MetaAction.DELETE, None, active) is False
+        fake.script = [202]
+        again = NotifyQueue(j, FakeNotifier(), meta=_meta(fake))  # a restarted agent
+        assert again.flush(due_only=False) == 1
+    finally:
+        j.close()
+    assert fake.posts[-1][1] == {
+        "snapshot-delete-metadata": {"active": f"volume-{VID}", "format": "raw"}
+    }
+    assert cinder_meta.delete_body() == {"snapshot-delete-metadata": {}}

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from hostagent.cinder.records import ActiveFile
 from hostagent.nova_records import NovaRecords, RecordsStale
 from hostagent.rpc import contract as api
 from hostagent.rpc.nova_side import BdmState, NovaSideError
@@ -138,7 +139,7 @@ def test_nova_guest_on_an_agent_without_nova_is_refused(tmp_path: Path, hv: Fake
 
 
 def test_owned_delete_of_the_newest_refreshes_to_the_new_top(
-    agent: Agent, hv: FakeHypervisor, side: FakeNovaSide
+    agent: Agent, hv: FakeHypervisor, side: FakeNovaSide, meta: FakeMeta
 ) -> None:
     vid = VOLS[0]
     sid = _snap(agent, [vid]).result["snapshots"][0]["snapshot_id"]
@@ -152,6 +153,8 @@ def test_owned_delete_of_the_newest_refreshes_to_the_new_top(
     # the fake's disks are qcow2 whatever their name; the BDM must say the live format
     want = op.result["steps"][-1]["data"]["expected"][vid]
     assert want == {"name": f"volume-{vid}", "format": "qcow2"}
+    # Cinder heard the same active file with the record's deletion (its attachment follows)
+    assert meta.active[sid] == ActiveFile(f"volume-{vid}", "qcow2")
 
 
 def test_owned_delete_with_a_stale_bdm_fails(
