@@ -68,6 +68,28 @@ _MOUNT_NFS = "#!/bin/sh\nexit 0\n"
 
 NFS_SHARE = "127.0.0.1:/qsnap"
 BACKEND = "nfs1"
+# With ``qcow2_backend``: a second NfsDriver backend on the same export whose volumes are
+# qcow2 files (``nfs_qcow2_volumes = true``); volume types pick a backend by this name.
+QCOW2_BACKEND = "nfs2"
+
+# With two backends: Cinder's heartbeat reads the service id from a CLASS attribute that the
+# last-created service set, so in this one process only that service stayed "up" and the
+# other backend was reported down after service_down_time (60 s) and got no volumes.
+_OWN_HEARTBEAT = (
+    "_report_state = service.Service.report_state\n"
+    "def _own_report_state(self):\n"
+    "    service.Service.service_id = self.origin_service_id  # test bed: several services\n"
+    "    _report_state(self)\n"
+    "service.Service.report_state = _own_report_state\n"
+)
+
+# With ``service_requests``: Cinder treats every request as coming from a service. Nova's
+# detach and delete end with attachment_delete as the user, which makes Cinder ask Nova
+# through a Keystone catalog the bed does not have (EndpointNotFound, volumes stay in-use).
+_SERVICE_REQUESTS = (
+    "from cinder.volume import api as _volume_api\n"
+    "_volume_api.API.is_service_request = staticmethod(lambda ctxt: True)  # test bed\n"
+)
 
 
 class CinderPeer:
@@ -82,15 +104,25 @@ class CinderPeer:
         extra_extensions: tuple[str, ...] = (),
         pythonpath: tuple[Path, ...] = (),
         policy: dict[str, str] | None = None,
+        nova_token: str | None = None,
+        qcow2_backend: bool = False,
+        service_requests: bool = False,
+        project_id: str | None = None,
     ) -> None:
         """``extra_extensions``: API extension classes by dotted path (beside the standard
         ones), importable from ``pythonpath``. ``policy``: rules for a policy file that
         :meth:`set_policy` can rewrite while Cinder runs (oslo.policy rereads it on change).
+        ``nova_token``: call a real Nova at ``nova_endpoint`` with this token (keystoneauth's
+        admin_token plugin) instead of no auth. ``qcow2_backend``: a second backend
+        (:data:`QCOW2_BACKEND`) with qcow2 volumes on the same export. ``service_requests``:
+        see :data:`_SERVICE_REQUESTS`. ``project_id``: a fixed (hex) project instead of a
+        random one.
         """
         if not (VENV / "bin" / "cinder-manage").exists():
             raise RuntimeError(f"no Cinder venv at {VENV}: run tools/cinder_setup.sh")
         self.share_dir = share_dir
-        self.project_id = uuid.uuid4().hex  # Cinder's project_id_regex wants hex
+        self.project_id = project_id or uuid.uuid4().hex  # project_id_regex wants hex
+        self.backends = (BACKEND, QCOW2_BACKEND) if qcow2_backend else (BACKEND,)
         self.user_id = "qsnap-test"
         self.base = procs.run_dir() / f"cinder-{uuid.uuid4().hex[:6]}"
         self.base.mkdir(mode=0o755)
@@ -98,7 +130,9 @@ class CinderPeer:
         self.endpoint = f"http://127.0.0.1:{self.port}/v3"
         self.log = self.base / "cinder.log"
         self.policy_file = self.base / "policy.json"
-        self._write_files(nova_endpoint, extra_extensions, policy is not None)
+        self._write_files(
+            nova_endpoint, extra_extensions, policy is not None, nova_token, service_requests
+        )
         if policy is not None:
             self.set_policy(policy)
         self._env = dict(os.environ)
@@ -147,7 +181,12 @@ class CinderPeer:
         os.utime(self.policy_file, (self._policy_mtime, self._policy_mtime))
 
     def _write_files(
-        self, nova_endpoint: str, extra_extensions: tuple[str, ...], with_policy: bool
+        self,
+        nova_endpoint: str,
+        extra_extensions: tuple[str, ...],
+        with_policy: bool,
+        nova_token: str | None = None,
+        service_requests: bool = False,
     ) -> None:
         b = self.base
         ext_lines = "".join(
@@ -159,7 +198,13 @@ class CinderPeer:
         for name, text in (("sudo", _SUDO), ("mount", _MOUNT), ("mount.nfs", _MOUNT_NFS)):
             (b / "bin" / name).write_text(text)
             os.chmod(b / "bin" / name, 0o755)
-        (b / "launch.py").write_text(_LAUNCHER)
+        launcher = _LAUNCHER
+        anchor = "launcher = os_service.ServiceLauncher(CONF)\n"
+        if service_requests:
+            launcher = launcher.replace(anchor, _SERVICE_REQUESTS + anchor)
+        if len(self.backends) > 1:
+            launcher = launcher.replace(anchor, _OWN_HEARTBEAT + anchor)
+        (b / "launch.py").write_text(launcher)
         (b / "nfs_shares").write_text(NFS_SHARE + "\n")
         (b / "mnt").mkdir(mode=0o755)
         self.mount_point.symlink_to(self.share_dir)
@@ -179,7 +224,7 @@ resource_query_filters_file = {etc / "resource_filters.json"}
 osapi_volume_listen = 127.0.0.1
 osapi_volume_listen_port = {self.port}
 osapi_volume_workers = 1
-enabled_backends = {BACKEND}
+enabled_backends = {",".join(self.backends)}
 report_interval = 2
 periodic_interval = 5
 {ext_lines}{policy_lines}[database]
@@ -197,11 +242,31 @@ nfs_snapshot_support = true
 nas_secure_file_operations = false
 nas_secure_file_permissions = false
 nfs_sparsed_volumes = true
-[nova]
-auth_type = none
-endpoint = {nova_endpoint}
+{self._qcow2_backend_lines(b)}[nova]
+{self._nova_auth_lines(nova_token)}endpoint = {nova_endpoint}
 """
         )
+
+    def _qcow2_backend_lines(self, b: Path) -> str:
+        if QCOW2_BACKEND not in self.backends:
+            return ""
+        return f"""[{QCOW2_BACKEND}]
+volume_driver = cinder.volume.drivers.nfs.NfsDriver
+volume_backend_name = {QCOW2_BACKEND}
+nfs_shares_config = {b / "nfs_shares"}
+nfs_mount_point_base = {b / "mnt"}
+nfs_snapshot_support = true
+nas_secure_file_operations = false
+nas_secure_file_permissions = false
+nfs_sparsed_volumes = true
+nfs_qcow2_volumes = true
+"""
+
+    @staticmethod
+    def _nova_auth_lines(nova_token: str | None) -> str:
+        if nova_token is None:
+            return "auth_type = none\n"
+        return f"auth_type = admin_token\ntoken = {nova_token}\n"
 
     def get(self, path: str) -> Any:
         """A raw GET on the API (noauth token), for checks the client does not expose."""
@@ -221,7 +286,8 @@ endpoint = {nova_endpoint}
             if self._proc.poll() is not None:
                 raise RuntimeError(f"cinder exited rc={self._proc.returncode}: {self.tail()}")
             try:
-                if self.get("scheduler-stats/get_pools").get("pools"):
+                pools = self.get("scheduler-stats/get_pools").get("pools") or []
+                if len(pools) >= len(self.backends):
                     return
             except (OSError, ValueError) as exc:
                 last = exc

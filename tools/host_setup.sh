@@ -57,6 +57,15 @@ if [[ ! -f .venv-cinder/.qsnap-ok ]]; then
     touch .venv-cinder/.qsnap-ok
 fi
 
+# A real Nova + Placement (PyPI) in .venv-nova, with a private MariaDB and extlinux from
+# Debian, as a test peer (testbed/nova.py). The repo is installed into it too, so the stamp
+# is pyproject.toml's hash (a new dependency reaches nova-compute).
+if [[ "$(cat .venv-nova/.qsnap-ok 2>/dev/null)" != "$stamp" ]]; then
+    echo "host-setup: installing Nova test peer into .venv-nova (~1-2 min)"
+    tools/nova_setup.sh
+    echo "$stamp" > .venv-nova/.qsnap-ok
+fi
+
 # Without udev, /dev/kvm stays root-only 0600. libvirt then probes QEMU with KVM (root can
 # open it) but finds KVM unusable for the libvirt-qemu user, declares its capability cache
 # stale and re-probes on EVERY domain start (seen: createXML 4-5 minutes). Debian's udev
