@@ -50,6 +50,12 @@ qsnap_opts = [
         help="oslo.messaging URL of the qsnap agent's bus; unset: [DEFAULT] transport_url.",
     ),
     cfg.StrOpt("agent_host", help="The qsnap agent's [DEFAULT] host; unset: [DEFAULT] host."),
+    cfg.StrOpt(
+        "control_exchange",
+        default="openstack",
+        help="The qsnap agent's [DEFAULT] control_exchange (Nova's own is 'nova'): both the "
+        "agent's RPC and this driver's refresh endpoint use it.",
+    ),
     cfg.FloatOpt(
         "rpc_timeout", default=30.0, min=1.0, max=60.0, help="Seconds per call to the agent."
     ),
@@ -101,14 +107,21 @@ class QsnapLibvirtDriver(libvirt_driver.LibvirtDriver):  # type: ignore[misc]
         agent_host = opts.agent_host or CONF.host
         transport = agent_client.get_transport(CONF, opts.transport_url)
         self._qsnap_transport = transport
-        api = agent_client.AgentAPI(transport, agent_host, timeout=opts.rpc_timeout)
+        api = agent_client.AgentAPI(
+            transport, agent_host, timeout=opts.rpc_timeout, exchange=opts.control_exchange
+        )
         self._qsnap_agent = AgentDelegate(
             api,
             create_timeout=opts.create_timeout,
             delete_timeout=opts.delete_timeout,
             poll_interval=opts.poll_interval,
         )
-        target = om.Target(topic=nova_side.TOPIC, server=agent_host, version=nova_side.VERSION)
+        target = om.Target(
+            exchange=opts.control_exchange,
+            topic=nova_side.TOPIC,
+            server=agent_host,
+            version=nova_side.VERSION,
+        )
         endpoint = NovaSideEndpoint(CONF.host, DRIVER_NAME, _BdmRefresher(self))
         self._qsnap_server = om.get_rpc_server(
             transport,

@@ -33,7 +33,7 @@ from typing import Any
 from libvirt_ops import Connection, find_disk
 from testbed import procs
 from testbed.cinder import BACKEND as RAW_BACKEND
-from testbed.cinder import CONNECTOR, QCOW2_BACKEND, CinderPeer, wait_status
+from testbed.cinder import CONNECTOR, QCOW2_BACKEND, REPO, CinderPeer, wait_status
 from testbed.guestimage import GuestImage, build_guest_image
 from testbed.host import LibvirtHost
 from testbed.mariadb import MariaDB
@@ -59,6 +59,8 @@ from testbed.nova_services import (
 from testbed.rabbit import RabbitNode, free_port
 from testbed.service import write_conf
 from testbed.shares import GlusterShare
+
+CINDER_EXTENSION = "api_ext.cinder_extension.Qsnap_snapshot_metadata"
 
 __all__ = ["STOCK_DRIVER", "NovaBedError", "NovaCloud", "NovaGuest", "Server"]
 
@@ -227,6 +229,9 @@ class NovaCloud:
             self._share_dir = share.new_dir("cinder")
             peer = CinderPeer(
                 self._share_dir,
+                # as deployed beside qsnap: its snapshot-metadata extension loaded
+                extra_extensions=(CINDER_EXTENSION,),
+                pythonpath=(REPO,),
                 nova_endpoint=self.endpoint,
                 nova_token=self.token,
                 qcow2_backend=True,

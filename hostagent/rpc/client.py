@@ -50,8 +50,12 @@ class AgentAPI:
 
     VERSION_CAP = "1.5"
 
-    def __init__(self, transport: Any, host: str, *, timeout: float = 60.0) -> None:
-        target = om.Target(topic=api.RPC_TOPIC, version="1.0")
+    def __init__(
+        self, transport: Any, host: str, *, timeout: float = 60.0, exchange: str | None = None
+    ) -> None:
+        """``exchange``: the agent's ``control_exchange`` when the transport's configuration
+        has another one (nova-compute's is ``nova``); None: the transport's."""
+        target = om.Target(exchange=exchange, topic=api.RPC_TOPIC, version="1.0")
         self.host = host
         self._client = om.get_rpc_client(
             transport, target, version_cap=self.VERSION_CAP, timeout=timeout

@@ -1,0 +1,118 @@
+"""Checks the Nova coherence tests share (not a test module): every record of a volume's
+active file agrees, the guest's records survive a restart, snapshots keep their data.
+
+A check raises :class:`Incoherent` with what disagreed, so a negative control can assert
+that it fires.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from testbed.disks import image_sha256
+from testbed.guest import GuestError
+from testbed.nova import NovaCloud
+from testbed.nova_guest import Server
+from testbed.records import RecordLog
+
+#: Qemu-ga's mount points of the two data volumes, by kind.
+MOUNTS = {"raw": "/r", "qcow2": "/q"}
+
+
+class Incoherent(AssertionError):
+    """Two records of the same volume disagree, or data written before a restart is gone."""
+
+
+def agree(cloud: NovaCloud, server: Server, volumes: Iterable[str], when: str) -> None:
+    """Nova's BDM, Cinder's attachment, os-initialize_connection, ``.info`` and the live XML
+    name the same file, each with that file's real format."""
+    problems = []
+    for vid in volumes:
+        views = cloud.views(server, vid)
+        if len(set(views.values())) != 1:
+            problems.append(f"volume {vid}: {views}")
+    if problems:
+        raise Incoherent(f"after {when}: " + "; ".join(problems))
+
+
+def ensure_mounted(server: Server, volume_id: str, mountpoint: str) -> None:
+    """After a restart the guest's init mounts only its boot disk: mount the volume again
+    (never formatting it)."""
+    mounts = server.guest.check(["/bin/cat", "/proc/mounts"]).decode()
+    if f" {mountpoint} " not in mounts:
+        server.guest.mount_volume(volume_id, mountpoint, mkfs=False)
+
+
+def stop_and_read(server: Server, mounts: Iterable[str]) -> dict[str, RecordLog]:
+    """Writers stopped (their records synced), then every record file read."""
+    server.guest.stop_writers()
+    server.guest.check(["/bin/sync"])
+    return {m: server.guest.records(m) for m in mounts}
+
+
+def survived(before: Mapping[str, RecordLog], server: Server, when: str) -> None:
+    """Every record read before the restart is there after it, in order, nothing torn."""
+    lost = []
+    for mount, old in before.items():
+        try:
+            new = server.guest.records(mount)
+        except GuestError as exc:
+            lost.append(f"{mount}: unreadable ({exc})")
+            continue
+        if not old.is_prefix_of(new) or not new.clean:
+            lost.append(f"{mount}: {old.count} records before, {new.count} after {new.problems}")
+    if lost:
+        raise Incoherent(f"after {when}: " + "; ".join(lost))
+
+
+def point_in_time(cloud: NovaCloud, volume_id: str, snapshot_id: str) -> str:
+    """SHA-256 of the guest view a snapshot froze: the chain below its overlay (remotefs:
+    snapshot S's data is the backing file of ``volume-<vid>.<S>``)."""
+    overlay = cloud.volume_path(volume_id, f"volume-{volume_id}.{snapshot_id}")
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", "-f", "qcow2", str(overlay)],
+            capture_output=True, text=True, check=True, timeout=60,
+        ).stdout
+    )  # fmt: skip
+    backing = overlay.parent / os.path.basename(info["backing-filename"])
+    return image_sha256(backing, str(info["backing-filename-format"]))
+
+
+def qemu_img_check(cloud: NovaCloud, volume_id: str) -> None:
+    """``qemu-img check`` of every qcow2 file of the volume (the guest is shut off)."""
+    directory = cloud.volume_path(volume_id, f"volume-{volume_id}").parent
+    for path in sorted(Path(directory).glob(f"volume-{volume_id}*")):
+        if path.suffix == ".info":
+            continue
+        fmt = cloud.file_format(volume_id, path.name)
+        if fmt != "qcow2":
+            continue
+        res = subprocess.run(
+            ["qemu-img", "check", "-f", "qcow2", str(path)],
+            capture_output=True, text=True, check=False, timeout=120,
+        )  # fmt: skip
+        if res.returncode != 0:
+            raise Incoherent(f"qemu-img check {path.name}: {res.stdout}{res.stderr}")
+
+
+def snapshot_beside_nova(cloud: NovaCloud, server: Server, volume_id: str) -> str:
+    """What qsnap did before this issue: an external snapshot taken beside Nova, ``.info``
+    updated, Nova's side never told (the negative control's stale BDM). The snapshot id."""
+    from testbed.layers import snapshot_disk
+
+    disk = next(d for d in server.guest.refresh_disks() if d.volume_id.startswith(volume_id[:20]))
+    new = snapshot_disk(server.guest.dom, disk.target, volume_id)
+    sid = new.name.rsplit(".", 1)[1]
+    uuid.UUID(sid)
+    info = new.parent / f"volume-{volume_id}.info"
+    ledger: dict[str, Any] = json.loads(info.read_text()) if info.exists() else {}
+    ledger.update({"active": new.name, sid: new.name})
+    info.write_text(json.dumps(ledger, indent=1, sort_keys=True))
+    return sid
