@@ -199,6 +199,18 @@ def test_bad_input_agent_down_or_refusing(bed: Bed) -> None:
     """Nova reports error to Cinder as stock Nova does; nothing frozen, BDM unchanged."""
     cloud, vid = bed.cloud, bed.vols["qcow2"]
     bdm_before = cloud.bdm_connection_info(bed.srv.id, vid)["data"]["name"]
+    # Nova's side gone (nova-compute down): qsnap's own chain changes are refused up front
+    vols = list(bed.vols.values())
+    tops = {v: cloud.live_top(bed.srv, v) for v in vols}
+    known = len(bed.agent.api.list_operations(CTX, api.OperationFilters(limit=1000)))
+    cloud.svc.stop("nova-compute", timeout=3.0)
+    try:
+        with pytest.raises(api.NovaUnavailable, match="cannot be reached"):
+            bed.agent.api.snapshot_instance(CTX, bed.srv.id, vols)
+    finally:
+        cloud.restart_compute()
+    assert {v: cloud.live_top(bed.srv, v) for v in vols} == tops
+    assert len(bed.agent.api.list_operations(CTX, api.OperationFilters(limit=1000))) == known
     assert bed.agent.stop() == 0
     try:
         with pytest.raises(Exception, match="error"):
