@@ -188,12 +188,12 @@ def _list(ns: argparse.Namespace, client: ApiClient, io: Io) -> int:
             str(b.get("created_at") or ""),
             "incremental" if b.get("incremental") else "full",
             output.human_bytes(b.get("size")),
-            output.human_bytes(b.get("stored_bytes")),
+            output.human_bytes(b.get("data_bytes")),
             str(b.get("parent") or ""),
         ]
         for b in body.get("backups") or []
     ]
-    output.table(["ID", "VOLUME", "CREATED", "TYPE", "SIZE", "STORED", "PARENT"], rows, io[0])
+    output.table(["ID", "VOLUME", "CREATED", "TYPE", "SIZE", "DATA", "PARENT"], rows, io[0])
     return 0
 
 

@@ -245,7 +245,7 @@ class StubService:
                         "parent": parent,
                         "incremental": parent is not None,
                         "size": 1024 * MiB,
-                        "stored_bytes": read // 2,
+                        "data_bytes": read // 2,
                         "checkpoint": None,
                     }
                 )

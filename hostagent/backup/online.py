@@ -134,8 +134,9 @@ def _names(disk: lo.Disk) -> list[str]:
 
 
 def _latest(repo: Repository, volume_id: str) -> Manifest | None:
-    ms = repo.manifests(volume_id)
-    return ms[-1] if ms else None
+    """The volume's newest backup, whole (the headers pick it; only it is loaded)."""
+    hs = repo.headers(volume_id)
+    return repo.load(volume_id, hs[-1].backup_id) if hs else None
 
 
 def backup_volume(

@@ -22,6 +22,7 @@ from hostagent.backup.repo.format import (
     RepositoryFull,
     SourceLayer,
 )
+from hostagent.backup.repo.manifest_stream import ManifestHeader
 from hostagent.backup.repo.repository import BackupSession, GcResult, Repository, VerifyReport
 from hostagent.backup.repo.restore import RestoreResult, restore
 from hostagent.backup.repo.retention import PruneResult, RetentionPolicy, prune
@@ -38,6 +39,7 @@ __all__ = [
     "GcResult",
     "Manifest",
     "ManifestExtent",
+    "ManifestHeader",
     "MissingChunk",
     "PruneResult",
     "RepoConfig",

@@ -229,6 +229,10 @@ class Manifest:
             "read_bytes": self.read_bytes,
             "fallback_reason": self.fallback_reason,
             "checkpoint": None if self.checkpoint is None else self.checkpoint.to_json(),
+            # header figures for listings that never read the extents (optional on read)
+            "data_bytes": self.data_bytes(),
+            "chunks": len(self.chunk_ids()),
+            # LAST, always: hostagent.backup.repo.manifest_stream reads up to this key
             "extents": [e.to_json() for e in self.extents],
         }
 

@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import hashlib
 import json
 import os
-import secrets
 import socket
 import threading
 import time
@@ -48,8 +46,14 @@ from types import TracebackType
 import zstandard
 
 from hostagent.backup.repo.codec import Buffer, raw_frame_into
+from hostagent.backup.repo.files import (
+    DIR_MODE,
+    FILE_MODE,
+    atomic_write,
+    fsync_dir,
+    mkdir_synced,
+)
 from hostagent.backup.repo.format import (
-    BackupError,
     BackupNotFound,
     CorruptChunk,
     FormatError,
@@ -57,85 +61,13 @@ from hostagent.backup.repo.format import (
     MissingChunk,
     RepoConfig,
     RepositoryBusy,
-    RepositoryFull,
     check_chunk_id,
     check_uuid,
 )
+from hostagent.backup.repo.manifest_stream import ManifestHeader, read_header
+from hostagent.backup.repo.manifest_stream import chunk_ids as stream_chunk_ids
 
-FILE_MODE = 0o660
-DIR_MODE = 0o770
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 CLOCK_SKEW = 300.0
-
-
-def _full(exc: OSError, what: str) -> BackupError:
-    if exc.errno in _FULL_ERRNOS:
-        return RepositoryFull(f"repository full while writing {what}: {exc.strerror}")
-    raise exc
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _mkdir(path: str) -> bool:
-    """Create one directory 0770 (fsyncing its parent); False when it already existed."""
-    try:
-        os.mkdir(path, DIR_MODE)
-    except FileExistsError:
-        return False
-    except OSError as exc:
-        raise _full(exc, path) from exc
-    os.chmod(path, DIR_MODE)
-    _fsync_dir(os.path.dirname(path))
-    return True
-
-
-def _write_all(fd: int, parts: Sequence[Buffer]) -> None:
-    """writev every buffer (one syscall in the common case; no join copy)."""
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
-    while views:
-        k = os.writev(fd, views)
-        while views and k >= len(views[0]):
-            k -= len(views[0])
-            views.pop(0)
-        if views and k:
-            views[0] = views[0][k:]
-
-
-def atomic_write(path: str, data: Buffer | Sequence[Buffer], *, sync_dir: bool = True) -> None:
-    """temp + fsync + rename (+ fsync dir). ENOSPC leaves nothing behind."""
-    d, name = os.path.split(path)
-    tmp = os.path.join(d, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-    except OSError as exc:
-        raise _full(exc, path) from exc
-    try:
-        try:
-            os.fchmod(fd, FILE_MODE)
-            if isinstance(data, bytes | bytearray | memoryview):
-                _write_all(fd, [data])
-            else:
-                _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise _full(exc, path) from exc
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if sync_dir:
-        _fsync_dir(d)
 
 
 _tls = threading.local()
@@ -210,7 +142,7 @@ class Repository:
         cfg = config or RepoConfig()
         if not os.path.isdir(p):
             os.makedirs(os.path.dirname(p), exist_ok=True)
-            _mkdir(p)
+            mkdir_synced(p)
         os.chmod(p, DIR_MODE)
         cfg_path = os.path.join(p, "config.json")
         if os.path.exists(cfg_path):
@@ -220,7 +152,7 @@ class Repository:
                 raise FormatError(f"{p} already holds a repository with another config")
             return repo
         for sub in ("chunks", "backups", "inprogress"):
-            _mkdir(os.path.join(p, sub))
+            mkdir_synced(os.path.join(p, sub))
         atomic_write(cfg_path, json.dumps(cfg.to_json(), indent=1).encode())
         return cls(p, cfg)
 
@@ -255,8 +187,8 @@ class Repository:
         path = self.chunk_path(chunk_id)
         d = os.path.dirname(path)
         if d not in self._dirs:
-            _mkdir(os.path.dirname(d))
-            _mkdir(d)
+            mkdir_synced(os.path.dirname(d))
+            mkdir_synced(d)
         atomic_write(path, frame, sync_dir=False)
         with self._dirs_lock:
             self._dirs.add(d)
@@ -270,7 +202,7 @@ class Repository:
             dirty, self._dirty = self._dirty, set()
         try:
             for d in sorted(dirty):
-                _fsync_dir(d)
+                fsync_dir(d)
         except BaseException:
             with self._dirs_lock:
                 self._dirty |= dirty  # not durable yet: the next call tries again
@@ -326,7 +258,7 @@ class Repository:
         """Make a backup visible: chunks durable first, then the manifest, atomically."""
         self.sync_chunk_dirs()
         path = self._manifest_path(manifest.volume_id, manifest.backup_id)
-        _mkdir(os.path.dirname(path))
+        mkdir_synced(os.path.dirname(path))
         atomic_write(path, manifest.dumps())
 
     def load(self, volume_id: str, backup_id: str) -> Manifest:
@@ -349,18 +281,39 @@ class Repository:
         root = os.path.join(self.path, "backups")
         return sorted(v for v in os.listdir(root) if not v.startswith("."))
 
-    def manifests(self, volume_id: str | None = None) -> list[Manifest]:
-        """Every published backup (of one volume), oldest first."""
+    def _published(self, volume_id: str | None) -> Iterator[tuple[str, str]]:
+        """(volume id, backup id) of every published manifest (of one volume)."""
         vols = [check_uuid(volume_id, "volume id")] if volume_id else self._volumes()
-        out: list[Manifest] = []
         for vol in vols:
             d = os.path.join(self.path, "backups", vol)
-            if not os.path.isdir(d):
-                continue
-            for name in os.listdir(d):
-                if name.endswith(".json") and not name.startswith("."):
-                    out.append(self.load(vol, name[: -len(".json")]))
+            if os.path.isdir(d):
+                for name in os.listdir(d):
+                    if name.endswith(".json") and not name.startswith("."):
+                        yield vol, name[: -len(".json")]
+
+    def manifests(self, volume_id: str | None = None) -> list[Manifest]:
+        """Every published backup (of one volume), oldest first; all loaded at once (small
+        repositories and tools only: :meth:`headers` and :meth:`chunk_ids_of` stream)."""
+        out = [self.load(vol, bid) for vol, bid in self._published(volume_id)]
         return sorted(out, key=lambda m: (m.created_at, m.backup_id))
+
+    def header(self, volume_id: str, backup_id: str) -> ManifestHeader:
+        """A backup's manifest without its extents (a few KiB read, whatever the disk size)."""
+        try:
+            with open(self._manifest_path(volume_id, backup_id), "rb") as f:
+                return read_header(f)
+        except FileNotFoundError:
+            raise BackupNotFound(f"no backup {backup_id} of volume {volume_id}") from None
+
+    def headers(self, volume_id: str | None = None) -> list[ManifestHeader]:
+        """Every published backup's header (of one volume), oldest first."""
+        out = [self.header(vol, bid) for vol, bid in self._published(volume_id)]
+        return sorted(out, key=lambda m: (m.created_at, m.backup_id))
+
+    def chunk_ids_of(self, h: ManifestHeader) -> Iterator[str]:
+        """The chunk ids a backup references, streamed from its manifest (repeats included)."""
+        with open(self._manifest_path(h.volume_id, h.backup_id), "rb") as f:
+            yield from stream_chunk_ids(f, h.virtual_size)
 
     def delete(self, volume_id: str, backup_id: str) -> None:
         """Unpublish a backup; its chunks go at the next :meth:`gc`."""
@@ -369,7 +322,7 @@ class Repository:
             os.unlink(path)
         except FileNotFoundError:
             raise BackupNotFound(f"no backup {backup_id} of volume {volume_id}") from None
-        _fsync_dir(os.path.dirname(path))
+        fsync_dir(os.path.dirname(path))
 
     def verify(self, backup: Manifest | str) -> VerifyReport:
         """Read and hash every chunk the backup references; raises :class:`CorruptChunk`."""
@@ -484,8 +437,8 @@ class Repository:
         if marker is not None:
             cutoff = min(cutoff, marker - CLOCK_SKEW)
         referenced: set[str] = set()
-        for m in self.manifests():
-            referenced |= m.chunk_ids()
+        for h in self.headers():  # one manifest at a time: memory bounded by the chunk set
+            referenced.update(self.chunk_ids_of(h))
         removed = freed = kept = temps = 0
         files = list(self._chunk_files())
         for n, (path, name) in enumerate(files):

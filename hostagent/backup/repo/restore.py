@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from hostagent.backup.repo.files import FILE_MODE
 from hostagent.backup.repo.format import (
     BackupCancelled,
     Cancel,
@@ -27,7 +28,7 @@ from hostagent.backup.repo.format import (
     ManifestExtent,
     Progress,
 )
-from hostagent.backup.repo.repository import FILE_MODE, Repository
+from hostagent.backup.repo.repository import Repository
 from hostagent.backup.repo.target import workspace
 from qcow2 import convert_raw_fd_to_qcow2
 

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import datetime
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hostagent.backup.repo.format import Manifest
+from hostagent.backup.repo.manifest_stream import ManifestHeader
 from hostagent.backup.repo.repository import GcResult, Repository
+
+#: What retention judges a backup by (its header; a whole manifest has the same fields).
+Judged = Manifest | ManifestHeader
 
 
 @dataclass(frozen=True)
@@ -44,14 +48,14 @@ class PruneResult:
     cancelled: bool = False
 
 
-def _day(m: Manifest) -> datetime.date:
+def _day(m: Judged) -> datetime.date:
     t = datetime.datetime.fromisoformat(m.created_at)
     if t.tzinfo is None:
         t = t.replace(tzinfo=datetime.UTC)
     return t.astimezone(datetime.UTC).date()
 
 
-def select(manifests: list[Manifest], policy: RetentionPolicy) -> set[str]:
+def select(manifests: Sequence[Judged], policy: RetentionPolicy) -> set[str]:
     """Backup ids to keep among one volume's ``manifests`` (any order)."""
     newest_first = sorted(manifests, key=lambda m: (m.created_at, m.backup_id), reverse=True)
     keep = {m.backup_id for m in newest_first[: max(1, policy.keep_last)]}
@@ -89,8 +93,8 @@ def prune(
     deleted) and says so in ``cancelled``.
     """
     pinned_ids = {str(doc.get("parent_id")) for doc in repo.running() if doc.get("parent_id")}
-    by_volume: dict[str, list[Manifest]] = defaultdict(list)
-    for m in repo.manifests(volume_id):
+    by_volume: dict[str, list[ManifestHeader]] = defaultdict(list)
+    for m in repo.headers(volume_id):  # headers only: never every extent at once
         by_volume[m.volume_id].append(m)
     kept: list[str] = []
     deleted: list[str] = []

@@ -288,7 +288,7 @@ def backup(backup_id: str, volume_id: str, created: str, **over: Any) -> dict[st
         "parent": None,
         "incremental": False,
         "size": 1073741824,
-        "stored_bytes": 12582912,
+        "data_bytes": 12582912,
         "checkpoint": None,
         **over,
     }

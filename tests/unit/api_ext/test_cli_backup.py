@@ -124,7 +124,7 @@ def test_list_table_and_json(server: Server, agents: dict[str, FakeAgent]) -> No
     rc, out, err = run(server, "backup", "list")
     assert (rc, err) == (0, "")
     lines = out.splitlines()
-    assert lines[0].split() == ["ID", "VOLUME", "CREATED", "TYPE", "SIZE", "STORED", "PARENT"]
+    assert lines[0].split() == ["ID", "VOLUME", "CREATED", "TYPE", "SIZE", "DATA", "PARENT"]
     assert lines[2].split() == [
         BK1, VOL, "2025-01-02T00:00:00+00:00", "full", "1.0", "GiB", "12.0", "MiB",
     ]  # fmt: skip

@@ -94,7 +94,7 @@ def test_sync_chunk_dirs_syncs_only_dirs_written_since_the_last_call(
     from hostagent.backup.repo import repository as repo_mod
 
     synced: list[str] = []
-    monkeypatch.setattr(repo_mod, "_fsync_dir", synced.append)
+    monkeypatch.setattr(repo_mod, "fsync_dir", synced.append)
     repo = Repository.create(tmp_path / "repo")
     a = _chunk(repo, b"a" * 1000)
     synced.clear()  # mkdir syncs parents itself
