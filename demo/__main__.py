@@ -20,8 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="make demo",
         description="qsnap end to end in one process: boot the test guest, snapshot all its "
-        "disks (quiesced) while it writes, delete the snapshots by active commit, check the "
-        "data. Cleans up everything it started, also on Ctrl-C.",
+        "disks (quiesced) while it writes, delete the snapshots by active commit, back every "
+        "disk up (full, then incremental) while it writes, restore each backup to a new file, "
+        "check the data. Cleans up everything it started, also on Ctrl-C.",
     )
     parser.add_argument("--disks", type=int, default=3, help="guest disks (default 3)")
     parser.add_argument("--size-mib", type=int, default=64, help="size of each disk")
@@ -51,8 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     for p in res.pending:
         print(f"  PENDING  {p}: not available in this build yet")
     stall = "n/a" if res.stall_ms is None else f"{res.stall_ms:.0f} ms"
+    read = res.backup_read
+    backups = (
+        f", backups read {read['full'] / 2**20:.1f} MiB full / "
+        f"{read['incremental'] / 2**20:.1f} MiB incremental"
+        if read.get("full") and "incremental" in read
+        else ""
+    )
     verdict = "PASS" if res.ok else "FAIL"
-    print(f"\n{verdict}: freeze stall {stall}, {time.monotonic() - t0:.0f} s in total")
+    print(f"\n{verdict}: freeze stall {stall}{backups}, {time.monotonic() - t0:.0f} s in total")
     return 0 if res.ok else 1
 
 

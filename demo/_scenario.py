@@ -3,6 +3,7 @@
 Judged on the guest's own bytes: each writer appends numbered, CRC-checked records with
 guest timestamps, so the freeze stall is the longest gap between records during the
 snapshot, and a snapshot is right when its frozen layer holds a clean prefix of the log.
+Backups are judged the same way on their restored files (see :mod:`demo._backups`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import libvirt
 
+from demo import _backups
 from demo._stack import Stack
 from testbed import procs
 from testbed.disks import fsck_clean, read_guest_file
@@ -49,6 +51,7 @@ class Outcome:
     pending: list[str] = field(default_factory=list)
     chains: dict[str, list[list[str]]] = field(default_factory=dict)
     dirs: list[Path] = field(default_factory=list)  # what it created (and removed again)
+    backup_read: dict[str, int] = field(default_factory=dict)  # bytes read: full, incremental
 
     @property
     def ok(self) -> bool:
@@ -280,12 +283,21 @@ def run_demo(out: Out = print, *, ndisks: int = 3, size_mib: int = 64) -> Outcom
         for d in g.disks:
             tl(f"    {d.target}: {' <- '.join(_short(n) for n in final_chains[d.volume_id])}")
 
+        # -- a full then an incremental backup of every disk, still writing --------------------
+        bulk = _backups.write_bulk(g, tl)
+        taken = _backups.take_backups(http, g, tl, check)
+        res.backup_read = {
+            k: sum(t.bytes_read for t in taken if t.step == k) for k in _backups.KINDS
+        }
+        checkpoints = len(_backups.overlays(g))
+
         # -- stop writing; data checks ------------------------------------------------------
         g.stop_writers()
         tl("writers stopped")
         sums = {}
+        logs: dict[str, RecordLog] = {}
         for d in g.disks:
-            log = g.records(d.mountpoint)
+            log = logs[d.volume_id] = g.records(d.mountpoint)
             pit = frozen.get(d.volume_id)
             check(
                 f"{d.mountpoint} writer log",
@@ -295,8 +307,13 @@ def run_demo(out: Out = print, *, ndisks: int = 3, size_mib: int = 64) -> Outcom
                 f"{bool(pit and pit.is_prefix_of(log))}",
             )
             sums[d.volume_id] = g.sha256(f"{d.mountpoint}/records")
+        if taken:
+            rdir = _mkdir755(share / "restores")
+            _backups.restore_and_check(http, taken, logs, bulk, rdir, tl, check)
         tl("guest shutting down (clean, through qemu-ga) ...")
         _shutdown(g)
+        if checkpoints:
+            _backups.wait_released(g, checkpoints, tl, check)
         for d in g.disks:
             active = d.path.parent / final_chains[d.volume_id][0]
             host_sum = hashlib.sha256(read_guest_file(active, "qcow2", "/records")).hexdigest()

@@ -1,6 +1,7 @@
 """``make demo``'s core, as CI runs it: one process, API + agent on ``fake://``, a 3-disk TCG
 guest writing while all disks are snapshotted (quiesced), then every snapshot deleted by
-active commit, then the data judged from the writers' records and the images.
+active commit, then a full and an incremental backup of every disk, each restored to a new
+file, then the data judged from the writers' records, the restored files and the images.
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ def test_demo_end_to_end() -> None:
     assert sum(n.startswith("active commit of ") for n in names) == 3
     assert sum(n.endswith("image after shutdown") for n in names) == 3
     assert res.stall_ms is not None and res.stall_ms > 0
+    # backups: a full and a real incremental of each disk, every one restored and judged
+    assert {"full backup of all disks", "incremental backup of all disks"} <= names
+    assert "the incremental reads far fewer bytes" in names
+    assert sum(n.endswith(" full restore") for n in names) == 3
+    assert sum(n.endswith(" incremental restore") for n in names) == 3
+    assert "checkpoint overlays merged after shutdown" in names
+    assert text.count("kind incremental, read") == 3
+    full, incremental = res.backup_read["full"], res.backup_read["incremental"]
+    assert 0 < incremental * 4 <= full, res.backup_read
     for before, after, final in res.chains.values():
         assert len(before) == 1 and len(after) == 2 and after[1] == before[0]
         assert final == before  # the overlay was committed into its base and pivoted back
