@@ -17,7 +17,8 @@ file and its writes corrupt every overlay above it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from hostagent.errors import QsnapAgentError
@@ -39,9 +40,20 @@ class RecordsStale(QsnapAgentError):
 class NovaRecords:
     """The agent's one door to Nova's side; ``side`` None means ``[nova] enabled = false``."""
 
-    def __init__(self, side: NovaSide | None = None, *, ping_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        side: NovaSide | None = None,
+        *,
+        ping_timeout: float = 5.0,
+        attempts: int = 3,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        """``attempts``: tries of a refresh Nova's side did not answer (1 s, 2 s, ... apart):
+        the chain already changed, so a blip must not leave the BDM stale."""
         self._side = side
         self._ping_timeout = ping_timeout
+        self._attempts = max(1, attempts)
+        self._sleep = sleep
 
     @property
     def enabled(self) -> bool:
@@ -71,10 +83,7 @@ class NovaRecords:
             raise RecordsStale("[nova] enabled is false: Nova's block-device mapping not refreshed")
         seen: dict[str, Any] = {}
         for volume_id, want in expected.items():
-            try:
-                got = self._side.refresh_volume(instance_uuid, volume_id)
-            except NovaSideError as exc:
-                raise RecordsStale(f"volume {volume_id}: {exc}") from exc
+            got = self._refresh_one(instance_uuid, volume_id)
             seen[volume_id] = got.to_wire()
             if got != want:
                 raise RecordsStale(
@@ -82,3 +91,14 @@ class NovaRecords:
                     f"{got.name!r} ({got.format}), the live top is {want.name!r} ({want.format})"
                 )
         return seen
+
+    def _refresh_one(self, instance_uuid: str, volume_id: str) -> BdmState:
+        assert self._side is not None
+        for n in range(self._attempts):
+            try:
+                return self._side.refresh_volume(instance_uuid, volume_id)
+            except NovaSideError as exc:
+                if n + 1 == self._attempts:
+                    raise RecordsStale(f"volume {volume_id}: {exc}") from exc
+                self._sleep(float(1 << n))
+        raise AssertionError("unreachable")

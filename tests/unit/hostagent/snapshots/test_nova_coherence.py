@@ -170,6 +170,27 @@ def test_owned_delete_with_a_stale_bdm_fails(
     assert op.error["code"] == "RecordsStale"
 
 
+def test_a_refresh_nova_did_not_answer_is_retried(hv: FakeHypervisor, side: FakeNovaSide) -> None:
+    slept: list[float] = []
+    records = NovaRecords(side, attempts=3, sleep=slept.append)
+    real = side.refresh_volume
+    fails = [NovaSideError("blip")]
+
+    def flaky(instance_uuid: str, volume_id: str) -> BdmState:
+        if fails:
+            raise fails.pop()
+        return real(instance_uuid, volume_id)
+
+    side.refresh_volume = flaky  # type: ignore[method-assign]
+    want = BdmState(hv.chains[VOLS[0]][0], "qcow2")
+    assert records.refresh(DOM, {VOLS[0]: want}) == {VOLS[0]: want.to_wire()} and slept == [1.0]
+    side.down = True  # never answers: three tries, then stale (the op is not reported done)
+    side.refresh_volume = real  # type: ignore[method-assign]
+    with pytest.raises(RecordsStale, match="no answer"):
+        records.refresh(DOM, {VOLS[0]: want})
+    assert slept == [1.0, 1.0, 2.0]
+
+
 def test_records_refresh_without_nova_side_is_stale() -> None:
     with pytest.raises(RecordsStale):
         NovaRecords().refresh(DOM, {VOL: BdmState("volume-x", "raw")})
