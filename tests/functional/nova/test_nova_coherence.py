@@ -168,6 +168,26 @@ def test_qsnap_instance_snapshot_owned_delete_and_backup(bed: Bed) -> None:
     bed.agree("refused incremental backup")
 
 
+def test_a_kill_before_the_nova_refresh_converges_at_restart(bed: Bed) -> None:
+    """kill -9 after the snapshot is taken and recorded in Cinder, before Nova heard of it:
+    the records disagree (the hazard), and the restarted agent finishes the refresh before
+    it reports the operation done."""
+    cloud, agent, vid = bed.cloud, bed.agent, bed.vols["qcow2"]
+    assert agent.stop() == 0
+    agent.start(crash_at="nova_refresh:planned")
+    started = agent.api.snapshot_instance(CTX, bed.srv.id, [vid])
+    agent.wait_died()
+    with pytest.raises(Incoherent, match="bdm"):
+        agree(cloud, bed.srv, [vid], "a kill before the refresh")
+    agent.start()
+    done = bed.op(started)
+    steps = [(s["name"], s["state"]) for s in done.result["steps"]]
+    assert steps.count(("nova_refresh", "done")) == 1, steps
+    bed.agree("the restart after a kill at nova_refresh")
+    sid = done.result["snapshots"][0]["snapshot_id"]
+    bed.pit[sid] = (vid, point_in_time(cloud, vid, sid))
+
+
 def test_hard_reboot_and_stop_start_keep_every_write(bed: Bed) -> None:
     cloud, srv = bed.cloud, bed.srv
     before = stop_and_read(srv, MOUNTS.values())
