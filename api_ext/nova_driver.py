@@ -61,10 +61,13 @@ qsnap_opts = [
     ),
     cfg.FloatOpt(
         "create_timeout",
-        default=300.0,
+        default=660.0,
         min=1.0,
-        max=500.0,
-        help="Seconds to wait for the agent's snapshot create (Cinder gives up at 600).",
+        max=3600.0,
+        help="Seconds to wait for the agent's snapshot create. Keep it above the agent's "
+        "[agent] create_deadline (600, Cinder's own wait): the agent never starts a snapshot "
+        "after that, so the driver always sees the outcome; giving up earlier could report "
+        "'error' for a snapshot the agent then takes, a live layer Cinder never recorded.",
     ),
     cfg.FloatOpt(
         "delete_timeout",
