@@ -92,6 +92,20 @@ _SERVICE_REQUESTS = (
 )
 
 
+def _backend_lines(name: str, b: Path) -> str:
+    """One NfsDriver backend on the bed's one export (raw volumes unless told otherwise)."""
+    return f"""[{name}]
+volume_driver = cinder.volume.drivers.nfs.NfsDriver
+volume_backend_name = {name}
+nfs_shares_config = {b / "nfs_shares"}
+nfs_mount_point_base = {b / "mnt"}
+nfs_snapshot_support = true
+nas_secure_file_operations = false
+nas_secure_file_permissions = false
+nfs_sparsed_volumes = true
+"""
+
+
 class CinderPeer:
     """Cinder API at ``self.endpoint`` (``.../v3``), volumes as files in ``share_dir``."""
 
@@ -233,16 +247,7 @@ connection = sqlite:///{b / "cinder.sqlite"}
 lock_path = {b / "lock"}
 [coordination]
 backend_url = file://{b / "coord"}
-[{BACKEND}]
-volume_driver = cinder.volume.drivers.nfs.NfsDriver
-volume_backend_name = {BACKEND}
-nfs_shares_config = {b / "nfs_shares"}
-nfs_mount_point_base = {b / "mnt"}
-nfs_snapshot_support = true
-nas_secure_file_operations = false
-nas_secure_file_permissions = false
-nfs_sparsed_volumes = true
-{self._qcow2_backend_lines(b)}[nova]
+{_backend_lines(BACKEND, b)}{self._qcow2_backend_lines(b)}[nova]
 {self._nova_auth_lines(nova_token)}endpoint = {nova_endpoint}
 """
         )
@@ -250,17 +255,7 @@ nfs_sparsed_volumes = true
     def _qcow2_backend_lines(self, b: Path) -> str:
         if QCOW2_BACKEND not in self.backends:
             return ""
-        return f"""[{QCOW2_BACKEND}]
-volume_driver = cinder.volume.drivers.nfs.NfsDriver
-volume_backend_name = {QCOW2_BACKEND}
-nfs_shares_config = {b / "nfs_shares"}
-nfs_mount_point_base = {b / "mnt"}
-nfs_snapshot_support = true
-nas_secure_file_operations = false
-nas_secure_file_permissions = false
-nfs_sparsed_volumes = true
-nfs_qcow2_volumes = true
-"""
+        return _backend_lines(QCOW2_BACKEND, b) + "nfs_qcow2_volumes = true\n"
 
     @staticmethod
     def _nova_auth_lines(nova_token: str | None) -> str:
