@@ -245,6 +245,11 @@ class Manifest:
             doc = json.loads(raw)
         except ValueError as exc:
             raise FormatError(f"manifest is not JSON: {exc}") from None
+        return cls.from_doc(doc)
+
+    @classmethod
+    def from_doc(cls, doc: Any) -> Manifest:
+        """A parsed manifest document, validated (ids end up in paths)."""
         if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
             raise FormatError("not a qsnap manifest")
         if doc.get("version") != VERSION:

@@ -29,7 +29,6 @@ from hostagent.backup.repo.format import (
     Manifest,
     ManifestExtent,
     SourceLayer,
-    check_uuid,
 )
 
 MARKER = b'"extents":['
@@ -59,11 +58,11 @@ class ManifestHeader:
     chunks: int | None = None
 
 
-def _header_of(m: Manifest) -> ManifestHeader:
+def _header_of(m: Manifest, data_bytes: int | None, chunks: int | None) -> ManifestHeader:
     return ManifestHeader(
         m.backup_id, m.volume_id, m.virtual_size, m.created_at, m.parent_id, m.kind,
         m.source_chain, m.read_bytes, m.fallback_reason, m.checkpoint, m.version,
-        m.data_bytes(), len(m.chunk_ids()),
+        data_bytes, chunks,
     )  # fmt: skip
 
 
@@ -86,22 +85,19 @@ def read_header(f: IO[bytes]) -> ManifestHeader:
     prefix = _prefix(f)
     if prefix is None:
         f.seek(0)
-        return _header_of(Manifest.loads(f.read()))
-    m = Manifest.loads(prefix + b'"extents":[]}')  # validates every header field
+        m = Manifest.loads(f.read())
+        return _header_of(m, m.data_bytes(), len(m.chunk_ids()))
     try:
         doc = json.loads(prefix + b'"extents":[]}')
-        data, chunks = doc.get("data_bytes"), doc.get("chunks")
-    except ValueError as exc:  # loads() above accepted it: unreachable, kept for clarity
-        raise FormatError(f"manifest header: {exc}") from None
+    except ValueError as exc:
+        raise FormatError(f"manifest header is not JSON: {exc}") from None
+    m = Manifest.from_doc(doc)  # validates every header field
+    data, chunks = doc.get("data_bytes"), doc.get("chunks")
     if data is not None and (not isinstance(data, int) or data < 0):
         raise FormatError(f"bad data_bytes {data!r}")
     if chunks is not None and (not isinstance(chunks, int) or chunks < 0):
         raise FormatError(f"bad chunks {chunks!r}")
-    return ManifestHeader(
-        check_uuid(m.backup_id, "backup id"), m.volume_id, m.virtual_size, m.created_at,
-        m.parent_id, m.kind, m.source_chain, m.read_bytes, m.fallback_reason, m.checkpoint,
-        m.version, data, chunks,
-    )  # fmt: skip
+    return _header_of(m, data, chunks)
 
 
 class _Text:
