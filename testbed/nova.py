@@ -30,6 +30,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from cinderclient.exceptions import NotFound
+
 from libvirt_ops import Connection, find_disk
 from testbed import procs
 from testbed.cinder import BACKEND as RAW_BACKEND
@@ -412,8 +414,11 @@ class NovaCloud:
         volume_id = str(c.volume_snapshots.get(snapshot_id).volume_id)
         c.volume_snapshots.delete(snapshot_id)
         deadline = time.monotonic() + timeout
-        while any(s.id == snapshot_id for s in c.volume_snapshots.list()):
-            snap = c.volume_snapshots.get(snapshot_id)
+        while True:  # one GET per poll: a list-then-get pair raced Cinder's purge (CI, 404)
+            try:
+                snap = c.volume_snapshots.get(snapshot_id)
+            except NotFound:
+                break
             if snap.status == "error_deleting" or time.monotonic() > deadline:
                 raise NovaBedError(f"snapshot {snapshot_id} is {snap.status}")
             time.sleep(0.3)
