@@ -19,9 +19,6 @@ merge over the bed's nova.conf (e.g. ``{"qsnap": {...}}`` for that driver's opti
 from __future__ import annotations
 
 import concurrent.futures
-import json
-import os
-import re
 import subprocess
 import time
 import uuid
@@ -35,7 +32,7 @@ from cinderclient.exceptions import NotFound
 from libvirt_ops import Connection, find_disk
 from testbed import procs
 from testbed.cinder import BACKEND as RAW_BACKEND
-from testbed.cinder import CONNECTOR, QCOW2_BACKEND, REPO, CinderPeer, wait_status
+from testbed.cinder import QCOW2_BACKEND, REPO, CinderPeer, wait_status
 from testbed.guestimage import GuestImage, build_guest_image
 from testbed.host import LibvirtHost
 from testbed.mariadb import MariaDB
@@ -50,6 +47,7 @@ from testbed.nova_guest import (
     destroy_domains,
     unmount_all,
 )
+from testbed.nova_records import NovaRecords
 from testbed.nova_services import (
     NovaBedError,
     Services,
@@ -68,17 +66,10 @@ __all__ = ["STOCK_DRIVER", "NovaBedError", "NovaCloud", "NovaGuest", "Server"]
 
 FLAVOR = "qsnap-tiny"
 VOLUME_TYPES = {"raw": ("qsnap-raw", RAW_BACKEND), "qcow2": ("qsnap-qcow2", QCOW2_BACKEND)}
-_UUID = re.compile(r"^[0-9a-f-]{36}$")
 _MAX_DOMAIN_NAME = 107 - len("/var/lib/libvirt/qemu/org.qemu.guest_agent.0..sock")
 
 
-def _uuid(value: str) -> str:
-    if not _UUID.match(value):
-        raise ValueError(f"not a uuid: {value!r}")
-    return value
-
-
-class NovaCloud:
+class NovaCloud(NovaRecords):
     """Nova + Placement + Cinder on one share kind (``"dir"`` or ``"gluster"``)."""
 
     def __init__(
@@ -331,9 +322,6 @@ class NovaCloud:
             raise NovaBedError(f"volume {vol.id} is {vol.status}: {self.cinder.tail()}")
         return str(vol.id)
 
-    def volume_path(self, volume_id: str, name: str | None = None) -> Path:
-        return self._share_dir / (name or f"volume-{volume_id}")
-
     def _bootable_volume(self, size_gb: int) -> str:
         vid = self.create_volume(size_gb, "raw")
         subprocess.run(
@@ -423,90 +411,6 @@ class NovaCloud:
                 raise NovaBedError(f"snapshot {snapshot_id} is {snap.status}")
             time.sleep(0.3)
         self.settle(volume_id, settle)
-
-    def settle(self, volume_id: str, timeout: float = 30.0) -> bool:
-        """Wait until Nova's BDM names the file Cinder's ``.info`` calls active; False at
-        the deadline (no raise: the caller's checks judge). Why: Cinder calls a snapshot
-        done when Nova reports 90 %, and Nova refreshes its BDM only after that report, so
-        for a moment the two disagree even on the stock path (seen on the gluster share)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            rows = self.db.sql(
-                "SELECT connection_info FROM block_device_mapping WHERE deleted = 0 AND "  # noqa: S608
-                f"volume_id = '{_uuid(volume_id)}'",
-                "nova_cell1",
-            ).stdout.split("\n")  # fmt: skip
-            names = {
-                json.loads(r)["data"].get("name") for r in rows if r.strip() not in ("", "NULL")
-            }
-            active = self.info_active(volume_id) or f"volume-{volume_id}"
-            if not names or names == {active}:
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.2)
-
-    # -- the records that must agree -----------------------------------------------------
-    def bdm_connection_info(self, server_id: str, volume_id: str) -> dict[str, Any]:
-        """Nova's BDM ``connection_info`` from the cell database: what a hard reboot uses."""
-        out = self.db.sql(
-            "SELECT connection_info FROM block_device_mapping WHERE deleted = 0 AND "  # noqa: S608
-            f"instance_uuid = '{_uuid(server_id)}' AND volume_id = '{_uuid(volume_id)}'",
-            "nova_cell1",
-        ).stdout.strip()  # fmt: skip
-        if not out:
-            raise NovaBedError(f"no BDM for volume {volume_id} of server {server_id}")
-        return dict(json.loads(out.splitlines()[0]))
-
-    def attachment_connection_info(self, volume_id: str) -> dict[str, Any]:
-        """Cinder's attachment record (the volume's only attachment) ``connection_info``."""
-        c = self.cinder.client("3.44")
-        atts = c.volumes.get(volume_id).attachments
-        if len(atts) != 1:
-            raise NovaBedError(f"volume {volume_id} has {len(atts)} attachments")
-        att = c.attachments.show(atts[0]["attachment_id"])
-        return dict(att.connection_info)
-
-    def initialize_connection(self, volume_id: str) -> dict[str, Any]:
-        """``os-initialize_connection``'s ``data`` (what Cinder would hand a new connector)."""
-        c = self.cinder.client()
-        info = c.volumes.initialize_connection(volume_id, dict(CONNECTOR, host=self.host))
-        return dict(info["data"])
-
-    def info_active(self, volume_id: str) -> str | None:
-        """``active`` of Cinder's ``volume-<id>.info`` (None before its first snapshot)."""
-        p = self.volume_path(volume_id, f"volume-{volume_id}.info")
-        if not p.exists():
-            return None
-        return str(json.loads(p.read_text())["active"])
-
-    def live_top(self, server: Server, volume_id: str) -> tuple[str, str]:
-        """(file name, format) of the disk's active layer in the live domain XML."""
-        top = find_disk(server.guest.dom, volume_id=volume_id).chain[0]
-        return os.path.basename(top.path), top.fmt
-
-    def file_format(self, volume_id: str, name: str) -> str:
-        out = subprocess.run(
-            ["qemu-img", "info", "-U", "--output=json", str(self.volume_path(volume_id, name))],
-            capture_output=True, text=True, check=True, timeout=60,
-        ).stdout  # fmt: skip
-        return str(json.loads(out)["format"])
-
-    def views(self, server: Server, volume_id: str) -> dict[str, tuple[str, str]]:
-        """Every record of the volume's active file as (name, format): Nova's BDM, Cinder's
-        attachment, os-initialize_connection, the live XML, and (file name, real format)."""
-        bdm = self.bdm_connection_info(server.id, volume_id)["data"]
-        att = self.attachment_connection_info(volume_id)
-        init = self.initialize_connection(volume_id)
-        live = self.live_top(server, volume_id)
-        active = self.info_active(volume_id) or f"volume-{volume_id}"
-        return {
-            "bdm": (bdm["name"], bdm.get("format", "raw")),
-            "attachment": (att["name"], att.get("format", "raw")),
-            "initialize_connection": (init["name"], init.get("format", "raw")),
-            "live": live,
-            "info": (active, self.file_format(volume_id, active)),
-        }
 
     # -- life cycle ----------------------------------------------------------------------
     def _action(self, server: Server, action: dict[str, Any], want: str) -> None:
