@@ -20,8 +20,8 @@ from typing import Any
 from oslo_config import cfg
 from oslo_log import log as oslo_log
 
+from hostagent.backup.legacy import release_legacy
 from hostagent.backup.online import recover_backup
-from hostagent.backup.reaper import OverlayReaper
 from hostagent.backup.service import BackupSettings, LiveEngine
 from hostagent.cinder.outbox import NoCinder, NotifyQueue
 from hostagent.cinder.records import CinderMeta
@@ -142,7 +142,7 @@ class Agent:
             queue,
             pool,
             roots=roots,
-            backup_engine=LiveEngine(conn, journal, roots),
+            backup_engine=LiveEngine(hv, journal, roots),
             backup_settings=backup_settings,
             cinder_pool=self.cinder_pool,
             deadlines=Deadlines(
@@ -153,13 +153,11 @@ class Agent:
             nova=self._nova_records(conf, transport),
         )
         self.service = service
-        self.reaper = OverlayReaper(conn, journal, roots=roots)
         self.tracker = InventoryTracker(
             conn,
             conf.host,
             InventoryFanout(transport),
             interval=conf.agent.inventory_interval,
-            on_refresh=self.reaper.remember,
         )
         self._server: Any = None
 
@@ -178,20 +176,18 @@ class Agent:
         """Reconcile unfinished work, then start the queue, purge, tracker and RPC threads."""
         if self.events is not None:
             self.events.start()
-        # a release of stranded backup overlays is finished, not failed: its base may be torn
-        for decided in self.reaper.resume():
-            LOG.info("resumed overlay release: %s", decided)
+        # an earlier qsnap's checkpoint overlays, once, before any chain is judged
+        legacy = release_legacy(self.journal, self.connection, self._roots)
+        if legacy is not None:
+            LOG.info("legacy checkpoint overlays: %s", legacy)
         # before any request is served and before the queue's first pass delivers what it owes
         resumers = self.service.resumers(
             job_timeout=self.conf.agent.merge_timeout,
-            recover_volume=lambda rec: recover_backup(
-                self.journal, self.connection, rec, roots=self._roots
-            ),
+            recover_volume=lambda rec: recover_backup(self.journal, rec),
         )
         reconcile(self.journal, resumers)
         self.queue.start()  # resends what an earlier run left pending
         self.purger.start()  # after recovery: it finished what it could
-        self.reaper.start()  # before the tracker: no stop may pass unseen once volumes are known
         self.tracker.start()
         self._server = get_server(self.transport, self.host, self.service)
         self._server.start()
@@ -206,7 +202,6 @@ class Agent:
         self.cinder_pool.shutdown(wait=True)
         self.pool.shutdown(wait=True)
         self.tracker.stop()
-        self.reaper.stop()
         self.queue.stop()
         self.purger.stop()
         if self.events is not None:

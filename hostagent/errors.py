@@ -22,8 +22,7 @@ The hierarchy::
      +-- BackupError                   hostagent.backup.repo.format
      |    +-- FormatError, CorruptChunk (+ MissingChunk), RepositoryFull, RepositoryBusy,
      |    |   BackupNotFound, BackupCancelled
-     |    +-- ChainChanged, VolumeBusy hostagent.backup.online
-     +-- StrandedOverlay               hostagent.backup.reaper: data left for an operator
+     |    +-- ChainChanged, VolumeBusy, CheckpointFailed  hostagent.backup.online
 
 Lower layers keep their own roots (``libvirt_ops.LibvirtOpsError``, ``qcow2.Qcow2Error``);
 :mod:`hostagent.rpc.wire_errors` is the one place where they become wire errors.

@@ -6,6 +6,7 @@ place that reads like the Protocol it implements.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -14,9 +15,10 @@ from typing import Any
 import libvirt
 from lxml import etree
 
-from hostagent.backup.online import BACKUP_NAMING
 from hostagent.hypervisor import Located
 from hostagent.inventory import read_attachments
+from hostagent.journal.crash import crash_point
+from hostagent.journal.model import StepName
 from hostagent.rpc import contract as api
 from libvirt_ops import (
     Connection,
@@ -139,7 +141,9 @@ class LibvirtHypervisor:
         """Merge ``file`` into its backing file: active commit + pivot when it is the top
         (copies only the overlay), a plain commit when it is an inner layer."""
         dom = self._conn.lookup(where.domain_uuid)
-        opts = JobOptions(timeout=self._merge, progress=progress)
+        # test-only: ``merge:job`` dies like a kill -9 with the job running (inert otherwise)
+        started = functools.partial(crash_point, StepName.MERGE, "job")
+        opts = JobOptions(timeout=self._merge, progress=progress, started=started)
         target, roots = where.disk.target, self._roots
         if os.path.basename(where.disk.source) == file:
             res = active_commit(self._conn, dom, target, roots=roots, options=opts)
@@ -188,12 +192,11 @@ class LibvirtHypervisor:
 
     def settle_job(self, where: Located, timeout: float) -> dict[str, Any]:
         """For recovery: bring a job a killed agent left on the disk to its end (an active
-        commit is pivoted, its intent); the naming admits backup checkpoint overlays."""
+        commit is pivoted, its intent)."""
         dom = self._conn.lookup(where.domain_uuid)
         res = settle_block_job(
-            self._conn, dom, where.disk.target, timeout=timeout, roots=self._roots,
-            naming=BACKUP_NAMING,
-        )  # fmt: skip
+            self._conn, dom, where.disk.target, timeout=timeout, roots=self._roots
+        )
         return {
             "found": res.found.name if res.found is not None else None,
             "end": res.end.name if res.end is not None else None,

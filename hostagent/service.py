@@ -27,6 +27,7 @@ from hostagent.rpc import contract as api
 from hostagent.rpc.wire_errors import Rule, wire_errors
 from hostagent.snapshots.assisted import AssistedSnapshots
 from hostagent.snapshots.assisted_rules import Deadlines
+from hostagent.snapshots.backup_checkpoints import OwnedCheckpoints
 from hostagent.snapshots.owned import OwnedOps
 
 __all__ = ["AssistedService", "Hypervisor", "Located"]
@@ -73,17 +74,17 @@ class AssistedService:
             self.backups = BackupService(
                 journal, hypervisor, pool, locks, backup_engine, backup_settings, roots=roots
             )
-        #: Merges a backup checkpoint down before a snapshot operation (None: refused).
-        release = backup_engine.release if backup_engine is not None else None
         step = crash_pointed(journal)
         args = (journal, hypervisor, notify, pool, locks)
         #: Cinder-assisted create/delete (Nova's os-assisted-volume-snapshots).
         self.assisted = AssistedSnapshots(
             journal, hypervisor, notify, cinder_pool or pool, locks,
-            roots=roots, step=step, release=release, deadlines=deadlines,
+            roots=roots, step=step, deadlines=deadlines,
         )  # fmt: skip
         #: Instance snapshots and owned deletes.
-        self.owned = OwnedOps(*args, roots=roots, step=step, release=release, nova=nova)
+        self.owned = OwnedOps(*args, roots=roots, step=step, nova=nova)
+        if backup_engine is not None:  # a backup's checkpoints are owned snapshots
+            backup_engine.bind(OwnedCheckpoints(self.owned), step)
 
     def resumers(
         self, *, job_timeout: float, recover_volume: RecoverVolume | None = None

@@ -109,9 +109,9 @@ CONTRACT = Contract(
                 # lower errors -> wire errors: under the backup service and the endpoint
                 ("hostagent.rpc.wire_errors",),
                 ("hostagent.hypervisor", "hostagent.inventory"),
-                ("hostagent.backup.online", "hostagent.backup.checkpoints"),
+                ("hostagent.backup.online",),
                 ("hostagent.snapshots.*",),
-                ("hostagent.backup.*",),  # live, create, service, reaper, and new ones
+                ("hostagent.backup.*",),  # live, create, service, legacy, and new ones
                 # the adapter implementing the Protocol: wiring, imported by the agent only
                 ("hostagent.libvirt_hypervisor",),
                 ("hostagent.service",),

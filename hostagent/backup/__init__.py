@@ -1,10 +1,9 @@
 """hostagent.backup: backups of attached volumes. Importing this package loads nothing.
 
 - :mod:`.repo` -- pure: the chunked repository, the engine, restore, retention, errors.
-- :mod:`.online` -- one volume's online backup on a live guest (quiesced snapshot,
-  checkpoint overlay, merge back, all journaled) and its crash recovery.
-- :mod:`.checkpoints` -- releasing a checkpoint overlay before a snapshot operation.
+- :mod:`.online` -- one volume's online backup on a live guest (read at a checkpoint that is
+  a recorded Cinder snapshot, older checkpoints dropped, all journaled) and its recovery.
 - :mod:`.live` / :mod:`.service` / :mod:`.create` -- the agent's backup verbs: settings and
-  the libvirt-facing engine, the service behind the RPC verbs, one create request's run.
-- :mod:`.reaper` -- checkpoint overlays merged down when their disk leaves the guest.
+  the hypervisor-facing engine, the service behind the RPC verbs, one create request's run.
+- :mod:`.legacy` -- an earlier qsnap's checkpoint overlays, released once at start.
 """

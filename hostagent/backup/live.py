@@ -2,7 +2,7 @@
 
 Apart from :mod:`hostagent.backup.service` so the service can be unit-tested with a fake
 engine: :class:`BackupEngine` is all it needs, :class:`LiveEngine` is the real one on
-libvirt via :mod:`hostagent.backup.online`.
+the hypervisor via :mod:`hostagent.backup.online`.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import libvirt_ops as lo
 from hostagent.backup import online
 from hostagent.backup import repo as bk
 from hostagent.backup.repo.format import Cancel as Cancel  # re-exported: service, create
 from hostagent.backup.repo.format import Progress as Progress
-from hostagent.hypervisor import Located
+from hostagent.hypervisor import Hypervisor, Located
 from hostagent.journal import model as ops
 from hostagent.journal import store as jn
+from hostagent.journal.crash import StepFn
 
 
 def request_level(op: ops.Operation) -> bool:
@@ -45,6 +45,11 @@ class BackupSettings:
 class BackupEngine(Protocol):
     """The libvirt-facing half (faked in unit tests)."""
 
+    def bind(self, checkpoints: online.CheckpointOps, step: StepFn) -> None:
+        """How checkpoints are taken and dropped, and the journal's step wrapper (the
+        service binds its owned snapshot paths once it has built them)."""
+        ...
+
     def backup(
         self,
         where: Located,
@@ -56,16 +61,17 @@ class BackupEngine(Protocol):
         """One volume's online backup; the create result's per-volume entry."""
         ...
 
-    def release(self, where: Located) -> str | None:
-        """Merge the volume's checkpoint overlay down; its name, or None if none."""
-        ...
-
 
 class LiveEngine:
-    """:class:`BackupEngine` on libvirt via :mod:`hostagent.backup.online`."""
+    """:class:`BackupEngine` on the hypervisor via :mod:`hostagent.backup.online`."""
 
-    def __init__(self, conn: lo.Connection, journal: jn.Journal, roots: list[str]) -> None:
-        self._conn, self._journal, self._roots = conn, journal, roots
+    def __init__(self, hv: Hypervisor, journal: jn.Journal, roots: list[str]) -> None:
+        self._hv, self._journal, self._roots = hv, journal, roots
+        self._cps: online.CheckpointOps | None = None
+        self._step: StepFn = journal.step
+
+    def bind(self, checkpoints: online.CheckpointOps, step: StepFn) -> None:
+        self._cps, self._step = checkpoints, step
 
     def backup(
         self,
@@ -75,13 +81,17 @@ class LiveEngine:
         progress: Progress,
         cancel: Cancel,
     ) -> dict[str, Any]:
+        if self._cps is None:
+            raise RuntimeError("backup engine used before the service bound its checkpoints")
         vid = str(where.disk.serial).lower()
         req = online.BackupRequest(where.domain_uuid, vid, repository, incremental=incremental)
         res = online.backup_volume(
-            self._conn,
+            self._hv,
             self._journal,
             req,
+            self._cps,
             roots=self._roots,
+            step=self._step,
             progress=progress,
             cancel=cancel,
             not_busy=request_level,
@@ -94,9 +104,7 @@ class LiveEngine:
             "bytes_stored": res.result.bytes_stored,
             "fallback_reason": res.result.fallback_reason,
             "checkpoint": res.checkpoint,
+            "checkpoint_file": res.checkpoint_file,
+            "dropped": list(res.dropped),
             "operation_id": res.operation_id,
         }
-
-    def release(self, where: Located) -> str | None:
-        vid = str(where.disk.serial).lower()
-        return online.release_checkpoint(self._conn, where.domain_uuid, vid, roots=self._roots)

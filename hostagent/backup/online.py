@@ -1,41 +1,47 @@
-"""Online backup of a volume attached to a running guest: frozen layers only, journaled.
+"""Online backup of a volume attached to a running guest, read at a RECORDED Cinder snapshot.
 
-One backup, every step journaled (PLANNED) before it acts::
+One volume's backup is one journaled operation (kind ``backup``), each step journaled
+before it acts::
 
-    chain before:        A (active)                 or  A <- K_old (checkpoint, active)
-    1 snapshot:          A <- K_new                     A <- K_old <- K_new    (quiesced)
-    2 read (engine):     frozen view at A               frozen view at K_old, incremental:
-                                                        only clusters allocated in K_old
-    3 merge:             -                              commit K_old into A (inner commit)
-    4 remove:            -                              unlink K_old
-    chain after:         A <- K_new (checkpoint)        A <- K_new (checkpoint)
-    (keep_checkpoint=False: 5 active commit K_new into A + pivot, 6 unlink K_new -> A)
+    chain before:  B <- ... <- C_old <- ... <- T (active)   C_old: the parent backup's checkpoint
+    1 checkpoint:  ... <- T <- C_new   a snapshot named "qsnap backup checkpoint (operation
+                   <op>)", taken and recorded as an instance snapshot is (ledger, Cinder's
+                   record + attachment + format, Nova's BDM): its own journaled operation
+    2 read:        T's frozen guest view; incremental = the clusters allocated from T down
+                   to C_old's file (the ledger's, found by C_old's snapshot id), else the
+                   whole view (deduplicated) and why; the manifest, published last, names
+                   C_new as its checkpoint (none for a plain backup)
+    3 drop:        owned deletes of every other backup checkpoint of the volume still in
+                   the ledger (C_old, a killed backup's, C_new itself for a plain backup)
 
-``K`` files are ``volume-<vid>.qsnap-bk-<backup-id>``. They never enter Cinder's ``.info``;
-while a checkpoint overlay is the live top, Cinder's ledger still names ``A`` as active,
-so the agent must :func:`release_checkpoint` before serving a Cinder snapshot of that
-volume (or a detach). The published manifest records the checkpoint (overlay, boundary);
-the next backup is incremental only if that overlay is still the live top directly over
-that boundary, otherwise it reads everything (deduplicated) and says why.
+Why this design (issue 15): every layer of the live chain is always one Cinder's ledger,
+its attachment and Nova's BDM name, so a hard reboot, a stop/start, a migration, Cinder's
+clone or its own backup never miss a write. Dirty bitmaps were the other choice; the NFS
+driver's base volumes are RAW files, which cannot hold a persistent bitmap. The cost:
+Cinder refuses a plain delete of a volume while its checkpoint snapshot exists (delete it,
+or ``--cascade``); deleting the checkpoint only makes the next backup a full one.
 
-A kill at any point leaves no visible partial backup (the manifest is published last) and
-:func:`recover_backup` puts the chain back from the journal and the live chain.
+Why the incremental is exact: remotefs deletes (and the agent's) either commit a layer into
+its backing file or pull a backing file into the active layer and re-point the ledger's id
+at it, so the layers from C_old's CURRENT file up hold precisely the writes since C_old's
+point in time, whatever snapshots came and went above or below it (the boundary is that
+file's backing file now, not its name then).
+
+A kill at any point publishes nothing half written (the manifest is last); every chain
+change is an owned operation that recovery resumes by itself, so :func:`recover_backup` only
+decides this operation's state, and the next backup drops the checkpoints left behind.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
-import re
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-import libvirt
-
-import libvirt_ops as lo
 from hostagent.backup.repo.engine import BackupResult, backup_full, backup_incremental
 from hostagent.backup.repo.format import (
     BackupCancelled,
@@ -46,7 +52,8 @@ from hostagent.backup.repo.format import (
     Progress,
 )
 from hostagent.backup.repo.repository import Repository
-from hostagent.journal.crash import crash_point
+from hostagent.hypervisor import Hypervisor, Located, chain_names
+from hostagent.journal.crash import StepFn
 from hostagent.journal.model import (
     Operation,
     OperationKind,
@@ -56,44 +63,35 @@ from hostagent.journal.model import (
     StepState,
 )
 from hostagent.journal.store import Journal
-from qcow2 import Qcow2Error, QemuImgError, inspect_chain
-from qcow2.naming import DEFAULT_IMAGE_PATTERN, Naming, is_uuid
+from qcow2 import read_ledger
+from qcow2.naming import is_uuid, snapshot_file_name
 
-_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-#: Cinder's names plus our temporary/checkpoint overlays (the only naming that accepts them).
-BACKUP_NAMING = Naming(
-    image_pattern=rf"(?:{DEFAULT_IMAGE_PATTERN})|volume-{_UUID}\.qsnap-bk-{_UUID}"
-)
-_BK = re.compile(rf"volume-({_UUID})\.qsnap-bk-({_UUID})")
-#: Bound on settling a block job a killed agent left on the disk (see :func:`_put_back`).
-SETTLE_TIMEOUT = 600.0
+LOG = logging.getLogger(__name__)
+LABEL = "qsnap backup checkpoint"
 
 
-def overlay_name(volume_id: str, backup_key: str) -> str:
-    return f"volume-{volume_id}.qsnap-bk-{backup_key}"
+class CheckpointOps(Protocol):
+    """How a backup takes and drops the snapshot it reads at: the agent's owned snapshot
+    paths, run in the caller's thread (which holds the disk's lock), each its own journaled
+    operation. Both raise :class:`CheckpointFailed` when the operation did not succeed."""
 
+    def take(self, where: Located, snapshot_id: str, label: str, why: str) -> str:
+        """Snapshot ``where`` as ``snapshot_id`` (recorded everywhere); the new file's name."""
+        ...
 
-def is_backup_overlay(name: str, volume_id: str) -> bool:
-    m = _BK.fullmatch(name)
-    return m is not None and m.group(1) == volume_id
-
-
-def overlay_volume(name: str) -> str | None:
-    """The volume id a checkpoint overlay's name carries (None: not such a name)."""
-    m = _BK.fullmatch(name)
-    return m.group(1) if m is not None else None
+    def drop(self, volume_id: str, snapshot_id: str, why: str) -> None:
+        """Delete the recorded snapshot ``snapshot_id`` (merge, ledger, Cinder, Nova)."""
+        ...
 
 
 @dataclass(frozen=True)
 class BackupRequest:
     """One volume's backup.
 
-    ``incremental``: build on the previous backup's checkpoint if it is intact (else a full
-    read with dedup; ``result.fallback_reason`` says why) and, unless ``keep_checkpoint``
-    is False, leave a checkpoint overlay as the live top for the next one. The default is a
-    plain backup that leaves the chain exactly as it was: a checkpoint overlay is invisible
-    to Cinder and Nova, so the agent must :func:`release_checkpoint` before a Cinder
-    snapshot, a detach or a Nova hard reboot of that volume (see the README).
+    ``incremental``: build on the previous backup's checkpoint if the ledger still has it
+    (else a full read with dedup; ``result.fallback_reason`` says why) and, unless
+    ``keep_checkpoint`` is False, keep this backup's checkpoint snapshot for the next one.
+    A plain backup keeps none: its checkpoint is deleted once the backup is published.
     """
 
     domain: str
@@ -101,7 +99,6 @@ class BackupRequest:
     repository: str
     incremental: bool = False
     keep_checkpoint: bool | None = None  # None: keep one iff incremental
-    quiesce: lo.QuiescePolicy = lo.QuiescePolicy.PREFER
 
     @property
     def keeps_checkpoint(self) -> bool:
@@ -112,8 +109,9 @@ class BackupRequest:
 class OnlineBackupResult:
     operation_id: str
     result: BackupResult
-    quiesced: bool
-    checkpoint: str | None  # the overlay left as live top, if any
+    checkpoint: str | None  # the kept checkpoint's snapshot id, if any
+    checkpoint_file: str | None  # its file (volume-<vid>.<snapshot id>), if kept
+    dropped: tuple[str, ...]  # checkpoint snapshot ids deleted after the publish
     chain_after: tuple[str, ...]
 
     @property
@@ -129,8 +127,8 @@ class VolumeBusy(BackupError):
     """Another journaled operation on this volume is unfinished (or awaits recovery)."""
 
 
-def _names(disk: lo.Disk) -> list[str]:
-    return [os.path.basename(layer.path) for layer in disk.chain]
+class CheckpointFailed(BackupError):
+    """Taking or dropping a backup checkpoint (an owned snapshot operation) failed."""
 
 
 def _latest(repo: Repository, volume_id: str) -> Manifest | None:
@@ -140,51 +138,34 @@ def _latest(repo: Repository, volume_id: str) -> Manifest | None:
 
 
 def backup_volume(
-    conn: lo.Connection,
+    hv: Hypervisor,
     journal: Journal,
     req: BackupRequest,
+    checkpoints: CheckpointOps,
     *,
-    roots: Sequence[str] | None = None,
+    roots: Sequence[str],
+    step: StepFn | None = None,
     progress: Progress | None = None,
     cancel: Cancel | None = None,
     not_busy: Callable[[Operation], bool] | None = None,
 ) -> OnlineBackupResult:
     """Back up ``req.volume_id`` of the running ``req.domain`` (see the module docstring).
 
-    The caller must hold the agent's per-disk lock for the volume (the service's
-    ``DiskLocks``) so no snapshot operation changes the chain meanwhile.
-    ``roots``: directories the chain may live in (default: the active file's directory).
-    Raises :class:`hostagent.backup.BackupError` subclasses, ``libvirt_ops`` errors or
-    ``qcow2`` errors; on any error the chain is put back before the error propagates.
-    ``not_busy``: unfinished operations it accepts do not make the volume busy (the agent's
-    request-level backup/restore operations, which never touch the chain themselves).
+    The caller holds the agent's per-disk lock for the volume (no other operation changes
+    the chain meanwhile). ``step`` journals each step (default ``journal.step``; the agent
+    passes its crash-pointed one). ``not_busy``: unfinished operations it accepts do not
+    make the volume busy (the request-level backup operation). Raises
+    :class:`hostagent.backup.BackupError` subclasses, ``rpc.contract`` refusals or
+    ``qcow2`` errors; a checkpoint taken for an unpublished backup is dropped first.
     """
     if not is_uuid(req.volume_id):
         raise ValueError(f"bad volume id {req.volume_id!r}")
     repo = Repository.open(req.repository)
-    dom = conn.lookup(req.domain)
-    disk = lo.find_disk(dom, volume_id=req.volume_id)
-    share = os.path.dirname(disk.source)
-    rts = list(roots) if roots is not None else [share]
-    before = _names(disk)
-    key = str(uuid.uuid4())
-    k_new = overlay_name(req.volume_id, key)
-    k_old = before[0] if is_backup_overlay(before[0], req.volume_id) else None
-    if k_old is not None and len(before) < 2:
-        raise ChainChanged(f"checkpoint overlay {k_old} has no backing file")
-    boundary = before[1] if k_old is not None else before[0]
-    request = {
-        "domain": req.domain,
-        "volume_id": req.volume_id,
-        "repository": repo.path,
-        "incremental": req.incremental,
-        "keep_checkpoint": req.keeps_checkpoint,
-        "target": disk.target,
-        "chain_before": before,
-        "overlay": k_new,
-        "old_checkpoint": k_old,
-        "boundary": boundary,
-    }
+    rts = list(roots)
+    where = hv.locate(req.volume_id)
+    if where.domain_uuid != req.domain:
+        raise ChainChanged(f"volume {req.volume_id} is attached to {where.domain_uuid} now")
+    before = chain_names(where, rts)  # whole chain inspected: only Cinder's names
     lock = f"volume:{req.volume_id}"
     busy = journal.list_operations(
         states=(OperationState.PENDING, OperationState.RUNNING), lock=lock
@@ -192,133 +173,185 @@ def backup_volume(
     busy = [b for b in busy if not_busy is None or not not_busy(b)]
     if busy:  # the caller's per-disk lock is the real exclusion; this catches a forgotten one
         raise VolumeBusy(f"volume {req.volume_id} has unfinished {busy[0].kind} {busy[0].id}")
+    sid = str(uuid.uuid4())
+    request = {
+        "domain": req.domain,
+        "volume_id": req.volume_id,
+        "repository": repo.path,
+        "incremental": req.incremental,
+        "keep_checkpoint": req.keeps_checkpoint,
+        "target": where.disk.target,
+        "chain_before": before,
+        "checkpoint": {"snapshot_id": sid, "file": snapshot_file_name(req.volume_id, sid)},
+    }
     op = journal.begin(OperationKind.BACKUP, request, locks=[lock]).operation
+    run = _Run(hv, journal, step or journal.step, op.id, req, repo, rts, checkpoints, sid)
     try:
-        return _run(
-            conn, journal, op.id, req, repo, disk, rts, k_new, k_old, boundary, progress, cancel
-        )
+        return run.run(where, progress, cancel)
     except BaseException as exc:
         if isinstance(exc, Exception):
-            try:
-                decision = _put_back(conn, journal, op.id, request, rts)
-            except Exception as again:  # recovery at the next start retries
-                decision = f"put back failed: {again}"
-            # a cancel is the caller's decision, not a failure (``ops list --state``)
+            decision = run.abandon()
             cancelled = isinstance(exc, BackupCancelled)
             state = OperationState.CANCELLED if cancelled else OperationState.FAILED
             journal.finish(op.id, state, error=exc)
-            exc.add_note(f"chain: {decision}")
+            exc.add_note(f"checkpoint: {decision}")
         raise
 
 
-def _run(
-    conn: lo.Connection,
-    journal: Journal,
-    op: uuid.UUID,
-    req: BackupRequest,
-    repo: Repository,
-    disk: lo.Disk,
-    roots: list[str],
-    k_new: str,
-    k_old: str | None,
-    boundary: str,
-    progress: Progress | None,
-    cancel: Cancel | None,
-) -> OnlineBackupResult:
-    share = os.path.dirname(disk.source)
-    spec = lo.DiskSnapshotSpec(new_file=k_new, volume_id=req.volume_id)
-    snap_req = lo.SnapshotRequest(
-        domain=req.domain, disks=(spec,), quiesce=req.quiesce, naming=BACKUP_NAMING
-    )
-    with journal.step(op, StepName.SNAPSHOT, {"overlay": k_new}) as h:
-        snap = lo.take_snapshot(conn, snap_req, roots=roots)
-        h.data["quiesced"] = snap.quiesced
+class _Run:
+    """One backup operation's steps (see the module docstring)."""
 
-    frozen = os.path.join(share, k_old if k_old is not None else boundary)
-    parent = _latest(repo, req.volume_id)
-    cp = Checkpoint(k_new, boundary) if req.keeps_checkpoint else None
-    reason: str | None = None
-    if not req.incremental:
-        reason = None
-    elif parent is None:
-        reason = "no previous backup of this volume"
-    elif parent.checkpoint is None:
-        reason = f"previous backup {parent.backup_id} left no checkpoint"
-    elif k_old is None or parent.checkpoint.overlay != k_old:
-        reason = (
-            f"checkpoint overlay {parent.checkpoint.overlay} of backup {parent.backup_id} "
-            "is no longer the live top (merged by a snapshot operation or released)"
-        )
-    elif parent.checkpoint.boundary != boundary:
-        reason = f"checkpoint boundary {parent.checkpoint.boundary} is no longer under {k_old}"
-    with journal.step(op, StepName.READ, {"frozen": os.path.basename(frozen)}) as h:
-        prog = _journaled_progress(journal, op, progress)
-        res = _read(req, repo, disk, roots, frozen, parent, boundary, reason, cp, prog, cancel)
-        h.data["backup_id"] = res.manifest.backup_id
-    dom = conn.lookup(req.domain)
-    if k_old is not None:
-        with journal.step(op, StepName.MERGE, {"kind": "commit", "top": k_old, "base": boundary}):
-            lo.commit(conn, dom, disk.target, top=k_old, roots=roots, naming=BACKUP_NAMING)
-        _remove(journal, op, share, k_old, conn, req.domain, disk.target)
-    if not req.keeps_checkpoint:
-        with journal.step(op, StepName.MERGE, {"kind": "active_commit", "top": k_new}):
-            lo.active_commit(conn, dom, disk.target, roots=roots, naming=BACKUP_NAMING)
-        _remove(journal, op, share, k_new, conn, req.domain, disk.target)
-    after = _names(lo.find_disk(conn.lookup(req.domain), volume_id=req.volume_id))
-    result = {
-        "backup_id": res.manifest.backup_id,
-        "kind": res.manifest.kind,
-        "bytes_read": res.bytes_read,
-        "fallback_reason": res.fallback_reason,
-        "chain_after": after,
-    }
-    journal.finish(op, OperationState.SUCCEEDED, result=result)
-    return OnlineBackupResult(
-        str(op), res, snap.quiesced, k_new if req.keeps_checkpoint else None, tuple(after)
-    )
+    def __init__(
+        self,
+        hv: Hypervisor,
+        journal: Journal,
+        step: StepFn,
+        op: uuid.UUID,
+        req: BackupRequest,
+        repo: Repository,
+        roots: list[str],
+        checkpoints: CheckpointOps,
+        sid: str,
+    ) -> None:
+        self.hv, self.j, self.step, self.op, self.req = hv, journal, step, op, req
+        self.repo, self.roots, self.cps, self.sid = repo, roots, checkpoints, sid
+        self.taken = self.published = False
+
+    def run(
+        self, where: Located, progress: Progress | None, cancel: Cancel | None
+    ) -> OnlineBackupResult:
+        req, vid = self.req, self.req.volume_id
+        label = f"{LABEL} (operation {self.op})"
+        with self.step(self.op, StepName.CHECKPOINT, {"snapshot_id": self.sid}) as h:
+            self.taken = True
+            h.data["file"] = self.cps.take(where, self.sid, label, f"backup {self.op}")
+        where = self.hv.locate(vid)
+        names = chain_names(where, self.roots)
+        if names[0] != snapshot_file_name(vid, self.sid) or len(names) < 2:
+            raise ChainChanged(f"checkpoint {self.sid} is not the live top of {names}")
+        frozen, parent = names[1], _latest(self.repo, vid)
+        boundary, reason = self._tracking(parent, names, os.path.dirname(where.disk.source))
+        cp = Checkpoint(names[0], frozen, self.sid) if req.keeps_checkpoint else None
+        path = os.path.join(os.path.dirname(where.disk.source), frozen)
+        fmt = where.disk.chain[1].fmt
+        data = {"frozen": frozen, "boundary": boundary, "fallback_reason": reason}
+        with self.step(self.op, StepName.READ, data) as h:
+            prog = _journaled_progress(self.j, self.op, progress)
+            res = self._read(path, fmt, parent, boundary, reason, cp, prog, cancel)
+            self.published = True
+            h.data["backup_id"] = res.manifest.backup_id
+        dropped = self.drop_stale(keep=self.sid if req.keeps_checkpoint else None)
+        after = chain_names(self.hv.locate(vid), self.roots)
+        result = {
+            "backup_id": res.manifest.backup_id,
+            "kind": res.manifest.kind,
+            "bytes_read": res.bytes_read,
+            "fallback_reason": res.fallback_reason,
+            "checkpoint": cp.snapshot_id if cp else None,
+            "checkpoint_file": cp.overlay if cp else None,
+            "dropped": dropped,
+            "chain_after": after,
+        }
+        self.j.finish(self.op, OperationState.SUCCEEDED, result=result)
+        kept, kept_file = (cp.snapshot_id, cp.overlay) if cp else (None, None)
+        return OnlineBackupResult(str(self.op), res, kept, kept_file, tuple(dropped), tuple(after))
+
+    def _tracking(
+        self, parent: Manifest | None, names: list[str], directory: str
+    ) -> tuple[str | None, str | None]:
+        """(boundary, None) when the parent's checkpoint still tracks the changes, else
+        (None, why the read is full). Only for an incremental request."""
+        if not self.req.incremental:
+            return None, None
+        if parent is None:
+            return None, "no previous backup of this volume"
+        cp = parent.checkpoint
+        if cp is None:
+            return None, f"previous backup {parent.backup_id} left no checkpoint"
+        if cp.snapshot_id is None:
+            return None, f"previous backup {parent.backup_id} has a pre-1.0 checkpoint overlay"
+        ledger = read_ledger(directory, self.req.volume_id)
+        file = ledger.snapshots.get(cp.snapshot_id) if ledger is not None else None
+        if file is None:
+            return None, (
+                f"checkpoint snapshot {cp.snapshot_id} of backup {parent.backup_id} was "
+                "deleted (not in the volume's ledger)"
+            )
+        if file not in names[1:-1]:
+            return None, f"checkpoint file {file} is not a layer with a backing file in {names}"
+        return names[names.index(file) + 1], None
+
+    def _read(
+        self,
+        path: str,
+        fmt: str,
+        parent: Manifest | None,
+        boundary: str | None,
+        reason: str | None,
+        cp: Checkpoint | None,
+        progress: Progress,
+        cancel: Cancel | None,
+    ) -> BackupResult:
+        args = (path, fmt, self.roots, self.repo, self.req.volume_id)
+        if boundary is not None and parent is not None:
+            return backup_incremental(
+                *args, parent, boundary, progress=progress, cancel=cancel,
+                parent_boundary=boundary, checkpoint=cp,
+            )  # fmt: skip
+        return backup_full(
+            *args, progress=progress, cancel=cancel, parent=parent if self.req.incremental
+            else None, fallback_reason=reason, checkpoint=cp,
+        )  # fmt: skip
+
+    def drop_stale(self, keep: str | None) -> list[str]:
+        """Owned deletes of the volume's backup checkpoints in the ledger but ``keep``; the
+        ids deleted. One that fails stays recorded (coherent) and is retried next time."""
+        vid = self.req.volume_id
+        stale = [s for s in known_checkpoints(self.j, self.repo, vid) if s != keep]
+        where = self.hv.locate(vid)
+        ledger = read_ledger(os.path.dirname(where.disk.source), vid)
+        stale = [s for s in stale if ledger is not None and s in ledger.snapshots]
+        if not stale:
+            return []
+        dropped: list[str] = []
+        with self.step(self.op, StepName.DROP_CHECKPOINTS, {"snapshots": stale}) as h:
+            for s in stale:
+                try:
+                    self.cps.drop(vid, s, f"backup {self.op}")
+                    dropped.append(s)
+                except Exception as exc:  # stays a recorded snapshot: nothing is hidden
+                    LOG.warning("backup %s: checkpoint %s not dropped: %s", self.op, s, exc)
+                    h.data.setdefault("left", {})[s] = f"{type(exc).__name__}: {exc}"
+            h.data["dropped"] = dropped
+        return dropped
+
+    def abandon(self) -> str:
+        """After an error: drop this backup's checkpoint unless its backup was published."""
+        if not self.taken or self.published:
+            return "none taken" if not self.taken else "kept by the published backup"
+        try:
+            where = self.hv.locate(self.req.volume_id)
+            ledger = read_ledger(os.path.dirname(where.disk.source), self.req.volume_id)
+            if ledger is None or self.sid not in ledger.snapshots:
+                return f"{self.sid} was not recorded"
+            self.cps.drop(self.req.volume_id, self.sid, f"backup {self.op} failed")
+        except Exception as exc:  # recorded, so coherent; the next backup drops it
+            return f"{self.sid} left recorded ({exc}); the next backup drops it"
+        return f"{self.sid} dropped"
 
 
-def _read(
-    req: BackupRequest,
-    repo: Repository,
-    disk: lo.Disk,
-    roots: list[str],
-    frozen: str,
-    parent: Manifest | None,
-    boundary: str,
-    reason: str | None,
-    cp: Checkpoint | None,
-    progress: Progress | None,
-    cancel: Cancel | None,
-) -> BackupResult:
-    if req.incremental and reason is None and parent is not None:
-        return backup_incremental(
-            frozen,
-            "qcow2",
-            roots,
-            repo,
-            req.volume_id,
-            parent,
-            boundary,
-            naming=BACKUP_NAMING,
-            progress=progress,
-            cancel=cancel,
-            parent_boundary=boundary,
-            checkpoint=cp,
-        )
-    return backup_full(
-        frozen,
-        _fmt(disk, os.path.basename(frozen)),
-        roots,
-        repo,
-        req.volume_id,
-        naming=BACKUP_NAMING,
-        progress=progress,
-        cancel=cancel,
-        parent=parent if req.incremental else None,
-        fallback_reason=reason if req.incremental else None,
-        checkpoint=cp,
-    )
+def known_checkpoints(journal: Journal, repo: Repository, volume_id: str) -> list[str]:
+    """Every checkpoint snapshot id a backup of ``volume_id`` took: the journal's backup
+    operations (a killed one's included) and the repository's manifests, oldest first."""
+    out: dict[str, None] = {}
+    for h in repo.headers(volume_id):
+        if h.checkpoint is not None and h.checkpoint.snapshot_id is not None:
+            out[h.checkpoint.snapshot_id] = None
+    for op in journal.list_operations(kind=OperationKind.BACKUP, lock=f"volume:{volume_id}"):
+        cp = op.request.get("checkpoint")
+        if isinstance(cp, dict) and isinstance(cp.get("snapshot_id"), str):
+            out[cp["snapshot_id"]] = None
+    return list(out)
 
 
 def _journaled_progress(journal: Journal, op: uuid.UUID, user: Progress | None) -> Progress:
@@ -336,198 +369,22 @@ def _journaled_progress(journal: Journal, op: uuid.UUID, user: Progress | None) 
     return report
 
 
-def _fmt(disk: lo.Disk, name: str) -> str:
-    for layer in disk.chain:
-        if os.path.basename(layer.path) == name:
-            return layer.fmt
-    return "qcow2"
-
-
-def _remove(
-    journal: Journal,
-    op: uuid.UUID,
-    share: str,
-    name: str,
-    conn: lo.Connection,
-    domain: str,
-    target: str,
-) -> None:
-    """Unlink a merged-away overlay, but never a file still in the live chain."""
-    with journal.step(op, StepName.REMOVE, {"file": name}):
-        live = _names(lo.resolve_disk(conn.lookup(domain), target))
-        if name in live:
-            raise ChainChanged(f"{name} is still in the live chain {live}: not removed")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(share, name))
-
-
-# --- putting the chain back (after an error, or after a restart) ------------------------
-
-
-def _put_back(
-    conn: lo.Connection,
-    journal: Journal,
-    op: uuid.UUID,
-    request: dict[str, object],
-    roots: Sequence[str],
-) -> str:
-    """Bring the live chain back to a state consistent with the repository.
-
-    If the backup was published its checkpoint is honoured (only the old checkpoint is
-    merged away); otherwise the chain goes back to exactly ``chain_before``. A block job a
-    killed agent left on the disk (a merge step mid-job) is settled first, so the chain is
-    judged after that merge's intended end instead of while it still moves.
-    """
-    domain, target = str(request["domain"]), str(request["target"])
-    k_new, k_old = str(request["overlay"]), request.get("old_checkpoint")
-    keep = bool(request.get("keep_checkpoint", True))
-    dom = conn.lookup(domain)
-    if not dom.isActive():
-        return "domain not running: chain left for an offline repair"
-    disk = lo.resolve_disk(dom, target)
-    share = os.path.dirname(disk.source)
-    rts = list(roots) or [share]
-    done: list[str] = []
-    settled = _settle_left_job(conn, dom, target, rts)
-    if settled is not None:
-        done.append(settled)
-        disk = lo.resolve_disk(dom, target)
-    live = _names(disk)
-    published = any(
-        s.name == StepName.READ and s.state is StepState.DONE for s in journal.steps(op)
-    )
-    if k_new in live and live[0] == k_new and (not published or not keep):
-        with journal.step(
-            op, StepName.MERGE, {"kind": "active_commit", "top": k_new, "recovery": 1}
-        ):
-            lo.active_commit(conn, dom, target, roots=rts, naming=BACKUP_NAMING)
-        done.append(f"active-committed {k_new}")
-    if published and isinstance(k_old, str) and k_old in _names(lo.resolve_disk(dom, target)):
-        now = _names(lo.resolve_disk(dom, target))
-        if now[0] != k_old:
-            with journal.step(op, StepName.MERGE, {"kind": "commit", "top": k_old, "recovery": 1}):
-                lo.commit(conn, dom, target, top=k_old, roots=rts, naming=BACKUP_NAMING)
-            done.append(f"committed {k_old}")
-    now = _names(lo.resolve_disk(dom, target))
-    for name in (k_new, k_old):
-        if isinstance(name, str) and name not in now:
-            path = os.path.join(share, name)
-            if os.path.exists(path) and (name == k_new or published):
-                with journal.step(op, StepName.REMOVE, {"file": name, "recovery": 1}):
-                    os.unlink(path)
-                done.append(f"removed {name}")
-    return "; ".join(done) or "chain already consistent"
-
-
-def _settle_left_job(
-    conn: lo.Connection, dom: libvirt.virDomain, target: str, roots: list[str]
-) -> str | None:
-    """Settle a job a killed agent left on the disk (our merge step mid-job); what it did."""
-    res = lo.settle_block_job(
-        conn, dom, target, timeout=SETTLE_TIMEOUT, roots=roots, naming=BACKUP_NAMING
-    )
-    if res.found is None:
-        return None
-    how = "pivoted" if res.pivoted else f"ended {res.end.name if res.end else '?'}"
-    return f"settled a {res.found.name} job left on {target} ({how})"
-
-
-def recover_backup(
-    journal: Journal,
-    conn: lo.Connection,
-    record: OperationRecord,
-    *,
-    roots: Sequence[str] = (),
-) -> str:
-    """Recovery hook for an unfinished ``OperationKind.BACKUP`` (wire into
-    ``recovery.reconcile``): put the live chain back, finish the operation FAILED (or
-    SUCCEEDED if its manifest was published and the chain is consistent), return what
-    was decided. Idempotent: a crash during recovery is recovered again at the next start.
-    """
+def recover_backup(journal: Journal, record: OperationRecord) -> str:
+    """Recovery of an unfinished online backup: SUCCEEDED if its manifest was published,
+    else FAILED. It never touches a chain: its checkpoint and drops are owned operations
+    that recovery resumes by themselves, and the next backup of the volume drops the
+    checkpoints left behind. Idempotent."""
     op = record.operation
     if op.kind is not OperationKind.BACKUP:
         raise ValueError(f"{op.kind} is not a backup")
-    request = dict(op.request)
     for s in record.steps:
         if s.state is StepState.PLANNED:
-            journal.step_undone(op.id, s.seq, {"recovery": "interrupted; judged from the chain"})
-    decision = _put_back(conn, journal, op.id, request, roots)
+            journal.step_undone(op.id, s.seq, {"recovery": "interrupted by a restart"})
     published = [s for s in record.steps if s.name == StepName.READ and s.state is StepState.DONE]
+    later = "its checkpoint snapshot, if recorded, is dropped by the next backup of the volume"
     if published:
-        journal.finish(
-            op.id,
-            OperationState.SUCCEEDED,
-            result={"backup_id": published[-1].data.get("backup_id"), "recovered": decision},
-        )
-    else:
-        err = RuntimeError(f"backup interrupted by a restart; {decision}")
-        journal.finish(op.id, OperationState.FAILED, error=err)
-    return decision
-
-
-def release_checkpoint(
-    conn: lo.Connection,
-    domain: str,
-    volume_id: str,
-    *,
-    roots: Sequence[str] = (),
-) -> str | None:
-    """Merge a checkpoint overlay of ``volume_id`` down (active commit + pivot, unlink),
-    so the live top is Cinder's active file again. Call before a Cinder snapshot of the
-    volume and before a detach. The next backup then reads everything (deduplicated).
-    Returns the released overlay's name, or None if there was none."""
-    dom = conn.lookup(domain)
-    disk = lo.find_disk(dom, volume_id=volume_id)
-    top = os.path.basename(disk.source)
-    if not is_backup_overlay(top, volume_id):
-        return None
-    share = os.path.dirname(disk.source)
-    # test-only: a kill -9 with the job running (crash_point is inert unless its env is set)
-    opts = lo.JobOptions(started=lambda: crash_point("release_checkpoint", "job"))
-    rts = list(roots) or [share]
-    lo.active_commit(conn, dom, disk.target, roots=rts, naming=BACKUP_NAMING, options=opts)
-    live = _names(lo.resolve_disk(dom, disk.target))
-    if top not in live:
-        os.unlink(os.path.join(share, top))
-    return top
-
-
-def release_checkpoint_offline(
-    directory: str, volume_id: str, *, roots: Sequence[str] = ()
-) -> list[str]:
-    """Merge down every checkpoint overlay of a volume no running guest uses (after a
-    detach or a stop), so Cinder's active file holds all the data again.
-
-    Each overlay's whole chain is inspected first; one that another file backs onto (not a
-    top) is refused. ``qemu-img commit`` takes QEMU's write lock, so an image still open
-    by a guest is refused too. Returns the released overlays' names.
-    """
-    if not is_uuid(volume_id):
-        raise ValueError(f"bad volume id {volume_id!r}")
-    rts = list(roots) or [directory]
-    files = sorted(n for n in os.listdir(directory) if n.startswith(f"volume-{volume_id}"))
-    released: list[str] = []
-    for name in files:
-        if not is_backup_overlay(name, volume_id):
-            continue
-        path = os.path.join(directory, name)
-        for other in files:
-            if other == name or not BACKUP_NAMING.is_image_name(other):
-                continue
-            try:
-                with inspect_chain(
-                    os.path.join(directory, other), roots=rts, naming=BACKUP_NAMING
-                ) as chain:
-                    if chain.layers[0].backing_name == name:
-                        raise ChainChanged(f"{other} backs onto {name}: not a top, not released")
-            except Qcow2Error:
-                continue  # raw base or not ours to judge: it cannot back onto an overlay
-        with inspect_chain(path, roots=rts, naming=BACKUP_NAMING):
-            pass
-        argv = ["qemu-img", "commit", "-q", "-f", "qcow2", path]
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if proc.returncode:
-            raise QemuImgError(argv, proc.returncode, proc.stderr)
-        os.unlink(path)
-        released.append(name)
-    return released
+        bid = published[-1].data.get("backup_id")
+        journal.finish(op.id, OperationState.SUCCEEDED, result={"backup_id": bid, "note": later})
+        return f"published as {bid}; {later}"
+    journal.finish(op.id, OperationState.FAILED, error=RuntimeError(f"interrupted; {later}"))
+    return f"not published: failed; {later}"

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from typing import Any
 
 from hostagent.backup import repo as bk
-from hostagent.backup.checkpoints import cinder_chain
 from hostagent.backup.create import CreateRun, RunDeps
 from hostagent.backup.live import (
     BackupEngine,
@@ -38,13 +37,14 @@ from hostagent.backup.live import (
 )
 from hostagent.backup.repo.engine import RateLimit
 from hostagent.backup.repo.target import TargetChanged, dir_identity, remove_partial
-from hostagent.hypervisor import DiskLocks, Hypervisor
+from hostagent.hypervisor import DiskLocks, Hypervisor, chain_names
 from hostagent.journal import model as ops
 from hostagent.journal import store as jn
 from hostagent.journal.model import StepName
 from hostagent.pool import KeyedPool
 from hostagent.rpc import contract as api
 from hostagent.rpc.wire_errors import wire_errors
+from hostagent.snapshots.owned_base import checked_ledger
 
 LOG = logging.getLogger(__name__)
 
@@ -143,12 +143,13 @@ class BackupService:
             assert req.volume_ids is not None
             found = [self._hv.locate(v) for v in req.volume_ids]
         for where in found:  # the whole chain inspected now: a refusal touches nothing
-            cinder_chain(where, self._roots, releasable=True)
-            if req.incremental and self._hv.nova_managed(where.domain_uuid):
+            names = chain_names(where, self._roots)
+            vid = str(where.disk.serial).lower()
+            ledger = checked_ledger(os.path.dirname(where.disk.source), vid)
+            if ledger is not None and ledger.active != names[0]:  # its checkpoint would fail
                 raise api.InvalidRequest(
-                    f"volume {where.disk.serial}: an incremental backup leaves a checkpoint "
-                    "overlay as the live top, which Nova's block-device mapping and Cinder's "
-                    "records do not name; a guest Nova manages gets plain backups only"
+                    f"ledger of {vid} says {ledger.active!r} is active, the chain's top is "
+                    f"{names[0]!r}"
                 )
         vols = [str(w.disk.serial).lower() for w in found]
         self._repo(create=True)
@@ -238,6 +239,7 @@ class BackupService:
             "read_bytes": m.read_bytes,
             "fallback_reason": m.fallback_reason,
             "checkpoint_boundary": None if m.checkpoint is None else m.checkpoint.boundary,
+            "checkpoint_snapshot_id": None if m.checkpoint is None else m.checkpoint.snapshot_id,
             "chunks": len(m.chunk_ids()),
             "extents": len(m.extents),
             "data_bytes": m.data_bytes(),
@@ -492,7 +494,7 @@ class BackupService:
             self._forget(op_id)
 
 
-#: Puts one volume's interrupted online backup back (``online.recover_backup``).
+#: Decides one volume's interrupted online backup (``online.recover_backup``).
 RecoverVolume = Callable[[ops.OperationRecord], str]
 
 
@@ -501,14 +503,14 @@ def resume(
 ) -> str:
     """Recovery of a backup/restore operation after a restart; the decision.
 
-    One volume's online backup: its chain is put back by ``recover_volume`` (without it the
-    operation stays unfinished for the next start). A request-level backup, verify, prune
+    One volume's online backup: decided by ``recover_volume`` (without it the operation
+    stays unfinished for the next start). A request-level backup, verify, prune
     or restore is failed as interrupted (its volumes' own operations say what happened to
     each); an interrupted restore's temporary files are removed: the target never appears
     half written.
     """
     op, steps = rec.operation, rec.steps
-    if "action" not in op.request:  # one volume's online backup: put its chain back
+    if "action" not in op.request:  # one volume's online backup
         if recover_volume is None:
             raise RuntimeError("no backup recovery configured; left for the next start")
         return recover_volume(rec)

@@ -18,7 +18,7 @@ LOG = logging.getLogger(__name__)
 
 #: TEST ONLY. ``"<step>:<planned|done>"`` makes the agent ``os._exit(137)`` right after that
 #: journal write, like a kill -9 at that instant; ``"<step>:job"`` right after the step's
-#: block job started (``release_checkpoint:job``: an active commit left running in libvirt).
+#: block job started (``merge:job``: an owned delete's commit left running in libvirt).
 #: Unset (production): no effect at all.
 CRASH_ENV = "QSNAP_TEST_CRASH_AT"
 

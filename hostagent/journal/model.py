@@ -71,11 +71,15 @@ class StepName(enum.StrEnum):
 
     #: Check the request against the live chain (and, for a delete, pick the merge).
     VALIDATE = "validate"
-    #: Merge a checkpoint overlay down before a snapshot operation may touch the chain.
+    #: Legacy (journals of qsnap before issue 15): a checkpoint overlay merged down first.
     RELEASE_CHECKPOINT = "release_checkpoint"
+    #: A backup's checkpoint: a snapshot recorded like an instance snapshot (its own op).
+    CHECKPOINT = "checkpoint"
+    #: A backup deletes the volume's older checkpoints (owned deletes) after its publish.
+    DROP_CHECKPOINTS = "drop_checkpoints"
     #: Take an external disk-only snapshot (assisted create, instance, online backup).
     SNAPSHOT = "snapshot"
-    #: A block commit/pull that merges a layer away (deletes, backups, the reaper).
+    #: A block commit/pull that merges a layer away (deletes; a legacy overlay's release).
     MERGE = "merge"
     #: Tell Cinder how an assisted operation went (status and progress).
     NOTIFY = "notify"
@@ -91,7 +95,7 @@ class StepName(enum.StrEnum):
     CINDER_FINALIZE = "cinder_finalize"
     #: Remove the overlays of a failed instance snapshot that no disk uses.
     CLEANUP = "cleanup"
-    #: Delete a file merged away (owned delete, backup overlay, reaper).
+    #: Delete a file merged away (owned delete, a legacy overlay's release).
     REMOVE = "remove"
     #: Delete the Cinder record of an agent-owned snapshot.
     CINDER_DELETE = "cinder_delete"

@@ -34,9 +34,6 @@ journaled steps AND the live chain, because a PLANNED step may or may not have t
 - delete, chain neither before nor after -> ``error_deleting`` (nothing is guessed).
 - a notify step PLANNED -> its report is owed again (``Journal.enqueue`` de-duplicates a
   pending one; one already delivered may be sent twice, which Cinder accepts while it waits).
-- a ``release_checkpoint`` step PLANNED (killed while merging a backup checkpoint down) ->
-  the disk's job is settled, the overlay removed once out of the live chain
-  (:func:`hostagent.backup.checkpoints.recover_release`), then the decisions above.
 Guests of unfinished creates are thawed if ``guest-fsfreeze-status`` says frozen.
 """
 
@@ -49,16 +46,9 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from hostagent.backup.checkpoints import (
-    Release,
-    cinder_chain,
-    has_planned_release,
-    recover_release,
-    release_step,
-)
 from hostagent.cinder.outbox import NotifyQueue
 from hostagent.cinder.status import Report
-from hostagent.hypervisor import DiskLocks, Hypervisor, Located
+from hostagent.hypervisor import DiskLocks, Hypervisor, Located, chain_names
 from hostagent.journal import model as ops
 from hostagent.journal import store as jn
 from hostagent.journal.crash import StepFn
@@ -102,20 +92,17 @@ class AssistedSnapshots:
         *,
         roots: list[str],
         step: StepFn,
-        release: Release | None = None,
         deadlines: Deadlines | None = None,
     ) -> None:
         self._j, self._hv, self._notify, self._pool = journal, hv, notify, pool
         self._locks, self._roots, self._step = locks, roots, step
-        #: Merges a backup checkpoint down first (None: a checkpointed chain is refused).
-        self.release = release
         #: When Cinder stops waiting: a job not started by then is not started.
         self.deadlines = deadlines or Deadlines()
 
     # -- validation (touches nothing) -----------------------------------------------------
     def _chain_names(self, where: Located) -> list[str]:
-        """The chain as Cinder knows it: a backup checkpoint on top (released first) left out."""
-        return cinder_chain(where, self._roots, releasable=self.release is not None)
+        """The live chain, whole chain inspected (every layer must be Cinder's)."""
+        return chain_names(where, self._roots)
 
     def _check_reporter(self, where: Located, req: Request) -> None:
         """A Nova guest's snapshots go through Nova (whose driver calls us with reporter
@@ -220,11 +207,6 @@ class AssistedSnapshots:
         return self._accept(kind, req, key, self._validate_delete, self._run_delete)
 
     # -- run ------------------------------------------------------------------------------
-    def _release_checkpoint(self, op_id: uuid.UUID, volume_id: str) -> None:
-        """A backup checkpoint above Cinder's active file is merged down first (journaled),
-        so the new_file/delete_info Cinder computed from its ledger holds again."""
-        release_step(self._step, op_id, self._hv.locate(volume_id), self.release)
-
     def _report(self, op_id: uuid.UUID, req: Request, report: Report) -> None:
         """The decided outcome is journaled either way; Cinder hears it from us only when we
         are its compute service (with Nova, Nova's driver reports once the op has ended)."""
@@ -245,11 +227,10 @@ class AssistedSnapshots:
         late = self.deadlines.check
         try:
             late("create", accepted)
-            self._release_checkpoint(op_id, req.volume_id)
             with self._step(op_id, StepName.VALIDATE, None) as step:
                 where, plan = self._validate_create(req)
                 step.data.update(plan)
-            late("create", accepted)  # a release may have taken long: never start late
+            late("create", accepted)  # validation may have waited: never start late
             with self._step(op_id, StepName.SNAPSHOT, {"new_file": req.new_file}) as step:
                 try:
                     step.data.update(self._hv.snapshot(where, req.new_file))
@@ -283,7 +264,6 @@ class AssistedSnapshots:
         late = self.deadlines.check
         try:
             late("delete", accepted)
-            self._release_checkpoint(op_id, req.volume_id)
             with self._step(op_id, StepName.VALIDATE, None) as step:
                 where, plan = self._validate_delete(req)
                 step.data.update(plan)
@@ -370,12 +350,7 @@ class _Resume:
         op, steps = rec.operation, rec.steps
         if op.request.get("reporter") == api.Reporter.NOVA.value:
             self.by_nova.add(op.id)
-        released: list[str] = []
-        if has_planned_release(steps):  # before anything judges the chain
-            args = (self.hv.locate, self.hv.settle_job, self.roots, self.job_timeout)
-            released = recover_release(self.j, op.id, steps, *args)
-            steps = self.j_steps(op.id)
-        return "; ".join([*released, self.judge(op, steps)])
+        return self.judge(op, steps)
 
     def judge(self, op: ops.Operation, steps: tuple[ops.Step, ...]) -> str:
         sid = str(op.request.get("snapshot_id"))
@@ -511,9 +486,6 @@ class _Resume:
         try:
             late("delete", accepted)
             if before is None:
-                # a checkpoint the kill left on top hides Cinder's chain: merge it down first
-                if release_step(self.j.step, op_id, where, self.o.release) is None:
-                    where = self.hv.locate(req.volume_id)
                 with self.j.step(op_id, StepName.VALIDATE) as vstep:
                     before = self.live_names(where)
                     vstep.data.update({"disk": where.key, "chain": before, "recovered": True})

@@ -6,8 +6,8 @@ computes it, before anything is touched or journaled (and again by the worker):
 
 - create (``_create_snapshot`` / ``_get_new_snap_path``): ``new_file`` is
   ``volume-<volume id>.<snapshot id>``; the snapshot id is not a key of the ledger; a ledger
-  that exists is readable and names the live top (Cinder's view, a backup checkpoint left
-  out) as ``active``. No ledger is fine: Cinder writes it on the first snapshot.
+  that exists is readable and names the live top as ``active``. No ledger is fine: Cinder
+  writes it on the first snapshot.
 - delete (``_delete_snapshot`` / ``_delete_snapshot_online``): the id is a key of the ledger
   (else :class:`~hostagent.rpc.contract.SnapshotNotFound`: Cinder never asks Nova for one
   that is not; it returns early); ``snapshot_file = ledger[id]`` is in the live chain and has

@@ -20,7 +20,6 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from hostagent.backup.checkpoints import release_step
 from hostagent.cinder.records import MetaAction
 from hostagent.hypervisor import Located, chain_names
 from hostagent.journal import model as ops
@@ -49,6 +48,7 @@ class VolPlan:
     top: str  # the active file's basename when planned (the overlay's backing file)
     fmt: str
     key: str
+    label: str = ""  # Cinder's display name ("": the instance snapshot's default)
 
     @property
     def path(self) -> str:
@@ -99,35 +99,68 @@ class InstanceSnapshots(OwnedBase):
         self, op_id: uuid.UUID, req: api.InstanceSnapshotRequest, keys: list[str]
     ) -> None:
         with self._locks.hold(keys):
-            try:
-                for where in self._hv.instance_volumes(req.instance_uuid):
-                    if where.key in keys:  # checkpoints merged down first, journaled
-                        release_step(self._step, op_id, where, self.release)
-                with self._step(op_id, StepName.PLAN, None) as st:
-                    st.data["volumes"] = [asdict(v) for v in self._plan(req, keys)]
-                    st.data["quiesce"] = req.quiesce.value
-                    domain = self._hv.instance_volumes(req.instance_uuid)[0].domain_uuid
-                    st.data["domain"] = domain
-                    st.data["nova"] = self._nova_guard(domain)  # again: last check before acting
-            except Exception as exc:
-                LOG.warning("instance snapshot %s refused at plan: %s", op_id, exc)
-                self._j.finish(op_id, ops.OperationState.FAILED, error=exc)
-                return
-            self._progress(op_id, "plan")
-            self._take(op_id, st.data)
+            self._run_held(op_id, req, keys, {})
 
-    def _plan(self, req: api.InstanceSnapshotRequest, keys: list[str]) -> list[VolPlan]:
+    def take_held(self, where: Located, snapshot_id: str, label: str, why: str) -> ops.Operation:
+        """One volume's snapshot ``snapshot_id`` named ``label``, taken NOW by the caller's
+        thread, which already holds ``where``'s disk lock (a backup's checkpoint). Its own
+        journaled operation (resumed after a crash like any other); returns it finished."""
+        vid = str(where.disk.serial).lower()
+        req = api.InstanceSnapshotRequest(where.domain_uuid, (vid,), api.Quiesce.PREFERRED)
+        self._validate_instance(req)  # raises: nothing journaled, nothing touched
+        self._nova_guard(where.domain_uuid)
+        request = {"kind": ops.OperationKind.INSTANCE_SNAPSHOT.value, **asdict(req)}
+        request.update(quiesce=req.quiesce.value, snapshot_id=snapshot_id, why=why)
+        locks = [f"instance:{where.domain_uuid}", f"volume:{vid}"]
+        op_id = self._j.begin(
+            ops.OperationKind.INSTANCE_SNAPSHOT, request, None, locks
+        ).operation.id
+        self._run_held(op_id, req, [where.key], {vid: (snapshot_id, label)})
+        return self._j.get(op_id)
+
+    def _run_held(
+        self,
+        op_id: uuid.UUID,
+        req: api.InstanceSnapshotRequest,
+        keys: list[str],
+        fixed: dict[str, tuple[str, str]],
+    ) -> None:
+        """Plan and take; ``fixed``: volume id -> (snapshot id, label) chosen by the caller."""
+        try:
+            with self._step(op_id, StepName.PLAN, None) as st:
+                st.data["volumes"] = [asdict(v) for v in self._plan(req, keys, fixed)]
+                st.data["quiesce"] = req.quiesce.value
+                domain = self._hv.instance_volumes(req.instance_uuid)[0].domain_uuid
+                st.data["domain"] = domain
+                st.data["nova"] = self._nova_guard(domain)  # again: last check before acting
+        except Exception as exc:
+            LOG.warning("instance snapshot %s refused at plan: %s", op_id, exc)
+            self._j.finish(op_id, ops.OperationState.FAILED, error=exc)
+            return
+        self._progress(op_id, "plan")
+        self._take(op_id, st.data)
+
+    def _plan(
+        self,
+        req: api.InstanceSnapshotRequest,
+        keys: list[str],
+        fixed: dict[str, tuple[str, str]],
+    ) -> list[VolPlan]:
         out: list[VolPlan] = []
         for where in self._validate_instance(req):  # again: the chain may have moved
             if where.key not in keys:
                 raise api.InvalidRequest(f"disk {where.key} appeared after the request")
-            vid, sid = str(where.disk.serial).lower(), str(uuid.uuid4())
+            vid = str(where.disk.serial).lower()
+            sid, label = fixed.get(vid, (str(uuid.uuid4()), ""))
             name = snapshot_file_name(vid, sid)
             directory = os.path.dirname(where.disk.source)
             if not CINDER.is_image_name(name) or os.path.lexists(os.path.join(directory, name)):
                 raise api.InvalidRequest(f"overlay {name} is not a fresh Cinder file name")
+            ledger = read_ledger(directory, vid)
+            if ledger is not None and sid in ledger.snapshots:
+                raise api.InvalidRequest(f"snapshot id {sid} is already in the ledger of {vid}")
             top = os.path.basename(where.disk.source)
-            out.append(VolPlan(vid, sid, name, directory, top, where.disk.fmt, where.key))
+            out.append(VolPlan(vid, sid, name, directory, top, where.disk.fmt, where.key, label))
         return out
 
     @staticmethod
@@ -165,7 +198,9 @@ class InstanceSnapshots(OwnedBase):
         if meta is None:
             return "skipped: [cinder] enabled is false"
         for v in vols:
-            meta.create(v.snapshot_id, v.volume_id, f"qsnap instance snapshot ({v.file})")
+            meta.create(
+                v.snapshot_id, v.volume_id, v.label or f"qsnap instance snapshot ({v.file})"
+            )
         return "created"
 
     def _record(self, op_id: uuid.UUID, plan: dict[str, Any], quiesced: bool) -> None:
@@ -269,7 +304,6 @@ class InstanceSnapshots(OwnedBase):
     def resume(self, op: ops.Operation, last: dict[str, ops.Step]) -> str:
         plan_step = last.get(StepName.PLAN)
         if plan_step is None or plan_step.state is not ops.StepState.DONE:
-            # at most a backup checkpoint was released (journaled, recovered by OwnedOps)
             err = ops.ErrorInfo("RecoveredFailure", "restart before the plan: no snapshot taken")
             self._j.finish(op.id, ops.OperationState.FAILED, error=err)
             return "not planned: failed, no snapshot taken"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 
-from hostagent.backup.checkpoints import Release, has_planned_release, recover_release
 from hostagent.cinder.outbox import NotifyQueue
 from hostagent.hypervisor import DiskLocks, Hypervisor
 from hostagent.journal import model as ops
@@ -49,7 +48,6 @@ class OwnedOps:
         *,
         roots: list[str],
         step: StepFn,
-        release: Release | None = None,
         nova: NovaRecords | None = None,
     ) -> None:
         self._j, self._locks, self._hv, self._roots = journal, locks, hv, roots
@@ -57,7 +55,6 @@ class OwnedOps:
         parts = (journal, hv, queue, pool, locks)
         self.instances = InstanceSnapshots(*parts, roots=roots, step=step, nova=nova)
         self.deletes = OwnedDeletes(*parts, roots=roots, step=step, nova=nova)
-        self.instances.release = self.deletes.release = release
 
     def snapshot_instance(self, req: api.InstanceSnapshotRequest) -> ops.Operation:
         return self.instances.snapshot_instance(req)
@@ -90,7 +87,7 @@ class OwnedOps:
         keys += [
             str(s.data["disk"])
             for s in rec.steps
-            if s.name in (StepName.VALIDATE, StepName.RELEASE_CHECKPOINT) and "disk" in s.data
+            if s.name == StepName.VALIDATE and "disk" in s.data
         ]
         with self._locks.hold(keys):
             decision = self._resume(rec, job_timeout)
@@ -98,13 +95,7 @@ class OwnedOps:
         return decision
 
     def _resume(self, rec: ops.OperationRecord, job_timeout: float) -> str:
-        op, steps = rec.operation, rec.steps
-        released: list[str] = []
-        if has_planned_release(steps):  # killed mid-release: settle + clean up first
-            args = (self._hv.locate, self._hv.settle_job, self._roots, job_timeout)
-            released = recover_release(self._j, op.id, steps, *args)
-            steps = tuple(self._j.steps(op.id))
-        return "; ".join([*released, self._judge(op, steps, job_timeout)])
+        return self._judge(rec.operation, rec.steps, job_timeout)
 
     def _judge(self, op: ops.Operation, steps: tuple[ops.Step, ...], job_timeout: float) -> str:
         last = {s.name: s for s in steps}

@@ -13,9 +13,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from hostagent.backup.checkpoints import Release, cinder_chain
 from hostagent.cinder.outbox import NotifyQueue
-from hostagent.hypervisor import DiskLocks, Hypervisor, Located
+from hostagent.hypervisor import DiskLocks, Hypervisor, Located, chain_names
 from hostagent.journal import store as jn
 from hostagent.journal.crash import StepFn
 from hostagent.journal.model import StepName
@@ -40,9 +39,6 @@ def checked_ledger(directory: str, volume_id: str) -> Ledger | None:
 
 class OwnedBase:
     """The parts every agent-owned operation uses; ``step`` journals (and crash-points)."""
-
-    #: Merges a backup checkpoint down before the operation acts (None: one is refused).
-    release: Release | None = None
 
     def __init__(
         self,
@@ -78,7 +74,7 @@ class OwnedBase:
     # -- validation (touches nothing) -----------------------------------------------------
     def _checked(self, where: Located) -> list[str]:
         """The chain names; the ledger, if any, must agree that the top is active."""
-        names = cinder_chain(where, self._roots, releasable=self.release is not None)
+        names = chain_names(where, self._roots)
         vid = str(where.disk.serial).lower()
         ledger = checked_ledger(os.path.dirname(where.disk.source), vid)
         if ledger is not None and ledger.active != names[0]:

@@ -19,7 +19,6 @@ import uuid
 from dataclasses import asdict
 from typing import Any
 
-from hostagent.backup.checkpoints import release_step
 from hostagent.cinder.records import ActiveFile, MetaAction
 from hostagent.hypervisor import Located, chain_names
 from hostagent.journal import model as ops
@@ -83,10 +82,20 @@ class OwnedDeletes(OwnedBase):
             self._pool.submit(key, lambda: self._locked([key], self._run_delete, op_id, req))
         return begun.operation
 
+    def delete_held(self, req: api.DeleteOwnedSnapshotRequest, why: str) -> ops.Operation:
+        """Delete ``req``'s snapshot NOW in the caller's thread, which already holds the
+        disk's lock (a backup dropping an older checkpoint). Its own journaled operation,
+        resumed after a crash like any other; returns it finished."""
+        self._validate_delete(req)  # raises: nothing journaled, nothing touched
+        kind = ops.OperationKind.OWNED_DELETE
+        request = {"kind": kind.value, **asdict(req), "why": why}
+        op_id = self._j.begin(kind, request, None, [f"volume:{req.volume_id}"]).operation.id
+        self._run_delete(op_id, req)
+        return self._j.get(op_id)
+
     # -- owned delete -----------------------------------------------------------------------
     def _run_delete(self, op_id: uuid.UUID, req: api.DeleteOwnedSnapshotRequest) -> None:
         try:
-            release_step(self._step, op_id, self._hv.locate(req.volume_id), self.release)
             with self._step(op_id, StepName.VALIDATE, None) as st:
                 where, plan = self._validate_delete(req)
                 st.data.update(plan)

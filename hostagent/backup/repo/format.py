@@ -170,14 +170,21 @@ def check_basename(value: Any, what: str) -> str:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """Where the next incremental may start: ``overlay`` (the live top after this backup)
-    must still sit directly on ``boundary``, whose guest view equals this backup's."""
+    """Where the next incremental may start: the Cinder snapshot ``snapshot_id`` the backup
+    read at, recorded in the volume's ledger as ``overlay`` (``volume-<vid>.<snapshot id>``)
+    over ``boundary``, whose guest view equals this backup's. ``snapshot_id`` None: a
+    checkpoint overlay of an earlier qsnap, never trusted again (the next backup is full).
+    """
 
     overlay: str
     boundary: str
+    snapshot_id: str | None = None
 
     def to_json(self) -> dict[str, str]:
-        return {"overlay": self.overlay, "boundary": self.boundary}
+        doc = {"overlay": self.overlay, "boundary": self.boundary}
+        if self.snapshot_id is not None:
+            doc["snapshot_id"] = self.snapshot_id
+        return doc
 
     @classmethod
     def from_json(cls, doc: Any) -> Checkpoint | None:
@@ -185,9 +192,13 @@ class Checkpoint:
             return None
         if not isinstance(doc, dict):
             raise FormatError(f"bad checkpoint {doc!r}")
+        sid = doc.get("snapshot_id")
+        if sid is not None and not (isinstance(sid, str) and is_uuid(sid)):
+            raise FormatError(f"bad checkpoint snapshot id {sid!r}")
         return cls(
             check_basename(doc.get("overlay"), "checkpoint overlay"),
             check_basename(doc.get("boundary"), "checkpoint boundary"),
+            sid,
         )
 
 

@@ -376,7 +376,7 @@ class FakeMeta:
 class FakeEngine:
     """Backups offline with the real engine (honouring cancel); ``gate`` blocks each volume
     before it starts, ``hold[vid]`` after it published; ``fail`` volumes end RepositoryFull;
-    ``release`` pops the checkpoint off the fake chain."""
+    ``bind`` keeps what the service hands it (its owned checkpoint paths)."""
 
     def __init__(self, hv: FakeHypervisor, roots: list[str]) -> None:
         self.hv, self.roots = hv, roots
@@ -386,8 +386,11 @@ class FakeEngine:
         self.started: list[str] = []
         self.inside = threading.Event()
         self.running = self.max_running = 0
-        self.released: list[str] = []
+        self.checkpoints: Any = None
         self._lock = threading.Lock()
+
+    def bind(self, checkpoints: Any, step: Any) -> None:
+        self.checkpoints = checkpoints
 
     def backup(
         self, where: Located, incremental: bool, repository: str, progress: Any, cancel: Any
@@ -420,11 +423,6 @@ class FakeEngine:
         finally:
             with self._lock:
                 self.running -= 1
-
-    def release(self, where: Located) -> str | None:
-        top = self.hv.chains[str(where.disk.serial)].pop(0)
-        self.released.append(top)
-        return top
 
 
 class Agent:
