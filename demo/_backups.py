@@ -2,11 +2,12 @@
 writes, each restored to a new file and judged on the records that file holds.
 
 Both creates ask for ``incremental: true``: the first finds no previous backup, so it reads
-everything (a full, kind ``full``) and leaves a checkpoint overlay as the live top; the
-second reads only what the guest wrote into that overlay since. A plain create would leave
-no checkpoint, and its successor could not be incremental. The last checkpoint stays the
-live top until the guest stops; then the agent merges it into the volume file
-(:func:`wait_released`), which the demo's image-after-shutdown check then reads.
+everything (a full, kind ``full``) at its checkpoint, a snapshot the agent records like any
+other (``.info`` ledger, Cinder); the second takes a new checkpoint, reads only what the
+guest wrote since the first, then deletes the first. A plain create keeps no checkpoint,
+and its successor could not be incremental. :func:`checkpoints_recorded` shows that the
+live chain holds nothing the ledger does not name: the kept checkpoint is the ledger's
+active file, the dropped one is gone from the ledger and the share.
 
 Point in time. A restore is right when its record log is a clean prefix of the writer's
 final log, holds every record the guest had made durable before the backup's snapshot, and
@@ -23,6 +24,7 @@ restore (``must``). Records stamped after ``t_end`` cannot be.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +58,8 @@ class Taken:
     fallback_reason: str | None
     t_req_ns: int
     t_end_ns: int
+    checkpoint: str | None  # the Cinder snapshot id the backup kept (None: dropped)
+    checkpoint_file: str | None
 
 
 def _mib(n: int) -> str:
@@ -102,7 +106,11 @@ def take_backups(http: Http, g: Guest, tl: Say, check: Judge) -> list[Taken]:
             vid, bid = r["volume_id"], r["backup_id"]
             kind, why = str(m.get("kind")), r.get("fallback_reason")
             target = targets.get(vid, "?")
-            got.append(Taken(step, vid, target, bid, kind, int(r["bytes_read"]), why, t_req, t_end))
+            cp, cp_file = r.get("checkpoint"), r.get("checkpoint_file")
+            got.append(
+                Taken(step, vid, target, bid, kind, int(r["bytes_read"]), why, t_req, t_end,
+                      cp, cp_file)
+            )  # fmt: skip
         for t in got:
             why = f" ({t.fallback_reason})" if t.fallback_reason else ""
             tl(f"    {t.target}: backup {t.backup_id[:8]} kind {t.kind}, read "
@@ -196,23 +204,43 @@ def restore_and_check(
         )
 
 
-def overlays(g: Guest) -> list[Path]:
-    """The checkpoint overlays the incremental left on the guest's volumes."""
-    return [
-        p for d in g.disks for p in d.path.parent.glob(f"volume-{d.volume_id}.qsnap-bk-*")
-    ]  # fmt: skip
+@dataclass(frozen=True)
+class Ledger:
+    """Cinder's ``volume-<id>.info`` as the demo reads it: the active file, id -> file."""
+
+    active: str
+    snapshots: dict[str, str]
 
 
-def wait_released(g: Guest, left: int, tl: Say, check: Judge, timeout: float = 60.0) -> None:
-    """After the guest stopped, the agent merges each checkpoint overlay into the volume
-    file Cinder names (its reaper) and removes it last: wait until none is left."""
-    t0 = time.monotonic()
-    while (rest := overlays(g)) and time.monotonic() - t0 < timeout:
-        time.sleep(0.2)
-    check(
-        "checkpoint overlays merged after shutdown",
-        not rest,
-        f"{left} merged into the volume files by the agent in {time.monotonic() - t0:.1f} s"
-        if not rest
-        else f"still there after {timeout:.0f} s: {[p.name for p in rest]}",
-    )
+def read_ledger(directory: Path, volume_id: str) -> Ledger | None:
+    p = directory / f"volume-{volume_id}.info"
+    if not p.exists():
+        return None
+    doc = json.loads(p.read_text())
+    return Ledger(str(doc["active"]), {k: str(v) for k, v in doc.items() if k != "active"})
+
+
+def checkpoints_recorded(g: Guest, taken: list[Taken], tl: Say, check: Judge) -> None:
+    """Each disk's live top is the incremental's checkpoint and the ledger's active file; the
+    full's checkpoint is gone from the ledger and the share; every layer is in the ledger."""
+    for d in g.disks:
+        mine = {t.step: t for t in taken if t.volume_id == d.volume_id}
+        inc, full = mine.get("incremental"), mine.get("full")
+        ledger = read_ledger(d.path.parent, d.volume_id)
+        chain = g.chain(d.volume_id)
+        if ledger is None or inc is None or full is None:
+            check(f"{d.target} checkpoints recorded", False, f"no ledger or backups: {chain}")
+            continue
+        known = {*ledger.snapshots.values(), d.path.name}
+        kept = ledger.active == chain[0] == ledger.snapshots.get(inc.checkpoint or "")
+        gone = full.checkpoint not in ledger.snapshots
+        gone = gone and not (d.path.parent / (full.checkpoint_file or "-")).exists()
+        tl(f"    {d.target}: chain {' <- '.join(n[-8:] for n in chain)}; ledger active "
+           f"...{ledger.active[-8:]}, {len(ledger.snapshots)} snapshot(s)")  # fmt: skip
+        check(
+            f"{d.target} checkpoints recorded",
+            kept and gone and set(chain) <= known,
+            f"live top is the ledger's active and the incremental's checkpoint: {kept}; "
+            f"the full's checkpoint deleted: {gone}; every layer in the ledger: "
+            f"{set(chain) <= known}",
+        )

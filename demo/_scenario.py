@@ -289,7 +289,7 @@ def run_demo(out: Out = print, *, ndisks: int = 3, size_mib: int = 64) -> Outcom
         res.backup_read = {
             k: sum(t.bytes_read for t in taken if t.step == k) for k in _backups.KINDS
         }
-        checkpoints = len(_backups.overlays(g))
+        _backups.checkpoints_recorded(g, taken, tl, check)
 
         # -- stop writing; data checks ------------------------------------------------------
         g.stop_writers()
@@ -312,10 +312,10 @@ def run_demo(out: Out = print, *, ndisks: int = 3, size_mib: int = 64) -> Outcom
             _backups.restore_and_check(http, taken, logs, bulk, rdir, tl, check)
         tl("guest shutting down (clean, through qemu-ga) ...")
         _shutdown(g)
-        if checkpoints:
-            _backups.wait_released(g, checkpoints, tl, check)
-        for d in g.disks:
-            active = d.path.parent / final_chains[d.volume_id][0]
+        for d in g.disks:  # the ledger's active file: what Cinder and Nova would open
+            ledger = _backups.read_ledger(d.path.parent, d.volume_id)
+            top = ledger.active if ledger else final_chains[d.volume_id][0]
+            active = d.path.parent / top
             host_sum = hashlib.sha256(read_guest_file(active, "qcow2", "/records")).hexdigest()
             check(
                 f"{d.target} image after shutdown",
