@@ -14,12 +14,17 @@ and later delete, those snapshots normally. Three actions on ``/snapshots/{id}/a
 Each also keeps the volume's active file as Cinder's remotefs driver keeps it (attachment
 ``connection_info`` name/format, admin metadata ``format``): :mod:`api_ext.cinder_connection`.
 
+A backup's checkpoint (``"checkpoint": true`` at create) is marked :data:`CHECKPOINT_MARK`.
+``DELETE /volumes/{id}`` of a volume whose EVERY snapshot carries that mark cascades over
+them (:class:`QsnapVolumeDeleteExtension`): a backup's checkpoint never blocks the volume's
+delete, while a volume with any other snapshot is refused by Cinder as ever.
+
 Finalize and delete act ONLY on records create-snapshot-metadata made: it sets the record's
-``provider_id`` to :data:`MARK`. A snapshot Cinder made itself (its driver owns the storage)
-is refused with 409 and left exactly as it was. Why ``provider_id``: Cinder 29 snapshots have
-no admin metadata, and their metadata is writable by project members
-(``volume:update_snapshot_metadata``), so a key there could be forged or removed by a
-tenant; ``provider_id`` is a driver-owned column no API request sets, the NFS/remotefs
+``provider_id`` to :data:`MARK` (or :data:`CHECKPOINT_MARK`). A snapshot Cinder made itself
+(its driver owns the storage) is refused with 409 and left exactly as it was. Why
+``provider_id``: Cinder 29 snapshots have no admin metadata, and their metadata is writable
+by project members (``volume:update_snapshot_metadata``), so a key there could be forged or
+removed by a tenant; ``provider_id`` is a driver-owned column no API request sets, the NFS/remotefs
 drivers leave empty, and Cinder only ever fills when empty. Records made before this mark
 existed are refused too (reset or delete them through Cinder's own admin actions).
 
@@ -34,11 +39,12 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterator
 from http import HTTPStatus
 from typing import Any
 
 import webob
-from cinder import exception, objects, quota
+from cinder import exception, objects, quota, utils
 from cinder import policy as cinder_policy
 from cinder.api import extensions, validation
 from cinder.api.openstack import wsgi
@@ -60,6 +66,9 @@ POLICY = "qsnap:snapshot_metadata"
 POLICY_DEFAULT = "rule:admin_api or role:service"
 #: ``provider_id`` of every record create-snapshot-metadata makes (see the module doc).
 MARK = "qsnap:recorded"
+#: ``provider_id`` of a backup checkpoint's record (also one of ours).
+CHECKPOINT_MARK = "qsnap:checkpoint"
+OURS = (MARK, CHECKPOINT_MARK)
 
 # Canonical lowercase uuids only: the snapshot id becomes part of a file name
 # (volume-<uuid>.<snapshot-uuid>) on the share, so no braces, urn: or uppercase variants.
@@ -80,6 +89,7 @@ CREATE_SCHEMA = {
                 "name": parameter_types.nullable_string,
                 "description": parameter_types.description,
                 "metadata": _METADATA,
+                "checkpoint": {"type": "boolean"},
             },
             "required": ["volume_id"],
             "additionalProperties": False,
@@ -157,7 +167,7 @@ def _check_id(snapshot_id: str) -> None:
 
 def _check_ours(snapshot: Any, action: str) -> None:
     """409 unless create-snapshot-metadata made this record (nothing is changed)."""
-    if snapshot.provider_id != MARK:
+    if snapshot.provider_id not in OURS:
         raise webob.exc.HTTPConflict(
             explanation=f"snapshot {snapshot.id} was not recorded through "
             f"os-qsnap-snapshot-metadata (Cinder owns it): {action} refused"
@@ -180,7 +190,7 @@ class QsnapSnapshotMetadataController(wsgi.Controller):
         volume = objects.Volume.get_by_id(context, args["volume_id"])  # 404 if unknown
         existing = self._existing(context, id)
         if existing is not None:
-            ours = existing.provider_id == MARK and not existing.deleted
+            ours = existing.provider_id in OURS and not existing.deleted
             if ours and existing.volume_id == volume.id and existing.status == "creating":
                 return self._view_builder.detail(req, existing)  # an idempotent retry
             raise webob.exc.HTTPConflict(explanation=f"snapshot {id} already exists")
@@ -242,7 +252,7 @@ class QsnapSnapshotMetadataController(wsgi.Controller):
             "volume_type_id": volume.volume_type_id,
             "encryption_key_id": volume.encryption_key_id,
             "metadata": args.get("metadata") or {},
-            "provider_id": MARK,
+            "provider_id": CHECKPOINT_MARK if args.get("checkpoint") else MARK,
         }
         try:
             db.snapshot_create(context, values)  # objects.Snapshot.create() refuses a set id
@@ -270,7 +280,7 @@ class QsnapSnapshotMetadataController(wsgi.Controller):
         changes = {"status": status}
         if progress:
             changes["progress"] = progress
-        expected = {"status": fields.SnapshotStatus.CREATING, "provider_id": MARK}
+        expected = {"status": fields.SnapshotStatus.CREATING, "provider_id": OURS}
         if not snapshot.conditional_update(changes, expected):
             if snapshot.status == status == "available":  # a retry: converge the pointers
                 cinder_connection.on_available(context, snapshot)
@@ -297,7 +307,7 @@ class QsnapSnapshotMetadataController(wsgi.Controller):
         # Claim it first so no driver operation can start on it meanwhile.
         if not snapshot.conditional_update(
             {"status": fields.SnapshotStatus.DELETING},
-            {"status": _DELETABLE, "provider_id": MARK},
+            {"status": _DELETABLE, "provider_id": OURS},
         ):
             raise webob.exc.HTTPConflict(
                 explanation=f"snapshot {id} is {snapshot.status!r}: a storage operation owns it"
@@ -319,6 +329,29 @@ class QsnapSnapshotMetadataController(wsgi.Controller):
         return webob.Response(status_int=HTTPStatus.ACCEPTED)
 
 
+class QsnapVolumeDeleteExtension(wsgi.Controller):
+    """A plain ``DELETE /volumes/{id}`` cascades over the volume's backup checkpoints."""
+
+    @wsgi.extends
+    def delete(self, req: Any, id: str) -> Iterator[None]:
+        """Before Cinder's own delete: if the caller did not ask for ``cascade`` and every
+        snapshot of the volume is a qsnap backup checkpoint (``CHECKPOINT_MARK``, a column no
+        API request sets), ask for it. Cinder then checks and deletes exactly as for
+        ``--cascade`` (statuses, the driver's offline merges). Any other snapshot: unchanged,
+        Cinder refuses as ever. Why: backups must not block a volume's lifecycle (issue 15)."""
+        context = req.environ["cinder.context"]
+        if not utils.get_bool_param("cascade", req.params):
+            try:
+                snaps = objects.SnapshotList.get_all_for_volume(context, id)
+            except exception.NotFound:  # Cinder's delete answers 404 itself
+                snaps = []
+            if snaps and all(s.provider_id == CHECKPOINT_MARK for s in snaps):
+                LOG.info("qsnap: delete of volume %s cascades over %d backup checkpoint(s)",
+                         id, len(snaps))  # fmt: skip
+                req.GET["cascade"] = "true"
+        yield None
+
+
 class Qsnap_snapshot_metadata(extensions.ExtensionDescriptor):
     """Snapshot records for snapshots taken by the qsnap agent, without driver calls."""
 
@@ -328,4 +361,7 @@ class Qsnap_snapshot_metadata(extensions.ExtensionDescriptor):
 
     def get_controller_extensions(self) -> list[Any]:
         controller = QsnapSnapshotMetadataController()
-        return [extensions.ControllerExtension(self, "snapshots", controller)]
+        return [
+            extensions.ControllerExtension(self, "snapshots", controller),
+            extensions.ControllerExtension(self, "volumes", QsnapVolumeDeleteExtension()),
+        ]

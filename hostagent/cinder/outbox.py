@@ -34,7 +34,9 @@ class Notifier(Protocol):
 class MetaClient(Protocol):
     """The part of :class:`hostagent.cinder.records.CinderMeta` the agent uses."""
 
-    def create(self, snapshot_id: str, volume_id: str, description: str) -> None: ...
+    def create(
+        self, snapshot_id: str, volume_id: str, description: str, *, checkpoint: bool = False
+    ) -> None: ...
     def apply(
         self, snapshot_id: str, action: MetaAction, active: ActiveFile | None = None
     ) -> None: ...

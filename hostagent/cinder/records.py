@@ -48,9 +48,12 @@ def create_body(
     name: str | None = None,
     description: str | None = None,
     metadata: dict[str, str] | None = None,
+    checkpoint: bool = False,
 ) -> dict[str, Any]:
     """Only set fields travel: the server rejects unknown ones and treats absent as unset."""
     args: dict[str, Any] = {"volume_id": volume_id}
+    if checkpoint:
+        args["checkpoint"] = True
     if name is not None:
         args["name"] = name
     if description is not None:
@@ -116,9 +119,12 @@ class QsnapSnapshotManager(base.Manager):  # type: ignore[misc]  # cinderclient 
         name: str | None = None,
         description: str | None = None,
         metadata: dict[str, str] | None = None,
+        checkpoint: bool = False,
     ) -> Snapshot:
-        """Record snapshot ``snapshot_id`` of ``volume_id`` in ``creating``; no driver call."""
-        resp, data = self._post(snapshot_id, create_body(volume_id, name, description, metadata))
+        """Record snapshot ``snapshot_id`` of ``volume_id`` in ``creating``; no driver call.
+        ``checkpoint``: a backup's checkpoint (a plain volume delete cascades over those)."""
+        body = create_body(volume_id, name, description, metadata, checkpoint)
+        resp, data = self._post(snapshot_id, body)
         return Snapshot(self, data["snapshot"], loaded=True, resp=resp)
 
     def finalize(
@@ -215,14 +221,19 @@ class CinderMeta:
             raise
         return str(snap.status)
 
-    def create(self, snapshot_id: str, volume_id: str, description: str) -> None:
-        """Record ``snapshot_id`` of ``volume_id`` in ``creating`` (a retry is accepted)."""
+    def create(
+        self, snapshot_id: str, volume_id: str, description: str, *, checkpoint: bool = False
+    ) -> None:
+        """Record ``snapshot_id`` of ``volume_id`` in ``creating`` (a retry is accepted);
+        a backup's ``checkpoint`` is named so a person sees what it is."""
         mgr = getattr(self._client, EXTENSION_NAME)
+        kind = "qsnap-backup-checkpoint" if checkpoint else "qsnap"
+        name = f"{kind}-{snapshot_id[:8]}"
         self._call(
             snapshot_id,
             "create-snapshot-metadata",
             lambda: mgr.create_metadata(
-                snapshot_id, volume_id, name=f"qsnap-{snapshot_id[:8]}", description=description
+                snapshot_id, volume_id, name=name, description=description, checkpoint=checkpoint
             ),
         )
 

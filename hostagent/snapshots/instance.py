@@ -48,7 +48,8 @@ class VolPlan:
     top: str  # the active file's basename when planned (the overlay's backing file)
     fmt: str
     key: str
-    label: str = ""  # Cinder's display name ("": the instance snapshot's default)
+    label: str = ""  # Cinder's description ("": the instance snapshot's default)
+    checkpoint: bool = False  # a backup's checkpoint (Cinder marks it as one)
 
     @property
     def path(self) -> str:
@@ -160,7 +161,8 @@ class InstanceSnapshots(OwnedBase):
             if ledger is not None and sid in ledger.snapshots:
                 raise api.InvalidRequest(f"snapshot id {sid} is already in the ledger of {vid}")
             top = os.path.basename(where.disk.source)
-            out.append(VolPlan(vid, sid, name, directory, top, where.disk.fmt, where.key, label))
+            fmt, key = where.disk.fmt, where.key
+            out.append(VolPlan(vid, sid, name, directory, top, fmt, key, label, bool(label)))
         return out
 
     @staticmethod
@@ -198,9 +200,8 @@ class InstanceSnapshots(OwnedBase):
         if meta is None:
             return "skipped: [cinder] enabled is false"
         for v in vols:
-            meta.create(
-                v.snapshot_id, v.volume_id, v.label or f"qsnap instance snapshot ({v.file})"
-            )
+            what = v.label or f"qsnap instance snapshot ({v.file})"
+            meta.create(v.snapshot_id, v.volume_id, what, checkpoint=v.checkpoint)
         return "created"
 
     def _record(self, op_id: uuid.UUID, plan: dict[str, Any], quiesced: bool) -> None:

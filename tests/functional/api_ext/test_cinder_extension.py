@@ -371,3 +371,44 @@ def test_snapshot_cinder_made_itself_is_refused_and_unchanged(
         return False
 
     _wait(lambda: gone(), bool, "cinder's own delete", 120)
+
+
+def _gone(get: Callable[[], Any]) -> bool:
+    try:
+        get()
+    except cexc.NotFound:
+        return True
+    return False
+
+
+def test_plain_delete_cascades_over_backup_checkpoints_only(
+    cinder: CinderPeer, client: Any
+) -> None:
+    """A volume whose only snapshot is a backup checkpoint is deleted by a plain DELETE (the
+    extension asks Cinder for cascade; its NfsDriver merges the checkpoint offline and
+    removes every file). Negative control: with one more snapshot that is not a
+    checkpoint, the same plain DELETE is refused by Cinder and nothing changes."""
+    share = cinder.share_dir
+    mixed, only = _volume(client), _volume(client)
+    cp_mixed, user = str(uuid.uuid4()), str(uuid.uuid4())
+    for vol, sid, checkpoint in ((mixed, cp_mixed, True), (mixed, user, False)):
+        client.qsnap_snapshots.create_metadata(sid, vol.id, checkpoint=checkpoint)
+        client.qsnap_snapshots.finalize(sid, "available")
+    before = _tree(share)
+    with pytest.raises(cexc.BadRequest, match="snapshots"):
+        client.volumes.delete(mixed.id)
+    assert client.volumes.get(mixed.id).status == "available"
+    assert {s.id for s in client.volume_snapshots.list() if s.volume_id == mixed.id} == {
+        cp_mixed,
+        user,
+    }
+    assert _tree(share) == before
+
+    cp = str(uuid.uuid4())
+    new = _agent_snapshot(share, only.id, cp)
+    client.qsnap_snapshots.create_metadata(cp, only.id, checkpoint=True)
+    client.qsnap_snapshots.finalize(cp, "available")
+    client.volumes.delete(only.id)  # plain: no cascade asked
+    _wait(lambda: _gone(lambda: client.volumes.get(only.id)), bool, "volume delete", 120)
+    assert _gone(lambda: client.volume_snapshots.get(cp))
+    assert not [p.name for p in share.iterdir() if p.name.startswith(f"volume-{only.id}")], new

@@ -354,7 +354,9 @@ class FakeMeta:
         self.fail_create = False
         self.unreachable = 0
 
-    def create(self, snapshot_id: str, volume_id: str, description: str) -> None:
+    def create(
+        self, snapshot_id: str, volume_id: str, description: str, *, checkpoint: bool = False
+    ) -> None:
         self.calls.append(("create", snapshot_id))
         if self.fail_create:
             raise MetaError(snapshot_id, "create", "HTTP 409", rejected=True)
