@@ -60,9 +60,11 @@ def add_parsers(
         parents=[fmt, wait],
         help="back up volumes (listed, or all of an instance) while attached",
         description="Back up the --volume volumes (all on one host) or every volume of "
-        "--instance into the repository, in parallel. --incremental reads only what changed "
-        "since the volume's previous backup when its checkpoint still stands (else a full "
-        "read with dedup; the result says why).",
+        "--instance into the repository, in parallel. Each backup reads at a checkpoint, a "
+        "snapshot recorded in Cinder (qsnap-backup-checkpoint-<id>). --incremental reads only "
+        "what changed since the volume's previous backup when its checkpoint still exists "
+        "(else a full read with dedup; the result says why) and keeps the new checkpoint; "
+        "without it the checkpoint is deleted once the backup is published.",
     )
     which = create.add_mutually_exclusive_group(required=True)
     which.add_argument(
