@@ -9,7 +9,8 @@ with ``.venv-cinder``'s python, eventlet monkey-patched like cinder-backup, defa
 lookups are stubbed (they cost nothing next to the data path). Then 40 scattered 1 MiB
 changes (same slots and bytes for both): Cinder writes them into its raw file and runs an
 incremental with ``parent_id`` (re-reads and re-hashes everything); ours writes them into
-a checkpoint overlay and runs :func:`backup_incremental` above the boundary.
+the previous backup's checkpoint file (a snapshot overlay, as the online path finds it) and
+runs :func:`backup_incremental` above the boundary.
 
 Prints times, bytes read, stored sizes and ratios (P3: full vs the stock pipe is in
 bench/backup_full.py; here ours vs Cinder; P4: our incremental reads <= 1.1x the changed

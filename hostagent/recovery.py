@@ -10,7 +10,8 @@ kind (:meth:`hostagent.service.AssistedService.resumers`):
 - instance snapshots and owned deletes: :meth:`hostagent.snapshots.owned.OwnedOps.resume_later`
   (resumed in the pool with the step code of a fresh run);
 - backups, verifies, prunes and restores: :func:`hostagent.backup.service.resume`
-  (one volume's online backup: its chain put back; a request-level operation failed as
+  (one volume's online backup: published or failed, its chain changes being owned
+  operations that resume themselves; a request-level operation failed as
   interrupted, an interrupted restore's temporary files removed).
 
 A kind nobody registered is failed as not recoverable (its PLANNED steps undone). One
