@@ -100,6 +100,9 @@ def chain_names(where: Located, roots: list[str], *, naming: Naming = CINDER) ->
     if on_disk != live:
         raise api.InvalidRequest(f"libvirt's chain {live} differs from the files {on_disk}")
     names = [os.path.basename(p) for p in live]
+    if not naming.is_image_name(names[0]):  # inspect_chain judges only backing names
+        raise api.InvalidRequest(f"the live top {names[0]!r} of {disk.target} is not a file "
+                                 "name of the volume's (Cinder's naming)")  # fmt: skip
     if len(set(names)) != len(names):
         raise api.InvalidRequest(f"chain of {disk.target} repeats a file name: {names}")
     return names

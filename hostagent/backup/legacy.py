@@ -64,12 +64,16 @@ def release_legacy(
     journal: Journal, conn: lo.Connection, roots: Sequence[str]
 ) -> dict[str, Any] | None:
     """Run the once-only release (see the module docstring); its result, None if done."""
-    if journal.list_operations(kind=OperationKind.BACKUP, limit=1, lock=ACTION):
+    markers = journal.list_operations(kind=OperationKind.BACKUP, lock=ACTION)
+    if any(m.state.is_final for m in markers):
         return None
     found = legacy_overlays(journal)
     if not found:  # a journal of this version only: nothing to do, no marker needed
         return None
-    op = journal.begin(OperationKind.BACKUP, {"action": ACTION}, locks=[ACTION]).operation
+    if markers:  # a release killed midway: run it again (it re-reads the live chains)
+        op = markers[0]
+    else:
+        op = journal.begin(OperationKind.BACKUP, {"action": ACTION}, locks=[ACTION]).operation
     released: list[str] = []
     left: dict[str, str] = {}
     for (domain, vid), names in sorted(found.items()):
@@ -107,15 +111,19 @@ def _release_volume(
         lo.settle_block_job(
             conn, dom, disk.target, timeout=SETTLE_TIMEOUT, roots=rts, naming=LEGACY_NAMING
         )
-        disk = lo.resolve_disk(dom, disk.target)
-        top = os.path.basename(disk.source)
-        if top in names or _BK.fullmatch(top) is not None:
+        # a stack of them (a backup killed between its publish and its merge left two)
+        for _ in range(len(disk.chain)):
+            top = os.path.basename(lo.resolve_disk(dom, disk.target).source)
+            m = _BK.fullmatch(top)
+            if m is None or m.group(1) != vid:
+                break
             lo.active_commit(conn, dom, disk.target, roots=rts, naming=LEGACY_NAMING)
             live = [os.path.basename(x.path) for x in lo.resolve_disk(dom, disk.target).chain]
-            if top not in live:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(share, top))
-                released.append(top)
+            if top in live:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(share, top))
+            released.append(top)
     for n in sorted(names - set(released)):
         if os.path.lexists(os.path.join(share, n)):
             how = "not the live top" if running else "not running: never merged offline"

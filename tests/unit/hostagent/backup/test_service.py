@@ -20,6 +20,8 @@ from hostagent.backup import repo as bk
 from hostagent.journal import model as ops
 from hostagent.recovery import reconcile
 from hostagent.rpc import contract as api
+from hostagent.snapshots.backup_checkpoints import OwnedCheckpoints
+from qcow2 import Ledger, write_ledger
 from tests.unit.hostagent.fakes import CTX, DOM, VOL, VOL2, BackupBed, MiB, make_image
 
 
@@ -82,17 +84,27 @@ def test_refusals_journal_nothing(bed: BackupBed) -> None:
         bed.svc.verify_backup(CTX, str(uuid.uuid4()))
 
 
-def test_a_nova_guest_gets_no_incremental_backup(bed: BackupBed) -> None:
-    """Its checkpoint overlay would stay the live top, unknown to Nova's BDM (issue 13)."""
+def test_a_nova_guests_incremental_backup_is_accepted(bed: BackupBed) -> None:
+    """Its checkpoint is a recorded snapshot whose file Nova's BDM names (issue 15): an
+    incremental backup of a Nova guest is no longer refused."""
     bed.hv.nova = True
-    with pytest.raises(api.InvalidRequest, match="Nova"):
-        bed.svc.create_backup(CTX, api.CreateBackupRequest((VOL,), None, True))
-    assert bed.journal.list_operations() == []
-    op = bed.create([VOL])  # a plain backup leaves the chain as it was: allowed
-    assert op.state is api.OperationState.SUCCEEDED, op.error
-    bed.hv.nova = False  # the control: the same incremental request on a guest of no Nova
     op = bed.wait(bed.svc.create_backup(CTX, api.CreateBackupRequest((VOL,), None, True)))
     assert op.state is api.OperationState.SUCCEEDED, op.error
+    (done,) = op.result["backups"]
+    assert done["volume_id"] == VOL and done["fallback_reason"] == "no checkpoint"  # asked
+    assert isinstance(bed.engine.checkpoints, OwnedCheckpoints)  # the service bound its own
+
+
+def test_a_ledger_that_disagrees_with_the_chain_top_is_refused_up_front(bed: BackupBed) -> None:
+    """The checkpoint (an owned snapshot) would be refused later: refused now, whole."""
+    write_ledger(str(bed.dir), VOL, Ledger(f"volume-{VOL}.{uuid.uuid4()}", {}))
+    with pytest.raises(api.InvalidRequest, match="active"):
+        bed.svc.create_backup(CTX, api.CreateBackupRequest(None, DOM, True))
+    assert bed.journal.list_operations() == [] and bed.engine.started == []
+    write_ledger(str(bed.dir), VOL, Ledger(f"volume-{VOL}", {}))  # the control: it agrees
+    op = bed.wait(bed.svc.create_backup(CTX, api.CreateBackupRequest(None, DOM, True)))
+    assert op.state is api.OperationState.SUCCEEDED, op.error
+    assert sorted(bed.engine.started) == sorted([VOL, VOL2])
 
 
 def test_list_get_verify_detects_a_flipped_byte(bed: BackupBed) -> None:
@@ -170,22 +182,34 @@ def test_prune_and_delete(bed: BackupBed) -> None:
     assert gc["deleted"] == []
 
 
-def test_assisted_create_releases_a_checkpoint_first(bed: BackupBed) -> None:
+def test_a_legacy_checkpoint_top_is_refused_and_touched_by_nothing(bed: BackupBed) -> None:
+    """An earlier qsnap's checkpoint overlay is released once at start (backup.legacy); no
+    request merges it any more, even with a backup engine: each is refused, untouched."""
     k = f"volume-{VOL}.qsnap-bk-{uuid.uuid4()}"
     make_image(bed.dir / k, f"volume-{VOL}", "8M")
     bed.hv.chains[VOL] = [k, f"volume-{VOL}"]
     snap = str(uuid.uuid4())
     new_file = f"volume-{VOL}.{snap}"
     make_image(bed.dir / new_file, f"volume-{VOL}", "8M")  # Cinder backs it on ITS active file
+    files = sorted(os.listdir(bed.dir))
     req = api.CreateSnapshotRequest.from_wire(
         VOL, {"snapshot_id": snap, "type": "qcow2", "new_file": new_file}
     )
-    op = bed.wait(bed.svc.create_assisted_snapshot(CTX, req))
-    assert op.state is api.OperationState.SUCCEEDED, op.error
-    steps = [s["name"] for s in op.result["steps"]]
-    assert steps[:3] == ["release_checkpoint", "validate", "snapshot"]
-    assert bed.engine.released == [k]
-    assert bed.hv.chains[VOL] == [new_file, f"volume-{VOL}"]
+    with pytest.raises(api.InvalidRequest, match=f"live top '{k}' .* not a file name"):
+        bed.svc.create_assisted_snapshot(CTX, req)
+    assert sorted(os.listdir(bed.dir)) == files and bed.journal.list_operations() == []
+    bed.sync_ledger(VOL)  # Cinder's ledger, which never named the overlay
+    assert bed.ledger(VOL) == Ledger(f"volume-{VOL}", {})
+    files = sorted(os.listdir(bed.dir))
+    for refused in (
+        lambda: bed.svc.create_assisted_snapshot(CTX, req),
+        lambda: bed.svc.create_backup(CTX, api.CreateBackupRequest((VOL,), None, True)),
+    ):
+        with pytest.raises(api.InvalidRequest, match="not a file name"):
+            refused()
+    assert bed.journal.list_operations() == [] and bed.hv.calls == []
+    assert bed.engine.started == [] and bed.notifier.sent == []
+    assert bed.hv.chains[VOL] == [k, f"volume-{VOL}"] and sorted(os.listdir(bed.dir)) == files
 
 
 def test_without_an_engine_a_checkpoint_is_refused_and_backups_too(tmp_path: Path) -> None:

@@ -20,7 +20,6 @@ import pytest
 from hostagent.cinder.records import MetaAction
 from hostagent.journal.model import OperationState, StepState
 from hostagent.rpc import contract as api
-from hostagent.service import Located
 from qcow2 import Ledger, read_ledger, write_ledger
 from tests.unit.hostagent.fakes import (
     CTX,
@@ -363,27 +362,42 @@ def test_snapshot_taken_but_not_journaled_is_recorded_available(
         again.close()
 
 
-def test_instance_snapshot_releases_a_backup_checkpoint_first(
-    agent: Agent, hv: FakeHypervisor
-) -> None:
-    vid = VOLS[0]
+def _legacy_top(hv: FakeHypervisor, vid: str) -> str:
+    """An earlier qsnap's checkpoint overlay left as the live top (its journal's record gone)."""
     k = f"volume-{vid}.qsnap-bk-{uuid.uuid4()}"
     make_image(hv.dir / k, f"volume-{vid}")
     hv.chains[vid] = [k, f"volume-{vid}"]
-    with pytest.raises(api.InvalidRequest):  # no engine to release it: refused as before
-        _snap(agent, [vid])
-    released: list[str] = []
+    return k
 
-    def release(where: Located) -> str | None:
-        released.append(hv.chains[vid].pop(0))
-        return released[-1]
 
-    agent.svc.owned.instances.release = release
-    op = _snap(agent, [vid])
+def test_instance_snapshot_refuses_a_legacy_checkpoint_top(
+    agent: Agent, hv: FakeHypervisor, meta: FakeMeta
+) -> None:
+    """Released once at start (backup.legacy), never by a snapshot any more: with Cinder's
+    ledger (which never named the overlay) the request is refused and touches nothing."""
+    vid = VOLS[0]
+    write_ledger(str(hv.dir), vid, Ledger(active=f"volume-{vid}"))
+    k = _legacy_top(hv, vid)
+    before = _files(hv)
+    with pytest.raises(api.InvalidRequest, match=f"live top {k!r} .* not a file name"):
+        agent.svc.snapshot_instance(CTX, api.InstanceSnapshotRequest.from_wire(DOM, None, "none"))
+    assert agent.journal.list_operations() == [] and meta.calls == [] and hv.calls == []
+    assert _files(hv) == before and hv.chains[vid] == [k, f"volume-{vid}"]
+    op = _snap(agent, [VOLS[1]])  # the control: the instance's other disks are fine
     assert op.state is api.OperationState.SUCCEEDED, op.error
-    assert [s["name"] for s in op.result["steps"]][:2] == ["release_checkpoint", "plan"]
-    assert released == [k]
-    name = op.result["snapshots"][0]["file"].rsplit("/", 1)[1]
-    assert hv.chains[vid] == [name, f"volume-{vid}"]
-    led = _ledger_matches_chain(hv, vid)
-    assert led is not None and led.active == name
+
+
+def test_instance_snapshot_without_a_ledger_refuses_a_legacy_checkpoint_top(
+    agent: Agent, hv: FakeHypervisor, meta: FakeMeta
+) -> None:
+    _legacy_top(hv, VOLS[0])
+    before = _files(hv)
+    try:
+        with pytest.raises(api.InvalidRequest, match="qsnap-bk"):
+            agent.svc.snapshot_instance(
+                CTX, api.InstanceSnapshotRequest.from_wire(DOM, [VOLS[0]], "none")
+            )
+    finally:
+        assert agent.idle(60)
+    assert agent.journal.list_operations() == [] and meta.calls == []
+    assert _files(hv) == before
