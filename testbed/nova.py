@@ -373,6 +373,40 @@ class NovaCloud(NovaRecords):
         server.guest.refresh_disks()
         return str(body["volumeAttachment"]["device"])
 
+    def detach(self, server: Server, volume_id: str, timeout: float = 180.0) -> None:
+        """Detach through Nova; returns once Cinder says available and the disk is gone from
+        the live domain (the guest must have let go of it: unmount first)."""
+        status, body = self.api("DELETE", f"/servers/{server.id}/os-volume_attachments/{volume_id}")
+        if status != 202:
+            raise NovaBedError(f"detach {volume_id}: {status} {body}")
+        c, deadline = self.cinder.client(), time.monotonic() + timeout
+        while True:
+            vol = c.volumes.get(volume_id)
+            if vol.status == "available" and not self._in_live_xml(server, volume_id):
+                break
+            if vol.status in ("error", "error_detaching") or time.monotonic() > deadline:
+                raise NovaBedError(f"detach {volume_id}: volume {vol.status}\n"
+                                   + self.svc.tails("nova-compute", n=30))  # fmt: skip
+            time.sleep(0.3)
+        if volume_id in server.volumes:
+            server.volumes.remove(volume_id)
+        server.guest.refresh_disks()
+
+    def delete_volume(self, volume_id: str, cascade: bool = True, timeout: float = 180.0) -> None:
+        """Cinder's delete (``cascade``: its snapshots first); returns once the volume is gone.
+        A refusal (e.g. snapshots without ``cascade``) raises cinderclient's BadRequest."""
+        c = self.cinder.client()
+        c.volumes.delete(volume_id, cascade=cascade)
+        deadline = time.monotonic() + timeout
+        while True:  # one GET per poll, 404 is gone (as delete_snapshot)
+            try:
+                vol = c.volumes.get(volume_id)
+            except NotFound:
+                return
+            if vol.status == "error_deleting" or time.monotonic() > deadline:
+                raise NovaBedError(f"volume {volume_id} is {vol.status}: {self.cinder.tail()}")
+            time.sleep(0.3)
+
     def _in_live_xml(self, server: Server, volume_id: str) -> bool:
         try:
             find_disk(server.guest.dom, volume_id=volume_id)

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from libvirt_ops import find_disk
 from testbed.disks import image_sha256
 from testbed.guest import GuestError
 from testbed.nova import NovaCloud
@@ -116,3 +117,35 @@ def snapshot_beside_nova(cloud: NovaCloud, server: Server, volume_id: str) -> st
     ledger.update({"active": new.name, sid: new.name})
     info.write_text(json.dumps(ledger, indent=1, sort_keys=True))
     return sid
+
+
+def ledger(cloud: NovaCloud, volume_id: str) -> dict[str, str]:
+    """Cinder's ``volume-<vid>.info`` (snapshot id -> file, and ``active``); {} before the
+    volume's first snapshot."""
+    p = cloud.volume_path(volume_id, f"volume-{volume_id}.info")
+    return dict(json.loads(p.read_text())) if p.exists() else {}
+
+
+def chain_recorded(cloud: NovaCloud, server: Server, volumes: Iterable[str], when: str) -> None:
+    """Every layer of each live chain is the volume's base file or a file the ledger names:
+    a layer nobody recorded is one a hard reboot (rebuilt from the BDM) would drop."""
+    problems = []
+    for vid in volumes:
+        names = [os.path.basename(c.path) for c in find_disk(server.guest.dom, volume_id=vid).chain]
+        known = {f"volume-{vid}", *ledger(cloud, vid).values()}
+        if stray := [n for n in names if n not in known]:
+            problems.append(f"volume {vid}: unrecorded {stray} in {names}")
+    if problems:
+        raise Incoherent(f"after {when}: " + "; ".join(problems))
+
+
+def backup_temporaries(directory: Path) -> list[str]:
+    """Files of an earlier backup design (``*.qsnap-bk-*`` overlays) in a share directory:
+    the checkpoint design must never make one."""
+    return sorted(p.name for p in directory.glob("*.qsnap-bk-*"))
+
+
+def records_now(server: Server, mounts: Iterable[str]) -> dict[str, RecordLog]:
+    """Every record file read while its writer runs (a torn tail allowed): what
+    :func:`survived` compares after a step that must not stop the guest's writes."""
+    return {m: server.guest.records(m) for m in mounts}
