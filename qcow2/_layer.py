@@ -140,29 +140,10 @@ class RawLayer(Layer):
         self.virtual_size = size
 
     def runs(self, voff: int, length: int, want_zero: bool = False) -> Iterator[Run]:
-        end = voff + length
         if not want_zero:
             yield (voff, length, K_DATA, voff)
             return
-        fd = self.file.fd()
-        pos = voff
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno != errno.ENXIO:
-                    raise
-                data = end
-            data = min(data, end)
-            if data > pos:
-                yield (pos, data - pos, K_ZERO, 0)
-                pos = data
-                continue
-            hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
-            if hole <= pos:  # cannot happen on a sane fs; never loop forever
-                hole = end
-            yield (pos, hole - pos, K_DATA, pos)
-            pos = hole
+        yield from _host_runs(self.file.fd(), voff, length, voff)
 
 
 class Qcow2Layer(Layer):
@@ -201,7 +182,23 @@ class Qcow2Layer(Layer):
         return got
 
     def runs(self, voff: int, length: int, want_zero: bool = False) -> Iterator[Run]:
-        """Merged runs for [voff, voff+length), which must lie inside the virtual size."""
+        """Merged runs for [voff, voff+length), which must lie inside the virtual size.
+
+        ``want_zero`` (allocation maps): allocated clusters whose host range is a hole in
+        the image file are ZERO, as QEMU reads them. Why: Cinder creates qcow2 volumes with
+        ``preallocation=metadata``, every cluster allocated and none written, and a full
+        backup would otherwise read the whole virtual size."""
+        if not want_zero:
+            yield from self._runs(voff, length)
+            return
+        fd = self.file.fd()
+        for start, n, kind, host in self._runs(voff, length):
+            if kind == K_DATA:
+                yield from _host_runs(fd, start, n, host)
+            else:
+                yield (start, n, kind, host)
+
+    def _runs(self, voff: int, length: int) -> Iterator[Run]:
         h = self.header
         cb = h.cluster_bits
         l2n = h.l2_entries
@@ -366,3 +363,26 @@ class Qcow2Layer(Layer):
                 f"{self.file.path}: compressed cluster at {host:#x} decodes to {len(out)} bytes"
             )
         return out
+
+
+def _host_runs(fd: int, voff: int, length: int, host: int) -> Iterator[Run]:
+    """Guest [voff, voff+length) stored at host [host, host+length) of ``fd``, split where
+    the host file has holes (ZERO: QEMU reads zeros there) and data (DATA)."""
+    pos, end = host, host + length
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            data = end
+        data = min(data, end)
+        if data > pos:
+            yield (voff + pos - host, data - pos, K_ZERO, 0)
+            pos = data
+            continue
+        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        if hole <= pos:  # cannot happen on a sane fs; never loop forever
+            hole = end
+        yield (voff + pos - host, hole - pos, K_DATA, pos)
+        pos = hole

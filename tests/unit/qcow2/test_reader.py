@@ -201,3 +201,30 @@ def test_qemu_img_refuses_nothing_we_read(corpus: dict[str, Image]) -> None:
                 check=False,
             )
             assert res.returncode == 0, (img.name, res.stdout, res.stderr)
+
+
+def test_preallocated_clusters_never_written_map_as_zero(tmp_path: Path) -> None:
+    """Cinder's qcow2 volumes are made with ``preallocation=metadata``: every cluster is
+    allocated, none written, the file sparse. The map calls only the written MiB DATA (QEMU:
+    ``data`` and ``zero`` both true elsewhere: it reads zeros there), so a full backup reads
+    1 MiB, not the virtual size. Control: the raw cluster walk (no host holes) calls it all
+    DATA, and the bytes still equal ``qemu-img convert``'s."""
+    path = tmp_path / "volume-6d7c0a52-1c1b-4a7e-9d43-7f0c6f0e2a11"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=metadata",
+         str(path), "64M"])  # fmt: skip
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 4M 1M", str(path)])
+    with open_chain(str(path), roots=[str(tmp_path)], fmt="qcow2") as chain:
+        ours = [(e.offset, e.length, e.kind) for e in chain.extents()]
+        walk = list(chain._readers[0].runs(0, 64 * MiB))  # the control: no host holes
+        data = chain.read(0, 64 * MiB)
+    assert ours == [
+        (0, 4 * MiB, ExtentKind.ZERO),
+        (4 * MiB, MiB, ExtentKind.DATA),
+        (5 * MiB, 59 * MiB, ExtentKind.ZERO),
+    ]
+    qemu = json.loads(run(["qemu-img", "map", "--output=json", "-f", "qcow2", str(path)]))
+    assert all(e["data"] and e["zero"] != (4 * MiB <= e["start"] < 5 * MiB) for e in qemu)
+    assert sum(n for _, n, kind, _ in walk if kind == 0) == 64 * MiB  # K_DATA, every cluster
+    out = tmp_path / "ref.raw"
+    run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(path), str(out)])
+    assert data == out.read_bytes()
