@@ -54,9 +54,11 @@ def precreate(g: Any, snap: str) -> str:
 def cinder_ledger(g: Any) -> None:
     """Cinder's ``.info`` as Cinder leaves it after its creates and commit deletes (it
     writes it once it heard ``90%``; the agent refuses a delete whose id is not in it):
-    ``active`` = the live top, each ``volume-<vid>.<snapshot id>`` layer mapped to its id."""
+    ``active`` = the live top, each ``volume-<vid>.<snapshot id>`` layer mapped to its id.
+    Every layer of the live chain is one Cinder names (a backup's checkpoint included: it is
+    a recorded snapshot), so the chain itself is the ledger."""
     vid = g.disks[0].volume_id
-    names = [n for n in g.chain() if ".qsnap-bk-" not in n]
+    names = g.chain()
     prefix = f"volume-{vid}."
     snaps = {n[len(prefix) :]: n for n in names if n.startswith(prefix)}
     write_ledger(str(g.dir), vid, Ledger(names[0], snaps))

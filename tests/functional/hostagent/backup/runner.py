@@ -1,6 +1,7 @@
-"""``python -m tests.functional.hostagent.backup.runner URI DOMAIN VOLUME REPO JOURNAL``:
+"""``python -m tests.functional.hostagent.backup.runner URI DOMAIN VOLUME REPO JOURNAL ROOT``:
 one online backup in its own process, slowed down in the read phase (``reading`` printed
-first) so the test can kill -9 it mid-backup. Test-side code: the product has no slow mode.
+first, after the checkpoint was taken and recorded) so the test can kill -9 it mid-read.
+Test-side code: the product has no slow mode.
 """
 
 from __future__ import annotations
@@ -9,14 +10,13 @@ import sys
 import time
 
 import libvirt_ops as lo
-from hostagent.backup.online import BackupRequest, backup_volume
-from hostagent.journal.store import Journal
+from hostagent.backup.online import BackupRequest
+from tests.functional.hostagent.backup.local import LocalBackups
 
 
 def main(argv: list[str]) -> int:
-    uri, domain, volume, repo, journal_path = argv
-    conn = lo.Connection(uri)
-    journal = Journal(journal_path)
+    uri, domain, volume, repo, journal_path, root = argv
+    local = LocalBackups(lo.Connection(uri), journal_path, [root])
     said = False
 
     def progress(done: int, total: int) -> None:
@@ -26,9 +26,10 @@ def main(argv: list[str]) -> int:
             said = True
         time.sleep(1.0)
 
-    backup_volume(
-        conn, journal, BackupRequest(domain, volume, repo, incremental=True), progress=progress
-    )
+    try:
+        local.backup(BackupRequest(domain, volume, repo, incremental=True), progress=progress)
+    finally:
+        local.close()
     print("done", flush=True)
     return 0
 
