@@ -397,15 +397,7 @@ class NovaCloud(NovaRecords):
         A refusal (e.g. snapshots without ``cascade``) raises cinderclient's BadRequest."""
         c = self.cinder.client()
         c.volumes.delete(volume_id, cascade=cascade)
-        deadline = time.monotonic() + timeout
-        while True:  # one GET per poll, 404 is gone (as delete_snapshot)
-            try:
-                vol = c.volumes.get(volume_id)
-            except NotFound:
-                return
-            if vol.status == "error_deleting" or time.monotonic() > deadline:
-                raise NovaBedError(f"volume {volume_id} is {vol.status}: {self.cinder.tail()}")
-            time.sleep(0.3)
+        self._wait_gone(c.volumes.get, volume_id, timeout)
 
     def _in_live_xml(self, server: Server, volume_id: str) -> bool:
         try:
@@ -435,16 +427,21 @@ class NovaCloud(NovaRecords):
         c = self.cinder.client()
         volume_id = str(c.volume_snapshots.get(snapshot_id).volume_id)
         c.volume_snapshots.delete(snapshot_id)
-        deadline = time.monotonic() + timeout
-        while True:  # one GET per poll: a list-then-get pair raced Cinder's purge (CI, 404)
-            try:
-                snap = c.volume_snapshots.get(snapshot_id)
-            except NotFound:
-                break
-            if snap.status == "error_deleting" or time.monotonic() > deadline:
-                raise NovaBedError(f"snapshot {snapshot_id} is {snap.status}")
-            time.sleep(0.3)
+        self._wait_gone(c.volume_snapshots.get, snapshot_id, timeout)
         self.settle(volume_id, settle)
+
+    def _wait_gone(self, get: Callable[[str], Any], obj_id: str, timeout: float) -> None:
+        """Until ``get`` answers 404; one GET per poll (a list-then-get pair raced Cinder's
+        purge in CI). ``error_deleting`` or the deadline raise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                obj = get(obj_id)
+            except NotFound:
+                return
+            if obj.status == "error_deleting" or time.monotonic() > deadline:
+                raise NovaBedError(f"{obj_id} is {obj.status}: {self.cinder.tail()}")
+            time.sleep(0.3)
 
     # -- life cycle ----------------------------------------------------------------------
     def _action(self, server: Server, action: dict[str, Any], want: str) -> None:

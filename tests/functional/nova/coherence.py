@@ -11,11 +11,14 @@ import json
 import os
 import subprocess
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from libvirt_ops import find_disk
+from testbed import procs
+from testbed.agent import AgentProcess, noauth_cinder
 from testbed.disks import image_sha256
 from testbed.guest import GuestError
 from testbed.nova import NovaCloud
@@ -24,6 +27,28 @@ from testbed.records import RecordLog
 
 #: Qemu-ga's mount points of the two data volumes, by kind.
 MOUNTS = {"raw": "/r", "qcow2": "/q"}
+
+
+@contextmanager
+def agent_beside_nova(cloud: NovaCloud, host: str) -> Iterator[AgentProcess]:
+    """The qsnap agent beside nova-compute, on Nova's RabbitMQ, ``[nova] enabled``, named
+    ``host`` (nova.conf's ``[qsnap] agent_host``); it must exit 0 when closed."""
+    logdir = procs.run_dir() / f"nova-agent-{uuid.uuid4().hex[:6]}"
+    logdir.mkdir(mode=0o755)
+    agent = AgentProcess(
+        logdir, cloud.rabbit_url, str(cloud.base / "mnt"), host=host, rpc_timeout=60,
+        conf={
+            "agent": {"workers": 2, "merge_timeout": 300},
+            "cinder": noauth_cinder(cloud.cinder, user_id="qsnap-agent"),
+            "nova": {"enabled": True, "ping_timeout": 5},
+        },
+    )  # fmt: skip
+    try:
+        agent.start()
+        yield agent
+    finally:
+        rc = agent.close()
+        assert rc == 0, f"qsnap-agent exited {rc}: {agent.tail()}"
 
 
 class Incoherent(AssertionError):

@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 import pytest
 
 from hostagent.rpc import contract as api
-from testbed import procs
-from testbed.agent import AgentProcess, noauth_cinder
+from testbed.agent import AgentProcess
 from testbed.disks import fsck_clean
 from testbed.guest import GuestError
 from testbed.nova import NovaCloud, Server
 from tests.functional.nova.coherence import (
     MOUNTS,
     Incoherent,
+    agent_beside_nova,
     agree,
     ensure_mounted,
     point_in_time,
@@ -86,23 +86,8 @@ def nova_extra_conf() -> dict[str, dict[str, str]]:
 @pytest.fixture(scope="module")
 def bed(nova_cloud: NovaCloud) -> Iterator[Bed]:
     """The agent beside nova-compute, on Nova's RabbitMQ, ``[nova] enabled``."""
-    logdir = procs.run_dir() / f"nova-agent-{uuid.uuid4().hex[:6]}"
-    logdir.mkdir(mode=0o755)
-    agent = AgentProcess(
-        logdir, nova_cloud.rabbit_url, str(nova_cloud.base / "mnt"), host=AGENT_HOST,
-        rpc_timeout=60,
-        conf={
-            "agent": {"workers": 2, "merge_timeout": 300},
-            "cinder": noauth_cinder(nova_cloud.cinder, user_id="qsnap-agent"),
-            "nova": {"enabled": True, "ping_timeout": 5},
-        },
-    )  # fmt: skip
-    try:
-        agent.start()
+    with agent_beside_nova(nova_cloud, AGENT_HOST) as agent:
         yield Bed(nova_cloud, agent)
-    finally:
-        rc = agent.close()
-        assert rc == 0, f"qsnap-agent exited {rc}: {agent.tail()}"
 
 
 def test_boot_attach_and_write(bed: Bed) -> None:
