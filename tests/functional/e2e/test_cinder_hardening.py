@@ -158,8 +158,9 @@ def test_create_queued_past_its_deadline_is_failed_without_touching_the_chain(
     deployment: Deployment,
 ) -> None:
     """A backup holds the disk (1 MiB/s); a create accepted meanwhile waits past its latest
-    start. It fails ``DeadlineExpired`` without a step: chain, ledger, Cinder's overlay and
-    Cinder's snapshots unchanged, no status sent. A Cinder create afterwards works."""
+    start. It fails ``DeadlineExpired`` without a step: Cinder's overlay untouched, no status
+    sent; once the cancelled backup dropped its checkpoint, chain, ledger and Cinder's
+    snapshots are as before. A Cinder create afterwards works."""
     d, g = deployment, deployment.guest
     vol = d.volume_id
     # enough data that the backup outlasts the deadline however the share reports extents
@@ -174,8 +175,10 @@ def test_create_queued_past_its_deadline_is_failed_without_touching_the_chain(
         assert time.monotonic() < deadline, "the backup never started reading"
         time.sleep(0.2)
 
-    # Cinder's online create: its overlay pre-created on its active file, then the call
-    active, fmt = chain0[0]
+    # Cinder's online create: its overlay pre-created on its active file (the ledger's: the
+    # backup's checkpoint, recorded like any snapshot, is the active file now), then the call
+    active, fmt = live_chain(d)[0]
+    assert (ledger(d) or {}).get("active") == active != chain0[0][0]
     sid = str(uuid.uuid4())
     new_file = f"volume-{vol}.{sid}"
     subprocess.run(

@@ -172,7 +172,7 @@ class Bed:
         writing; the ledger's snapshots."""
         g, chain = self.g, self.g.chain(self.vid)
         snaps = assert_coherent(self.dir, self.vid, chain, self.base)
-        check_layers(self.dir, chain)
+        check_layers(self.dir, chain, g)
         assert not g.dom.blockJobInfo(self.target, 0), "a block job is left on the disk"
         assert g.agent("guest-fsfreeze-status") == "thawed"
         log = g.records(self.mnt)

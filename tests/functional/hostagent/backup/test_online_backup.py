@@ -257,7 +257,7 @@ def _kill_mid_read(
     assert local.journal.unfinished() == []
     assert g.chain() == mid  # recovery never touches the chain
     assert_coherent(d, vol, mid, base[0])
-    check_layers(d, mid)
+    check_layers(d, mid, g)
     r6 = local.backup(BackupRequest(g.uuid, vol, repo.path, incremental=True))
     assert r6.result.manifest.kind == "incremental", r6.result.fallback_reason
     assert r6.result.bytes_read >= 8 * MiB
