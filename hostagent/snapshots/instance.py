@@ -103,9 +103,10 @@ class InstanceSnapshots(OwnedBase):
             self._run_held(op_id, req, keys, {})
 
     def take_held(self, where: Located, snapshot_id: str, label: str, why: str) -> ops.Operation:
-        """One volume's snapshot ``snapshot_id`` named ``label``, taken NOW by the caller's
-        thread, which already holds ``where``'s disk lock (a backup's checkpoint). Its own
-        journaled operation (resumed after a crash like any other); returns it finished."""
+        """A backup's checkpoint: one volume's snapshot ``snapshot_id`` (``label``: Cinder's
+        description), taken NOW by the caller's thread, which already holds ``where``'s disk
+        lock. Its own journaled operation (resumed after a crash like any other); returns it
+        finished."""
         vid = str(where.disk.serial).lower()
         req = api.InstanceSnapshotRequest(where.domain_uuid, (vid,), api.Quiesce.PREFERRED)
         self._validate_instance(req)  # raises: nothing journaled, nothing touched
