@@ -12,6 +12,7 @@ from qcow2._ledger import Ledger, read_ledger, write_ledger
 from qcow2._offline import create_snapshot_offline, delete_snapshot_offline, load_volume
 from qcow2._overlay import create_overlay, merge_overlay
 from qcow2._qemu_img import convert_raw_fd_to_qcow2
+from qcow2._volume_files import fsync_dir
 
 # --- end ledger/overlay/offline (Q2) ---
 from qcow2.errors import CorruptImage, LedgerError, Qcow2Error, QemuImgError, UnsafeImage
@@ -45,6 +46,7 @@ __all__ += [
     "create_overlay",
     "create_snapshot_offline",
     "delete_snapshot_offline",
+    "fsync_dir",
     "load_volume",
     "merge_overlay",
     "read_ledger",

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from hostagent.backup.repo.codec import Buffer
 from hostagent.backup.repo.format import BackupError, RepositoryFull
+from qcow2 import fsync_dir
 
 FILE_MODE = 0o660
 DIR_MODE = 0o770
@@ -21,14 +22,6 @@ def full_error(exc: OSError, what: str) -> BackupError:
     if exc.errno in _FULL_ERRNOS:
         return RepositoryFull(f"repository full while writing {what}: {exc.strerror}")
     raise exc
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def mkdir_synced(path: str) -> bool:

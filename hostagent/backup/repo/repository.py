@@ -46,13 +46,7 @@ from types import TracebackType
 import zstandard
 
 from hostagent.backup.repo.codec import Buffer, raw_frame_into
-from hostagent.backup.repo.files import (
-    DIR_MODE,
-    FILE_MODE,
-    atomic_write,
-    fsync_dir,
-    mkdir_synced,
-)
+from hostagent.backup.repo.files import DIR_MODE, FILE_MODE, atomic_write, mkdir_synced
 from hostagent.backup.repo.format import (
     BackupNotFound,
     CorruptChunk,
@@ -66,6 +60,7 @@ from hostagent.backup.repo.format import (
 )
 from hostagent.backup.repo.manifest_stream import ManifestHeader, read_header
 from hostagent.backup.repo.manifest_stream import chunk_ids as stream_chunk_ids
+from qcow2 import fsync_dir
 
 CLOCK_SKEW = 300.0
 
