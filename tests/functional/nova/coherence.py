@@ -13,9 +13,11 @@ import subprocess
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hostagent.rpc import contract as api
 from libvirt_ops import find_disk
 from testbed import procs
 from testbed.agent import AgentProcess, noauth_cinder
@@ -27,6 +29,8 @@ from testbed.records import RecordLog
 
 #: Qemu-ga's mount points of the two data volumes, by kind.
 MOUNTS = {"raw": "/r", "qcow2": "/q"}
+#: nova-compute's driver, through the shim tools/nova_setup.sh installs.
+QSNAP_DRIVER = "qsnap.QsnapLibvirtDriver"
 
 
 @contextmanager
@@ -49,6 +53,37 @@ def agent_beside_nova(cloud: NovaCloud, host: str) -> Iterator[AgentProcess]:
     finally:
         rc = agent.close()
         assert rc == 0, f"qsnap-agent exited {rc}: {agent.tail()}"
+
+
+@dataclass
+class NovaBed:
+    """What a Nova module's tests share in order: the cloud, the agent beside it, the server
+    the first test boots and its data volumes (``"raw"``/``"qcow2"`` -> volume id)."""
+
+    cloud: NovaCloud
+    agent: AgentProcess
+    server: Server | None = None
+    vols: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def srv(self) -> Server:
+        assert self.server is not None, "the first test of the module boots the server"
+        return self.server
+
+    def all_volumes(self) -> list[str]:
+        return [self.srv.root_volume_id, *self.vols.values()]
+
+    def op(self, started: api.Operation) -> api.Operation:
+        """Wait for the agent's operation; it must succeed."""
+        done = self.agent.wait(started, timeout=300)
+        assert done.state is api.OperationState.SUCCEEDED, (done.error, self.agent.tail())
+        return done
+
+    def restart_writers(self) -> None:
+        """After a restart: mount the volumes again (never formatting) and write on."""
+        for kind, vid in self.vols.items():
+            ensure_mounted(self.srv, vid, MOUNTS[kind])
+        self.srv.guest.start_writers(mounts=list(MOUNTS.values()))
 
 
 class Incoherent(AssertionError):

@@ -33,12 +33,13 @@ from cinderclient.exceptions import BadRequest
 
 from hostagent.rpc import contract as api
 from libvirt_ops import find_disk
-from testbed.agent import AgentProcess
 from testbed.disks import fsck_clean, read_guest_file
-from testbed.nova import NovaCloud, Server
+from testbed.nova import NovaCloud
 from testbed.records import RecordLog, parse_records
 from tests.functional.nova.coherence import (
     MOUNTS,
+    QSNAP_DRIVER,
+    NovaBed,
     agent_beside_nova,
     agree,
     backup_temporaries,
@@ -54,7 +55,6 @@ from tests.functional.nova.coherence import (
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(900)]
 
 CTX = {"request_id": "req-nova-backups"}
-QSNAP_DRIVER = "qsnap.QsnapLibvirtDriver"  # through the shim tools/nova_setup.sh installs
 AGENT_HOST = f"qsnap-nova-bk-agent-{uuid.uuid4().hex[:6]}"
 CHECKPOINT_NAME = "qsnap-backup-checkpoint-"  # the Cinder record's name: + snapshot id[:8]
 CHECKPOINT_WHY = "qsnap backup checkpoint (operation {})"  # its description
@@ -72,44 +72,22 @@ class Taken:
 
 
 @dataclass
-class Bed:
+class Bed(NovaBed):
     """The Nova cloud, the agent beside it, the server and what the tests learnt so far."""
 
-    cloud: NovaCloud
-    agent: AgentProcess
-    server: Server | None = None
-    vols: dict[str, str] = field(default_factory=dict)  # "raw"/"qcow2" -> volume id
     taken: dict[str, list[Taken]] = field(default_factory=dict)  # kind -> backups, in order
     pits: dict[str, dict[str, str]] = field(default_factory=dict)  # kind -> file -> sha256
     markers: dict[str, str] = field(default_factory=dict)  # guest path -> its text
 
     @property
-    def srv(self) -> Server:
-        assert self.server is not None, "the first test of the module boots the server"
-        return self.server
-
-    @property
     def share(self) -> Path:
         return self.cloud.volume_path(self.srv.root_volume_id).parent
-
-    def all_volumes(self) -> list[str]:
-        return [self.srv.root_volume_id, *self.vols.values()]
 
     def check(self, when: str) -> None:
         """The records agree, every live layer is recorded, no old-design temporary."""
         agree(self.cloud, self.srv, self.all_volumes(), when)
         chain_recorded(self.cloud, self.srv, self.all_volumes(), when)
         assert backup_temporaries(self.share) == [], f"after {when}"
-
-    def op(self, started: api.Operation) -> api.Operation:
-        done = self.agent.wait(started, timeout=300)
-        assert done.state is api.OperationState.SUCCEEDED, (done.error, self.agent.tail())
-        return done
-
-    def restart_writers(self) -> None:
-        for kind, vid in self.vols.items():
-            ensure_mounted(self.srv, vid, MOUNTS[kind])
-        self.srv.guest.start_writers(mounts=list(MOUNTS.values()))
 
     def writes(self, tag: str) -> None:
         """A marker file per volume beside the running writers (checked at the end)."""

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 import pytest
 
 from hostagent.rpc import contract as api
-from testbed.agent import AgentProcess
 from testbed.disks import fsck_clean
 from testbed.guest import GuestError
-from testbed.nova import NovaCloud, Server
+from testbed.nova import NovaCloud
 from tests.functional.nova.coherence import (
     MOUNTS,
+    QSNAP_DRIVER,
     Incoherent,
+    NovaBed,
     agent_beside_nova,
     agree,
     ensure_mounted,
@@ -39,38 +40,15 @@ from tests.functional.nova.coherence import (
 pytestmark = pytest.mark.functional
 
 CTX = {"request_id": "req-nova-coherence"}
-QSNAP_DRIVER = "qsnap.QsnapLibvirtDriver"  # through the shim tools/nova_setup.sh installs
 AGENT_HOST = f"qsnap-nova-agent-{uuid.uuid4().hex[:6]}"
 
 
 @dataclass
-class Bed:
-    cloud: NovaCloud
-    agent: AgentProcess
-    server: Server | None = None
-    vols: dict[str, str] = field(default_factory=dict)  # "raw"/"qcow2" -> volume id
+class Bed(NovaBed):
     pit: dict[str, tuple[str, str]] = field(default_factory=dict)  # snapshot -> (vol, sha)
-
-    @property
-    def srv(self) -> Server:
-        assert self.server is not None, "the first test of the module boots the server"
-        return self.server
-
-    def all_volumes(self) -> list[str]:
-        return [self.srv.root_volume_id, *self.vols.values()]
 
     def agree(self, when: str) -> None:
         agree(self.cloud, self.srv, self.all_volumes(), when)
-
-    def op(self, started: api.Operation) -> api.Operation:
-        done = self.agent.wait(started, timeout=300)
-        assert done.state is api.OperationState.SUCCEEDED, (done.error, self.agent.tail())
-        return done
-
-    def restart_writers(self) -> None:
-        for kind, vid in self.vols.items():
-            ensure_mounted(self.srv, vid, MOUNTS[kind])
-        self.srv.guest.start_writers(mounts=list(MOUNTS.values()))
 
 
 @pytest.fixture(scope="module")
